@@ -1,0 +1,324 @@
+"""Shared building blocks for every model in vlm_jax.
+
+Everything here is flax.linen and pure: parameters live in the params pytree, nothing is
+global. Every parameter carries logical axis names (see `AXES`); `vlm_jax.train.sharding`
+maps them to mesh axes with one table of rules. Activations are annotated with
+`constrain(x, names)` at the few places where the layout matters.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Logical axis names (DESIGN.md). The sharding rules map these to ("data", "fsdp", "tensor").
+BATCH = "batch"
+LENGTH = "length"
+EMBED = "embed"
+MLP = "mlp"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+KV = "kv"          # per-head dimension
+VOCAB = "vocab"
+LAYERS = "layers"  # the stacked-layer axis of scanned parameters
+AXES = (BATCH, LENGTH, EMBED, MLP, HEADS, KV_HEADS, KV, VOCAB, LAYERS)
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def dtype_of(name: str | Dtype | None, default=jnp.float32) -> Dtype:
+    """Maps a config string ("bfloat16", "float32", ...) to a jnp dtype."""
+    if name is None:
+        return default
+    if isinstance(name, str):
+        try:
+            return _DTYPES[name.lower()]
+        except KeyError:
+            raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+    return name
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh context)."""
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+def normal_init(std: float = 0.02) -> Initializer:
+    return nn.initializers.normal(stddev=std)
+
+
+def with_axes(init: Initializer, names: Sequence[str | None]) -> Initializer:
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+# --------------------------------------------------------------------------- activations
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; use one of {sorted(ACTIVATIONS)}") from None
+
+
+# --------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: statistics in fp32, scale applied after casting back (as transformers)."""
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", with_axes(nn.initializers.ones, (EMBED,)), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(self.dtype) * y.astype(self.dtype)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with fp32 statistics and logical axes on scale and bias."""
+    eps: float = 1e-5
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", with_axes(nn.initializers.ones, (EMBED,)), (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", with_axes(nn.initializers.zeros, (EMBED,)), (d,),
+                              self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+# --------------------------------------------------------------------------- linear layers
+def _contract(x, kernel, n_in: int):
+    """Contracts the last `n_in` axes of x with the first `n_in` axes of kernel."""
+    return jax.lax.dot_general(
+        x, kernel, (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
+
+
+class Linear(nn.Module):
+    """A dense layer over the last `in_axes` input axes with logical axis names.
+
+    `kernel_axes` names every kernel axis: the input axes first, then `features`. With
+    `experts=True` it holds a second set of weights for visual tokens (NaViL's
+    modality-specific experts) and routes each token by `visual_mask` ([B, T], True for
+    visual tokens); see `route_experts` for the implementations.
+    """
+    features: int | tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    in_axes: int = 1
+    use_bias: bool = False
+    experts: bool = False
+    expert_impl: str = "masked"     # "masked" (reference) | efficient impls in experts.py
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = normal_init()
+
+    @nn.compact
+    def __call__(self, x, visual_mask=None):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.in_axes:]
+        shape = tuple(in_shape) + features
+        if len(self.kernel_axes) != len(shape):
+            raise ValueError(f"{self.name}: kernel_axes {self.kernel_axes} do not match kernel "
+                             f"shape {shape}")
+        init = with_axes(self.kernel_init, self.kernel_axes)
+        bias_axes = self.kernel_axes[self.in_axes:]
+        binit = with_axes(nn.initializers.zeros, bias_axes)
+
+        def weights(prefix):
+            k = self.param(prefix + "kernel", init, shape, self.param_dtype)
+            b = self.param(prefix + "bias", binit, features, self.param_dtype) if self.use_bias else None
+            return k, b
+
+        def apply(xs, kb):
+            k, b = kb
+            y = _contract(xs.astype(self.dtype), k.astype(self.dtype), self.in_axes)
+            if b is not None:
+                y = y + b.astype(self.dtype)
+            return y
+
+        text = weights("")
+        if not self.experts:
+            return apply(x, text)
+        visual = weights("visual_")
+        if visual_mask is None:
+            return apply(x, text)
+        return route_experts(x, visual_mask, lambda xs: apply(xs, text),
+                             lambda xs: apply(xs, visual), impl=self.expert_impl)
+
+
+def route_experts(x, visual_mask, text_fn, visual_fn, impl: str = "masked"):
+    """Hard routing of tokens to a text or a visual expert.
+
+    x: [B, T, ...]; visual_mask: [B, T] bool. `text_fn`/`visual_fn` map [..., T', ...] tokens
+    to outputs. "masked" runs both experts on every token and selects (the reference);
+    other names are the efficient implementations of `vlm_jax.models.experts`, which run
+    each token through one expert only.
+    """
+    visual_mask = visual_mask.astype(bool)
+    if impl == "masked":
+        yt, yv = text_fn(x), visual_fn(x)
+        m = visual_mask.reshape(visual_mask.shape + (1,) * (yt.ndim - 2))
+        return jnp.where(m, yv, yt)
+    from vlm_jax.models import experts  # local import: experts builds on this module
+    return experts.route(x, visual_mask, text_fn, visual_fn, impl=impl)
+
+
+# --------------------------------------------------------------------------- RoPE
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
+                  seq_len: int | jax.Array | None = None) -> jax.Array:
+    """Inverse frequencies for rotary embeddings, with transformers' scaling variants.
+
+    `scaling` is a dict with "rope_type"/"type" in {"default", "linear", "dynamic", "llama3"}
+    and its factors (the transformers config keys). "dynamic" needs `seq_len` (the
+    largest position + 1 in the batch), as transformers computes it per forward pass.
+    """
+    dim = head_dim
+    base = float(theta)
+    kind = "default"
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if kind == "dynamic":
+        factor = float(scaling["factor"])
+        max_pos = float(scaling["original_max_position_embeddings"])
+        sl = jnp.maximum(jnp.asarray(seq_len, jnp.float32), max_pos)
+        base_eff = base * ((factor * sl / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+        exps = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+        return 1.0 / (base_eff ** exps)
+    inv = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if kind in ("default", None):
+        return inv
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old / low, old / high
+        wavelen = 2 * math.pi / inv
+        inv_l = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, inv_l)
+    raise ValueError(f"unsupported rope scaling type {kind!r}; use linear, dynamic or llama3")
+
+
+def rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x: [B, T, N, H]; positions: [B, T]. transformers' (non-interleaved) convention."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- attention
+def attention_mask(segment_ids: jax.Array | None, causal: bool, q_len: int,
+                   kv_len: int | None = None) -> jax.Array | None:
+    """Boolean mask [B|1, 1, T, S]: same segment (0 = padding attends only to padding)
+    and, if causal, no look-ahead. Returns None when nothing is masked."""
+    kv_len = q_len if kv_len is None else kv_len
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    if causal:
+        c = jnp.tril(jnp.ones((q_len, kv_len), bool))[None, None]
+        mask = c if mask is None else mask & c
+    return mask
+
+
+def dot_product_attention(q, k, v, mask=None, implementation: str | None = None):
+    """q: [B, T, N, H], k/v: [B, S, K, H] with N % K == 0 (grouped-query attention).
+
+    Runs `jax.nn.dot_product_attention` (cuDNN flash on GPU when implementation="cudnn",
+    XLA elsewhere). Softmax is computed in fp32 for low-precision inputs by XLA.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+# --------------------------------------------------------------------------- MLPs
+class SwiGLU(nn.Module):
+    """Llama MLP: down(silu(gate(x)) * up(x)); optional modality experts (per-token routing
+    is consistent across gate/up/down, so routing each projection equals routing the FFN)."""
+    hidden: int
+    experts: bool = False
+    expert_impl: str = "masked"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = normal_init()
+
+    @nn.compact
+    def __call__(self, x, visual_mask=None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                  experts=self.experts, expert_impl=self.expert_impl)
+        gate = Linear(self.hidden, (EMBED, MLP), name="gate", **kw)(x, visual_mask)
+        up = Linear(self.hidden, (EMBED, MLP), name="up", **kw)(x, visual_mask)
+        h = constrain(jax.nn.silu(gate) * up, (BATCH, LENGTH, MLP))
+        return Linear(x.shape[-1], (MLP, EMBED), name="down", **kw)(h, visual_mask)
+
+
+class GeluMLP(nn.Module):
+    """CLIP / ViT MLP: fc2(act(fc1(x))) with biases."""
+    hidden: int
+    act: str = "quick_gelu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = normal_init()
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                  use_bias=True)
+        h = Linear(self.hidden, (EMBED, MLP), name="fc1", **kw)(x)
+        h = constrain(activation(self.act)(h), (BATCH, LENGTH, MLP))
+        return Linear(x.shape[-1], (MLP, EMBED), name="fc2", **kw)(h)
+
+
+# --------------------------------------------------------------------------- losses
+def next_token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
+    """Masked next-token cross-entropy. Returns (sum of token losses, number of tokens),
+    both fp32 scalars, so callers can form exact token-weighted means across batches."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = loss_mask.astype(jnp.float32)
+    return jnp.sum((lse - picked) * mask), jnp.sum(mask)
