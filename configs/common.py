@@ -137,8 +137,9 @@ def base_config() -> mlc.ConfigDict:
         vision=vit_config(),
         llm=llm_config(),
         projector=projector_config(),
+        # Contrastive pretraining (kind "clip"): text tower sizes and loss ("clip"|"siglip").
         clip=mlc.ConfigDict(dict(loss="clip", embed_dim=512, text_width=512, text_depth=4,
-                                 text_heads=8, init_logit_scale=2.6592)),
+                                 text_heads=8, text_max_len=77, init_logit_scale=2.6592)),
     ))
     c.data = data_config()
     c.train = mlc.ConfigDict(dict(
