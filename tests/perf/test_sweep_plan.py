@@ -34,23 +34,28 @@ def test_plan_stable_and_branches(tmp_path):
     runs = _runs(tmp_path, {"llm": ["S", "M"], "n": [400, 100, 200]})
     items = sweep.plan_sweep(runs, root="/r")
     assert len(items) == 6
-    by = {i.run.name: i for i in items}
+    by = {i.name: i for i in items}
     st = by["sw/llm=S,n=400"]
     assert st.role == "stable" and st.steps == 100
     ov = dict(st.overrides)
     # warmup of the smallest run (25 steps * 0.1 -> 2), decay starts: 25-5=20, 50-10=40
-    assert ov["optim.schedule"] == "wsd" and ov["optim.warmup_steps"] == "2"
-    assert ov["train.checkpoint_steps"] == "(20, 40)"
+    assert ov["optim.schedule"] == "wsd" and ov["optim.warmup_steps"] == 2
+    assert ov["train.checkpoint_steps"] == (20, 40)
+    assert "--config.train.checkpoint_steps=(20, 40)" in st.cli_overrides()
+    cfg = st.apply(expand.build_config(st.run.config_file, st.run.arg))
+    assert cfg.train.checkpoint_steps == (20, 40) and cfg.optim.schedule == "wsd"
     b = by["sw/llm=S,n=100"]
     assert b.role == "branch" and b.branch_step == 20 and b.steps == 25
     assert dict(b.overrides)["train.branch_from"] == f"/r/{st.run.workdir}:20"
+    assert b.apply(expand.build_config(b.run.config_file, b.run.arg)).train.branch_from == \
+        f"/r/{st.run.workdir}:20"
     assert b.depends_on == ("sw/llm=S,n=400",)
     assert by["sw/llm=M,n=200"].depends_on == ("sw/llm=M,n=400",)
     # order: every branch comes after its stable run
-    pos = {i.run.name: k for k, i in enumerate(items)}
+    pos = {i.name: k for k, i in enumerate(items)}
     for i in items:
         for d in i.depends_on:
-            assert pos[d] < pos[i.run.name]
+            assert pos[d] < pos[i.name]
     cost = sweep.sweep_cost(items)
     assert cost["steps_separate"] == 2 * (25 + 50 + 100)
     assert cost["steps_sweep"] == 2 * (100 + 5 + 10)

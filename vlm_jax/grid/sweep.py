@@ -17,31 +17,33 @@ of the papers' data-size sweeps: every sample seen at most once) that is the sam
 distribution of training data; `plan_sweep` refuses sweeps whose runs repeat data unless
 `allow_repeats=True`.
 
-Grid-runner API (vlm_jax/grid/runner.py; a stage with `sweep="wsd"`):
+Grid-runner API (a stage with `sweep="wsd"`; vlm_jax/grid/worker.py calls it):
 
-    from vlm_jax.grid import sweep
-    items = sweep.plan_sweep(stage_runs, root=ROOT, size_axis="n")
-    for item in items:           # in dependency order: stable runs first
-        launch(item.run, extra_overrides=item.overrides, deps=item.depends_on)
+    sweep.run_sweep([(config, workdir), ...], axis="n")   # one sweep job, in-process
 
-`plan_sweep(runs, root, size_axis="n", configs=None, allow_repeats=False)` takes the runs
-of one stage (`expand.Run`s), groups them by every axis except `size_axis`, and returns
-one `SweepItem(run, overrides, depends_on, role, branch_step)` per run:
-- `overrides`: extra `(config key, value)` pairs, passed as `--config.KEY=VALUE` after the
-  run's own: `optim.schedule=wsd` and `optim.warmup_steps=W` for every run;
-  `train.checkpoint_steps=(S_1, ..., S_{k-1})` for the stable run;
-  `train.branch_from=ROOT/<stable workdir>:S_i` for a branch (the trainer restores that
-  checkpoint, params, optimizer state and data iterator, and trains to its own
-  `train.steps` with its own schedule).
+trains the runs of one sweep job (configs built, `needs` applied) in order: the stable
+run, then each branch; runs already done are skipped, partly trained ones resume.
+`plan_sweep(runs, root, size_axis="n")` plans a whole stage from `expand.Run`s (for dry
+runs and launchers that start one process per run); `plan_group(members)` plans one job.
+Each returns one `SweepItem` per run (stable first) with:
+- `overrides`: (config key, value) pairs on top of the run's config, applied in-process by
+  `item.apply(config)` or passed as `item.cli_overrides()` (`--config.KEY=VALUE`):
+  `optim.schedule=wsd` and `optim.warmup_steps=W` for every run;
+  `train.checkpoint_steps=(S_1, ..., S_{k-1})` for the stable run (kept, never
+  garbage-collected); `train.branch_from=<stable workdir>:S_i` for a branch (the trainer
+  restores that checkpoint: params, optimizer state, data iterator; then trains to its own
+  `train.steps` with its own schedule; its own `data.n` stays, so its decay reads its
+  own subset and its result row has its own data size).
 - `depends_on`: run names that must be done first (the run's own deps, plus the stable
-  run for a branch).
-- `role`: "stable" | "branch" | "single" (a group with one run).
+  run for a branch); `role`: "stable" | "branch" | "single".
 Every run keeps its own name and workdir, so each branch is its own row of results.csv.
-`sweep_cost(items)` gives the steps with and without the sweep.
+`sweep_cost(items)` gives the training steps with and without the sweep.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -58,20 +60,42 @@ class SweepError(expand.GridError):
 
 @dataclasses.dataclass(frozen=True)
 class SweepItem:
-    run: expand.Run
-    overrides: tuple[tuple[str, str], ...]
+    """One run of a sweep and what the sweep changes about it."""
+    name: str                      # run name (or workdir for `run_sweep` entries)
+    workdir: str
+    overrides: tuple[tuple[str, Any], ...]   # (config key, typed value)
     depends_on: tuple[str, ...]
     role: str                      # "stable" | "branch" | "single"
     branch_step: int = 0           # branch: the stable run's step it starts from
     steps: int = 0                 # train.steps of this run
+    run: expand.Run | None = None
 
     @property
     def cost_steps(self) -> int:
         """Steps this run trains itself (a branch only its decay)."""
         return self.steps - self.branch_step
 
+    def cli_overrides(self) -> list[str]:
+        """`--config.KEY=VALUE` arguments (tuples as Python literals)."""
+        return [f"--config.{k}={_cli_value(v)}" for k, v in self.overrides]
+
+    def apply(self, config):
+        """A copy of `config` with this item's overrides set."""
+        config = copy.deepcopy(config)
+        for key, value in self.overrides:
+            *parents, leaf = key.split(".")
+            node = config
+            for part in parents:
+                node = node[part]
+            if leaf not in node:
+                raise SweepError(f"sweep: the run config of {self.name} has no field {key}; "
+                                 "the trainer that supports WSD sweeps defines it")
+            node[leaf] = value
+        return config
+
     def to_json(self) -> dict:
-        return {"run": self.run.name, "overrides": dict(self.overrides),
+        return {"name": self.name, "workdir": self.workdir,
+                "overrides": {k: _cli_value(v) for k, v in self.overrides},
                 "depends_on": list(self.depends_on), "role": self.role,
                 "branch_step": self.branch_step, "steps": self.steps}
 
@@ -100,9 +124,10 @@ def _size(value) -> int:
         return parse_size(value)
 
 
-def _tuple_literal(values: Sequence[int]) -> str:
-    vals = [int(v) for v in values]
-    return "(" + ", ".join(map(str, vals)) + ("," if len(vals) == 1 else "") + ")"
+def _cli_value(v) -> str:
+    if isinstance(v, tuple):
+        return "(" + ", ".join(map(str, v)) + ("," if len(v) == 1 else "") + ")"
+    return str(v)
 
 
 def _flat(cfg) -> dict[str, Any]:
@@ -143,11 +168,9 @@ def plan_sweep(runs: Sequence[expand.Run], root: str = "", size_axis: str = "n",
     """
     if kind not in SWEEP_KINDS:
         raise SweepError(f"stage sweep={kind!r}: supported sweeps are {list(SWEEP_KINDS)}")
-    runs = list(runs)
-    if not runs:
-        return []
     configs = dict(configs or {})
     modules: dict[str, Any] = {}
+    groups: dict[tuple, list] = {}
     for r in runs:
         if size_axis not in dict(r.axes):
             raise SweepError(f"sweep stage {r.stage!r}: run {r.name} has no axis "
@@ -157,63 +180,67 @@ def plan_sweep(runs: Sequence[expand.Run], root: str = "", size_axis: str = "n",
             module = modules.get(r.config_file) or expand.load_config_module(r.config_file)
             modules[r.config_file] = module
             configs[r.name] = expand.build_config(r.config_file, r.arg, module)
-    groups: dict[tuple, list[expand.Run]] = {}
-    for r in runs:
         key = tuple((k, v) for k, v in r.axes if k != size_axis)
-        groups.setdefault(key, []).append(r)
+        wd = os.path.join(root, r.workdir) if root else r.workdir
+        groups.setdefault(key, []).append((r.name, configs[r.name], wd, tuple(r.deps), r))
     items: list[SweepItem] = []
-    for key, members in groups.items():
-        items.extend(_plan_group(members, configs, root, allow_repeats))
+    for members in groups.values():
+        items.extend(plan_group(members, allow_repeats=allow_repeats))
     return items
 
 
-def _plan_group(members, configs, root, allow_repeats) -> list[SweepItem]:
+def plan_group(members: Sequence[tuple], allow_repeats: bool = False) -> list[SweepItem]:
+    """Plans one sweep: `members` are (name, config, workdir[, deps[, run]]) of runs that
+    differ only in data size. Returns the stable run's item first, then the branches."""
     info = []
-    for r in members:
-        c = configs[r.name]
+    for m in members:
+        name, c, wd = m[:3]
+        deps = tuple(m[3]) if len(m) > 3 else ()
+        run = m[4] if len(m) > 4 else None
         steps = int(c.train.steps)
         n = _size(c.data.n)
         seen = steps * int(c.train.batch_size)
         if n > 0 and seen > n and not allow_repeats:
             raise SweepError(
-                f"sweep: run {r.name} trains {steps} steps x batch {c.train.batch_size} = "
+                f"sweep: run {name} trains {steps} steps x batch {c.train.batch_size} = "
                 f"{seen} samples on data.n={n}: it repeats data, so a branch of a longer run "
                 "(which sees fresh samples) is not equivalent; use at most one epoch per run "
                 "or drop `sweep` from the stage")
-        info.append((steps, n, r, c))
+        info.append((steps, n, name, c, wd, deps, run))
+    if not info:
+        return []
     info.sort(key=lambda x: (x[0], x[1]))
-    steps_seen = [s for s, _, _, _ in info]
+    steps_seen = [x[0] for x in info]
     if len(set(steps_seen)) != len(steps_seen):
-        raise SweepError(f"sweep: runs {[x[2].name for x in info]} have train.steps "
+        raise SweepError(f"sweep: runs {[x[2] for x in info]} have train.steps "
                          f"{steps_seen}; a data-size sweep needs distinct step counts")
     ref_flat = _flat(info[-1][3])
-    for _, _, r, c in info[:-1]:
-        diff = _differences(_flat(c), ref_flat)
+    for x in info[:-1]:
+        diff = _differences(_flat(x[3]), ref_flat)
         if diff:
-            raise SweepError(f"sweep: runs {r.name} and {info[-1][2].name} differ in {diff}; "
+            raise SweepError(f"sweep: runs {x[2]} and {info[-1][2]} differ in {diff}; "
                              f"runs of one sweep may differ only in {list(_FREE_KEYS)}")
     optim = info[0][3].optim
     warm = warmup_steps(optim, info[0][0])
     decay_frac = float(optim.decay_frac)
-    base = (("optim.schedule", "wsd"), ("optim.warmup_steps", str(warm)))
+    base = (("optim.schedule", "wsd"), ("optim.warmup_steps", warm))
     if len(info) == 1:
-        steps, _, r, _ = info[0]
-        return [SweepItem(r, base, tuple(r.deps), "single", 0, steps)]
-    starts = [decay_start(s, decay_frac) for s, _, _, _ in info]
-    for (steps, _, r, _), s in zip(info, starts):
+        steps, _, name, _, wd, deps, run = info[0]
+        return [SweepItem(name, wd, base, deps, "single", 0, steps, run)]
+    starts = [decay_start(x[0], decay_frac) for x in info]
+    for x, s in zip(info, starts):
         if s < warm:
-            raise SweepError(f"sweep: run {r.name} ({steps} steps) starts its decay at step "
+            raise SweepError(f"sweep: run {x[2]} ({x[0]} steps) starts its decay at step "
                              f"{s}, before the shared warmup of {warm} steps ends; lower "
                              "optim.warmup_steps/warmup_frac or optim.decay_frac")
-    stable_steps, _, stable, _ = info[-1]
-    branch_points = tuple(sorted(set(starts[:-1])))
-    out = [SweepItem(stable, base + (("train.checkpoint_steps", _tuple_literal(branch_points)),),
-                     tuple(stable.deps), "stable", 0, stable_steps)]
-    stable_dir = os.path.join(root, stable.workdir) if root else stable.workdir
-    for (steps, _, r, _), s in zip(info[:-1], starts[:-1]):
-        deps = tuple(dict.fromkeys(tuple(r.deps) + (stable.name,)))
-        out.append(SweepItem(r, base + (("train.branch_from", f"{stable_dir}:{s}"),), deps,
-                             "branch", s, steps))
+    st_steps, _, st_name, _, st_wd, st_deps, st_run = info[-1]
+    points = tuple(sorted(set(starts[:-1])))
+    out = [SweepItem(st_name, st_wd, base + (("train.checkpoint_steps", points),), st_deps,
+                     "stable", 0, st_steps, st_run)]
+    for (steps, _, name, _, wd, deps, run), s in zip(info[:-1], starts[:-1]):
+        deps = tuple(dict.fromkeys(deps + (st_name,)))
+        out.append(SweepItem(name, wd, base + (("train.branch_from", f"{st_wd}:{s}"),), deps,
+                             "branch", s, steps, run))
     return out
 
 
@@ -223,3 +250,41 @@ def sweep_cost(items: Sequence[SweepItem]) -> dict:
     swept = sum(i.cost_steps for i in items)
     return {"steps_separate": separate, "steps_sweep": swept,
             "ratio": swept / separate if separate else 1.0}
+
+
+# ----------------------------------------------------------------------------- running
+def _done(workdir: str) -> bool:
+    try:
+        with open(os.path.join(workdir, "result.json")) as f:
+            return json.load(f).get("status") == "done"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_sweep(entries: Sequence[tuple[Any, str]], axis: str = "n", run_fn=None,
+              allow_repeats: bool = False) -> list[dict]:
+    """Trains one sweep in this process (the grid worker's entry point).
+
+    entries: (run config, workdir) of the runs of one sweep job (configs built, `needs`
+    applied); they must differ only in data size (`axis` names it in messages).
+    run_fn(config, workdir) -> result dict trains one run (default `vlm_jax.main.run`).
+    Runs already done (result.json status "done") are skipped; a partly trained run
+    resumes from its own checkpoint. Returns the result dicts in plan order.
+    """
+    if run_fn is None:
+        from vlm_jax import main
+        run_fn = main.run
+    members = [(os.path.abspath(wd), c, os.path.abspath(wd)) for c, wd in entries]
+    try:
+        items = plan_group(members, allow_repeats=allow_repeats)
+    except SweepError as e:
+        raise SweepError(f"{e} (sweep over axis {axis!r})") from None
+    configs = {wd: c for _, c, wd in members}
+    results = []
+    for item in items:
+        if _done(item.workdir):
+            with open(os.path.join(item.workdir, "result.json")) as f:
+                results.append(json.load(f))
+            continue
+        results.append(run_fn(item.apply(configs[item.name]), item.workdir))
+    return results
