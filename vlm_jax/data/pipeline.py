@@ -1,0 +1,450 @@
+"""The Grain pipeline of a run: source -> subset/epoch order -> transforms -> batches.
+
+Train stream (endless). Global position p of the stream is example p mod n of epoch
+p // n of the train subset (`subsets.Split`). Step s covers positions [s*B, (s+1)*B);
+process i of P reads the block [s*B + i*b, s*B + (i+1)*b) (b = B // P), so the P
+per-process batches concatenated are exactly the one-process batch. Per element:
+
+    MapDataset.range -> (position, record) -> load + decode + resize + tokenise
+      -> to_iter_dataset (threads) [-> mp_prefetch (data.num_workers processes)]
+      -> _Assemble (main process: drop + count bad samples, pack, stack, normalise)
+
+A bad sample travels as a `_Bad(reason)` marker instead of being filtered out inside the
+workers, so the output is identical for any number of workers; `_Assemble` drops it,
+counts it and stops the run with `BadDataError` above `data.max_bad_fraction`.
+
+Batch metadata (keys starting with "_", never for the model): `_skipped/<reason>` and
+`_seen` (samples read, good + bad), `_truncated` (captions cut to fit), all cumulative
+since the start of the run (they live in the iterator state), and `_epoch` (epochs of
+the train subset consumed, fractional).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+from typing import Iterator
+
+import grain
+import ml_collections as mlc
+import numpy as np
+
+from vlm_jax.data import sources as S
+from vlm_jax.data import transforms as T
+from vlm_jax.data.errors import BadDataError, BadSample
+from vlm_jax.data.subsets import Split, parse_size
+from vlm_jax.data.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+KINDS = ("vlm", "lm", "clip")
+BAD_CHECK_MIN_SEEN = 100   # judge the bad fraction only after this many samples
+_ENDLESS = 2**62
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bad:
+    reason: str
+    position: int = -1
+
+
+# ----------------------------------------------------------------------------- config
+def data_config(config) -> mlc.ConfigDict:
+    """`config.data` with its named dataset resolved (configs/datasets.py)."""
+    from configs import datasets
+    return datasets.resolve(config.data)
+
+
+def num_image_tokens(config) -> int:
+    """Image tokens per example of kind "vlm" (encoder features after the projector)."""
+    from vlm_jax.models import projector, vit
+    return projector.num_output_tokens(config.model.projector,
+                                       vit.num_feature_tokens(config.model.vision))
+
+
+def sequence_spec(config) -> T.SequenceSpec:
+    kind = config.model.kind
+    d = config.data
+    if kind == "vlm":
+        return T.SequenceSpec("vlm", d.seq_len, num_image_tokens(config), d.template,
+                              int(config.model.image_token_id))
+    if kind == "lm":
+        return T.SequenceSpec("lm", d.seq_len)
+    if kind == "clip":
+        return T.SequenceSpec("clip", min(d.seq_len, int(config.model.clip.text_max_len)))
+    raise ValueError(f"model.kind={kind!r} has no data pipeline; use one of {KINDS + ('native',)}")
+
+
+def source_for(config):
+    """The random-access source of `config.data` (after resolving `data.name`).
+
+    `len(src)` and `src[i] -> {"image", "text", "key", "source"}` (raises BadSample).
+    """
+    d = data_config(config)
+    size = int(config.model.vision.image_size) if "vision" in config.model else 64
+    return S.open_source(d.source, d.path, seed=d.seed, image_column=d.image_column,
+                         text_column=d.text_column, image_size=size if size <= 256 else 64,
+                         caption_noise=float(d.caption_noise))
+
+
+def split_for(config, source=None) -> Split:
+    """Eval split + train subset of the run (record indices of `source_for(config)`)."""
+    d = data_config(config)
+    src = source if source is not None else source_for(config)
+    what = f"data.source={d.source!r} path={d.path!r}"
+    if getattr(src, "order", "permute") == "prefix":
+        n, ev = parse_size(d.n), max(parse_size(d.eval_n), 0) if d.eval_n else 0
+        total = len(src) if n < 0 else src.ensure(n + ev)
+        return Split.create(total, d.n, d.eval_n, d.seed, config.train.seed, what, "prefix")
+    return Split.create(len(src), d.n, d.eval_n, d.seed, config.train.seed, what)
+
+
+def data_info(config) -> dict:
+    """Sizes a trainer reports: subset sizes, epochs the steps ask for, tokens per row."""
+    spec = sequence_spec(config)
+    split = split_for(config)
+    examples = int(config.train.steps) * int(config.train.batch_size)
+    return {"data_size": split.n, "eval_size": split.eval_n, "epochs": examples / split.n,
+            "num_image_tokens": spec.num_image_tokens, "seq_len": spec.length}
+
+
+# ----------------------------------------------------------------------------- per sample
+class LoadExample(grain.transforms.Map):
+    """(position, record) -> transformed example, or `_Bad` for an unusable sample."""
+
+    def __init__(self, source, transforms: list, with_image: bool = True,
+                 keep_key: bool = False):
+        self.source, self.transforms, self.keep_key = source, transforms, keep_key
+        self.keys = _EXAMPLE_KEYS | ({"image"} if with_image else set())
+
+    def map(self, item):
+        position, record = item
+        if record < 0:
+            return _Bad("", position)  # padding of the eval split
+        key, shard = "?", "?"
+        try:
+            sample = self.source[record]
+            key, shard = sample.get("key", "?"), sample.get("source", "?")
+            for t in self.transforms:
+                sample = t.map(sample)
+        except BadSample as e:
+            log.info("skipping sample %s of %s (record %d): %s", key, shard, record, e)
+            return _Bad(e.reason, position)
+        out = {k: v for k, v in sample.items() if k in self.keys}
+        out["_position"] = position
+        if self.keep_key:
+            out["_key"] = key
+        return out
+
+
+_EXAMPLE_KEYS = frozenset(("tokens", "targets", "loss_mask", "positions",
+                           "segment_ids", "visual_mask", "_truncated"))
+
+
+def example_transforms(config, tokenizer=None) -> list:
+    """The MapTransforms that turn a raw sample into one example of `config.model.kind`."""
+    spec = sequence_spec(config)
+    d = config.data
+    tok = tokenizer if tokenizer is not None else load_tokenizer(d.tokenizer)
+    ts = []
+    if spec.kind in ("vlm", "clip"):
+        size = int(config.model.vision.image_size)
+        ts += [T.DecodeImage(draft_size=size), T.ResizeImage(size, d.get("resize", "crop"))]
+    ts.append(T.TokenizeCaption(tok, spec))
+    return ts
+
+
+def _blank(spec: T.SequenceSpec, image_size: int, pad_id: int) -> dict:
+    t = spec.length
+    ex = {"tokens": np.full((t,), pad_id, np.int32), "segment_ids": np.zeros((t,), np.int32)}
+    if spec.kind != "clip":
+        ex.update(targets=np.full((t,), pad_id, np.int32), loss_mask=np.zeros((t,), np.float32),
+                  positions=np.zeros((t,), np.int32))
+    if spec.kind == "vlm":
+        ex["visual_mask"] = np.zeros((t,), bool)
+    if spec.kind in ("vlm", "clip"):
+        ex["image"] = np.zeros((image_size, image_size, 3), np.uint8)
+    return ex
+
+
+def _stack(rows: list[dict], valid: np.ndarray) -> dict:
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if not k.startswith("_")}
+    if "image" in batch:
+        batch["pixels"] = T.normalize(batch.pop("image"))
+    batch["valid"] = valid.astype(np.float32)
+    return batch
+
+
+# ----------------------------------------------------------------------------- assembly
+class _Assemble(grain.IterDataset):
+    """Main-process tail of the train pipeline (see the module docstring)."""
+
+    def __init__(self, parent: grain.IterDataset, *, batch_size: int, spec: T.SequenceSpec,
+                 pad_id: int, packing: bool, max_bad_fraction: float, n: int,
+                 shard_errors: dict[str, int]):
+        super().__init__(parent)
+        self.batch_size, self.spec, self.pad_id, self.packing = batch_size, spec, pad_id, packing
+        self.max_bad_fraction, self.n, self.shard_errors = max_bad_fraction, n, shard_errors
+
+    def __iter__(self):
+        return _AssembleIterator(self._parent.__iter__(), self)
+
+    def __str__(self):
+        return f"_Assemble(batch_size={self.batch_size}, packing={self.packing})"
+
+
+class _AssembleIterator(grain.DatasetIterator):
+
+    def __init__(self, parent: grain.DatasetIterator, ds: _Assemble):
+        super().__init__(parent)
+        self._ds = ds
+        self._counts: collections.Counter = collections.Counter(ds.shard_errors)
+        self._seen = 0
+        self._truncated = 0
+        self._last_position = -1
+        self._pending = None        # packing: an example that did not fit the last row
+        self._pending_state = None  # state from before the pending example was read
+
+    # -- state
+    def _counters(self) -> dict:
+        return {"counts": dict(self._counts), "seen": self._seen,
+                "truncated": self._truncated, "last_position": self._last_position}
+
+    def get_state(self) -> dict:
+        if self._pending is not None:
+            return dict(self._pending_state)
+        return {"parent": self._parents[0].get_state(), **self._counters()}
+
+    def set_state(self, state: dict) -> None:
+        self._parents[0].set_state(state["parent"])
+        self._counts = collections.Counter(state["counts"])
+        self._seen = int(state["seen"])
+        self._truncated = int(state["truncated"])
+        self._last_position = int(state["last_position"])
+        self._pending = self._pending_state = None
+
+    # -- reading
+    def _next_good(self) -> dict:
+        while True:
+            ex = next(self._parents[0])
+            self._seen += 1
+            if isinstance(ex, _Bad):
+                self._counts[ex.reason] += 1
+                self._last_position = max(self._last_position, ex.position)
+                self._check_bad()
+                continue
+            self._truncated += int(ex.get("_truncated", 0))
+            self._last_position = max(self._last_position, int(ex["_position"]))
+            return ex
+
+    def _check_bad(self) -> None:
+        bad = sum(self._counts.values())
+        limit = self._ds.max_bad_fraction
+        if self._seen >= BAD_CHECK_MIN_SEEN and bad > limit * self._seen:
+            counts = dict(self._counts)
+            raise BadDataError(
+                f"{bad} of {self._seen} samples read were bad ({bad / self._seen:.1%} > "
+                f"data.max_bad_fraction={limit:g}); by reason: {counts}. Check the data "
+                "(python -m vlm_jax.data stats ...) or raise data.max_bad_fraction",
+                counts, self._seen)
+
+    def _packed_row(self) -> dict:
+        length = self._ds.spec.length
+        row: list[dict] = []
+        used = 0
+        while True:
+            if self._pending is not None:
+                ex, self._pending = self._pending, None
+            else:
+                before = {"parent": self._parents[0].get_state(), **self._counters()}
+                ex = self._next_good()
+            n = T.example_length(ex)
+            if row and used + n > length:
+                self._pending, self._pending_state = ex, before
+                return T.pack_rows(row, length, self._ds.pad_id)
+            row.append(ex)
+            used += n
+            if used == length:
+                return T.pack_rows(row, length, self._ds.pad_id)
+
+    def __next__(self) -> dict:
+        b = self._ds.batch_size
+        if self._ds.packing:
+            rows = [self._packed_row() for _ in range(b)]
+        else:
+            rows = [self._next_good() for _ in range(b)]
+        batch = _stack(rows, np.ones((b,), np.float32))
+        batch.update(metadata(self._counts, self._seen, self._truncated))
+        batch["_epoch"] = np.float64((self._last_position + 1) / self._ds.n)
+        return batch
+
+
+def metadata(counts: dict, seen: int, truncated: int) -> dict:
+    out = {f"_skipped/{r}": np.int64(counts.get(r, 0)) for r in T.REASONS}
+    for r, c in counts.items():
+        if r and r not in T.REASONS:
+            out[f"_skipped/{r}"] = np.int64(c)
+    out["_seen"] = np.int64(seen)
+    out["_truncated"] = np.int64(truncated)
+    return out
+
+
+def _shard_error_counts(source) -> dict[str, int]:
+    counts: collections.Counter = collections.Counter()
+    for path, err in getattr(source, "errors", ()):
+        reason = "unreadable_shard" if err.startswith("unreadable") else "truncated_shard"
+        log.warning("data: %s: %s", path, err)
+        counts[reason] += 1
+    return dict(counts)
+
+
+def _per_process(batch_size: int, process_count: int, what: str) -> int:
+    if batch_size % process_count:
+        raise ValueError(f"{what}={batch_size} is not divisible by the {process_count} "
+                         "processes; choose a multiple")
+    return batch_size // process_count
+
+
+def _read_options(config, per_batch: int) -> grain.ReadOptions:
+    threads = int(config.data.get("num_threads", 4))
+    return grain.ReadOptions(num_threads=max(threads, 1),
+                             prefetch_buffer_size=max(2 * per_batch, 16))
+
+
+def _absl_flags_ready() -> None:
+    """Grain's worker processes read absl flags; outside `absl.app` (tests, notebooks,
+    the stats CLI) nothing parsed them, so use their defaults."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _maybe_native(config):
+    if config.model.kind == "native":
+        from vlm_jax.data import native  # helper F's module, imported only when used
+        return native
+    return None
+
+
+# ----------------------------------------------------------------------------- public API
+def train_iterator(config, process_index: int = 0, process_count: int = 1):
+    """Endless, checkpointable (get_state/set_state) iterator of per-process batches."""
+    native = _maybe_native(config)
+    if native is not None:
+        return native.train_iterator(config, process_index, process_count)
+    config = _resolved(config)
+    d = config.data
+    spec = sequence_spec(config)
+    global_b = int(config.train.batch_size)
+    b = _per_process(global_b, process_count, "train.batch_size")
+    if d.packing and spec.kind != "lm":
+        raise ValueError(f"data.packing=True needs model.kind='lm' (got {spec.kind!r}): "
+                         "one image per row leaves nothing to pack")
+    tok = load_tokenizer(d.tokenizer)
+    src = source_for(config)
+    split = split_for(config, src)
+    offset = process_index * b
+
+    def locate(j: int):
+        pos = (j // b) * global_b + offset + j % b
+        return pos, split.train_record_at(pos)
+
+    ds = grain.MapDataset.range(0, _ENDLESS).map(locate)
+    ds = ds.map(LoadExample(src, example_transforms(config, tok), spec.kind != "lm"))
+    it = ds.to_iter_dataset(_read_options(config, b))
+    if int(d.num_workers) > 0:
+        _absl_flags_ready()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=int(d.num_workers),
+            per_worker_buffer_size=max(8, int(d.prefetch) * b // int(d.num_workers))))
+    return iter(_Assemble(it, batch_size=b, spec=spec, pad_id=tok.pad_id,
+                          packing=bool(d.packing), max_bad_fraction=float(d.max_bad_fraction),
+                          n=split.n, shard_errors=_shard_error_counts(src)))
+
+
+class EvalBatches:
+    """The eval split once, in fixed-size per-process batches (re-iterable, has len).
+
+    The split is padded to a whole number of global batches; padding rows and bad samples
+    are blank rows with `valid`=0 and `loss_mask`=0 (every process runs the same number
+    of steps). Each batch carries `_skipped/<reason>` counts of bad eval samples so far.
+    """
+
+    def __init__(self, config, process_index: int = 0, process_count: int = 1):
+        config = _resolved(config)
+        self.config = config
+        self.spec = sequence_spec(config)
+        self.global_b = int(config.train.eval_batch_size or config.train.batch_size)
+        self.b = _per_process(self.global_b, process_count, "train.eval_batch_size")
+        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        self.source = source_for(config)
+        self.split = split_for(config, self.source)
+        self.num_batches = math.ceil(self.split.eval_n / self.global_b)
+        self.offset = process_index * self.b
+        size = int(config.model.vision.image_size) if self.spec.kind != "lm" else 0
+        self._blank = _blank(self.spec, size, self.tokenizer.pad_id)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        b, split = self.b, self.split
+
+        def locate(j: int):
+            pos = (j // b) * self.global_b + self.offset + j % b
+            return pos, (split.eval_record(pos) if pos < split.eval_n else -1)
+
+        ds = grain.MapDataset.range(0, self.num_batches * b).map(locate)
+        ds = ds.map(LoadExample(self.source, example_transforms(self.config, self.tokenizer),
+                                self.spec.kind != "lm"))
+        it = iter(ds.to_iter_dataset(_read_options(self.config, b), allow_nones=True))
+        counts: collections.Counter = collections.Counter()
+        seen = 0
+        for _ in range(self.num_batches):
+            rows, valid = [], np.zeros((b,), np.float32)
+            for r in range(b):
+                ex = next(it)
+                if isinstance(ex, _Bad):
+                    if ex.reason:
+                        counts[ex.reason] += 1
+                        seen += 1
+                    rows.append(self._blank)
+                else:
+                    seen += 1
+                    rows.append(ex)
+                    valid[r] = 1.0
+            batch = _stack(rows, valid)
+            batch.update(metadata(counts, seen, 0))
+            yield batch
+
+
+def eval_batches(config, process_index: int = 0, process_count: int = 1):
+    """The whole eval split once; the last batch padded (valid=0, loss_mask=0)."""
+    native = _maybe_native(config)
+    if native is not None:
+        return native.eval_batches(config, process_index, process_count)
+    return EvalBatches(config, process_index, process_count)
+
+
+def _resolved(config):
+    """A copy of `config` whose `data` has the named dataset filled in."""
+    out = mlc.ConfigDict(config.to_dict())
+    out.data = data_config(config)
+    return out
+
+
+def record_positions(config, steps: int, process_index: int = 0,
+                     process_count: int = 1) -> np.ndarray:
+    """Record indices this process reads in the first `steps` steps, [steps, b] (for the
+    frozen-feature cache; bad samples among them are skipped by the pipeline)."""
+    config = _resolved(config)
+    split = split_for(config)
+    global_b = int(config.train.batch_size)
+    b = _per_process(global_b, process_count, "train.batch_size")
+    out = np.empty((steps, b), np.int64)
+    for s in range(steps):
+        for r in range(b):
+            out[s, r] = split.train_record_at(s * global_b + process_index * b + r)
+    return out
+

@@ -1,0 +1,148 @@
+"""Procedural image-caption data: coloured shapes on a background, with captions.
+
+Record i is a pure function of (seed, i): any subset is cheap to produce and nested, and
+the data set has any size. `caption_noise` replaces that fraction of captions (chosen by
+(seed, i)) with a wrong caption (the description of another random scene) or a generic
+one, so clean vs noisy data mimics CC12M vs LAION-400M for the data-quality study.
+
+Captions only use the words in `VOCAB`, so the word-level "synthetic" tokenizer
+(`tokenizer.synthetic_tokenizer`) covers them without unknown tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220),
+    "yellow": (235, 215, 50), "purple": (140, 60, 180), "orange": (240, 140, 30),
+    "white": (245, 245, 245), "black": (20, 20, 20),
+}
+BACKGROUNDS = {"gray": (128, 128, 128), "brown": (120, 85, 50), "pink": (240, 170, 190),
+               "cyan": (90, 200, 210)}
+SHAPES = ("circle", "square", "triangle")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+NUMBERS = ("one", "two", "three", "four")
+PLACES = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left",
+          (1, 1): "middle", (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom",
+          (2, 2): "bottom right"}
+SIZES = ("small", "big")
+GENERIC = ("a picture", "an image of something", "a photo", "a nice picture of things",
+           "image", "a photo of some shapes")
+
+# Every word a caption (or a chat template) can use.
+_TEMPLATE_WORDS = ("user", "assistant", "describe", "the", "image", ".", ":", "\n", "?",
+                   ",", "what", "is", "in")
+_CAPTION_WORDS = ("a", "an", "of", "on", "and", "at", "with", "background", "photo",
+                  "picture", "something", "nice", "things", "some", "shapes", "image")
+VOCAB = tuple(dict.fromkeys(
+    _TEMPLATE_WORDS + _CAPTION_WORDS + tuple(COLOURS) + tuple(BACKGROUNDS) + SHAPES
+    + tuple(PLURAL.values()) + NUMBERS + SIZES
+    + tuple(w for p in PLACES.values() for w in p.split())))
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """`count` shapes of one kind and colour around one place of a 3x3 grid."""
+    shape: str
+    colour: str
+    count: int
+    place: tuple[int, int]
+    big: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    background: str
+    groups: tuple[Group, ...]
+
+
+def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
+    return np.random.Generator(np.random.Philox(key=[(seed & 0xFFFFFFFF) << 32 | stream,
+                                                     int(index)]))
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    """One or two groups of shapes in distinct places on a background."""
+    n_groups = 1 + int(rng.random() < 0.5)
+    places = list(PLACES)
+    picks = rng.choice(len(places), size=n_groups, replace=False)
+    groups = []
+    for p in picks:
+        groups.append(Group(shape=SHAPES[rng.integers(len(SHAPES))],
+                            colour=tuple(COLOURS)[rng.integers(len(COLOURS))],
+                            count=int(rng.integers(1, 4)), place=places[int(p)],
+                            big=bool(rng.random() < 0.5)))
+    return Scene(background=tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+                 groups=tuple(groups))
+
+
+def describe(scene: Scene) -> str:
+    """The true caption of a scene, e.g. "two small red circles at the top left and one
+    big blue square at the right on a gray background"."""
+    parts = []
+    for g in scene.groups:
+        noun = g.shape if g.count == 1 else PLURAL[g.shape]
+        size = "big" if g.big else "small"
+        parts.append(f"{NUMBERS[g.count - 1]} {size} {g.colour} {noun} at the {PLACES[g.place]}")
+    return " and ".join(parts) + f" on a {scene.background} background"
+
+
+def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
+                r: float) -> np.ndarray:
+    if shape == "circle":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+    # Upward triangle with apex at (cy - r, cx) and base at cy + r.
+    t = (yy - (cy - r)) / (2 * r)
+    return (t >= 0) & (t <= 1) & (np.abs(xx - cx) <= t * r)
+
+
+def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draws the scene as a uint8 [size, size, 3] image."""
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = BACKGROUNDS[scene.background]
+    grid = np.arange(size, dtype=np.float32) + 0.5
+    yy, xx = grid[:, None], grid[None, :]
+    cell = size / 3.0
+    for g in scene.groups:
+        r = cell * (0.22 if g.big else 0.13)
+        for _ in range(g.count):
+            cy = (g.place[0] + 0.5) * cell + rng.uniform(-0.25, 0.25) * cell
+            cx = (g.place[1] + 0.5) * cell + rng.uniform(-0.25, 0.25) * cell
+            # Only draw within the shape's bounding box (cheap at any image size).
+            y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size)
+            x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size)
+            m = _shape_mask(g.shape, yy[y0:y1], xx[:, x0:x1], cy, cx, r)
+            img[y0:y1, x0:x1][m] = COLOURS[g.colour]
+    return img
+
+
+def caption_of(seed: int, index: int, caption_noise: float = 0.0) -> tuple[str, bool]:
+    """Caption of record `index` and whether it is clean (the scene's true description)."""
+    rng = _rng(seed, index, 1)
+    scene = sample_scene(rng)
+    nrng = _rng(seed, index, 2)
+    if caption_noise > 0 and nrng.random() < caption_noise:
+        if nrng.random() < 0.5:
+            return GENERIC[nrng.integers(len(GENERIC))], False
+        other = sample_scene(_rng(seed, int(nrng.integers(2**62)), 1))
+        if describe(other) != describe(scene):
+            return describe(other), False
+        return GENERIC[0], False
+    return describe(scene), True
+
+
+def make_record(seed: int, index: int, size: int = 64, caption_noise: float = 0.0,
+                with_image: bool = True) -> dict:
+    """Sample `index`: {"image": uint8 [size,size,3], "text", "key", "source", "clean"}."""
+    rng = _rng(seed, index, 1)
+    scene = sample_scene(rng)
+    text, clean = caption_of(seed, index, caption_noise)
+    rec = {"text": text, "key": f"{index:012d}", "source": f"synthetic:{seed}",
+           "clean": clean}
+    if with_image:
+        rec["image"] = render(scene, size, rng)
+    return rec
