@@ -1,0 +1,105 @@
+"""Grid expansion: counts, stable names, workdirs, dependencies, selection, bad input."""
+import os
+
+import pytest
+
+from tests.grid.conftest import FAKE_GRID, REPO
+from vlm_jax.grid import expand
+from vlm_jax.grid.launchers import make_jobs
+
+DEMO = os.path.join(REPO, "configs", "demo.py")
+COMP = os.path.join(REPO, "configs", "compositional.py")
+
+
+def test_fake_grid_counts_names_deps():
+    g = expand.load_grid(FAKE_GRID)
+    assert len(g.runs) == 2 + 2 * 3
+    names = [r.name for r in g.runs]
+    assert names[:3] == ["pre/a=1", "pre/a=2", "main/a=1,b=x"]
+    r = g.by_name()["main/a=2,b=y"]
+    assert r.deps == ("pre/a=2",)
+    assert r.overrides == (("model.init_from", "pre/a=2"),)
+    assert r.workdir == "runs/main/a-2_b-y"
+    assert r.arg == "run,sleep=0.0,broken=False,a=2,b=y"
+    # stable: a second expansion gives the same names and workdirs
+    assert [x.to_json() for x in expand.load_grid(FAKE_GRID).runs] == [x.to_json() for x in g.runs]
+    # pretraining stages come before the runs that need them
+    pos = {n: i for i, n in enumerate(names)}
+    assert all(pos[d] < pos[x.name] for x in g.runs for d in x.deps)
+
+
+def test_demo_grid_shape():
+    g = expand.load_grid(DEMO + ":grid,native=0")
+    stages = {}
+    for r in g.runs:
+        stages[r.stage] = stages.get(r.stage, 0) + 1
+    assert stages == {"vit": 3, "lm": 2, "grid": 3 * 2 * 2 * 4}
+    r = g.by_name()["grid/vit=L,llm=M,data=noisy,n=2048"]
+    assert dict(r.overrides) == {"model.vision.init_from": "vit/vit=L",
+                                 "model.llm.init_from": "lm/llm=M"}
+    # a WSD sweep groups the 4 data sizes of each (vit, llm, data)
+    jobs = make_jobs(g.runs)
+    assert len(jobs) == 3 + 2 + 12
+    assert all(len(j.runs) == 4 for j in jobs if j.sweep)
+    assert expand.validate_runs(g) == []
+    g0 = expand.load_grid(DEMO + ":grid,native=0,sweep=0")
+    assert len(make_jobs(g0.runs)) == len(g0.runs) == 53
+
+
+def test_demo_includes_native_stages():
+    g = expand.load_grid(DEMO)
+    native = [r for r in g.runs if r.stage == "native"]
+    if not os.path.exists(os.path.join(REPO, "configs", "native.py")):
+        pytest.skip("configs/native.py not present")
+    assert len(native) >= 4
+    assert any(a.stage == "native" for a in g.analysis)
+
+
+def test_compositional_grid():
+    g = expand.load_grid(COMP)
+    grid_runs = [r for r in g.runs if r.stage == "projector"]
+    assert len(grid_runs) == 4 * 2 * 10 * 2
+    assert set(g.axes) >= {"vit", "llm", "data", "n"}
+    assert expand.validate_runs(expand.load_grid(COMP, select={"n": ["1M"]})) == []
+
+
+def test_selection_keeps_dependencies():
+    g = expand.load_grid(FAKE_GRID, select={"b": ["y"], "a": ["2"]})
+    assert [r.name for r in g.runs] == ["pre/a=2", "main/a=2,b=y"]
+
+
+def test_unknown_axis_and_value_list_valid_ones():
+    with pytest.raises(expand.GridError, match=r"unknown grid axis 'c'.*valid axes: \['a', 'b'\]"):
+        expand.load_grid(FAKE_GRID, select={"c": ["1"]})
+    with pytest.raises(expand.GridError, match=r"unknown value\(s\) \['z'\].*'b'.*\['x', 'y', 'bad'\]"):
+        expand.load_grid(FAKE_GRID, select={"b": ["z"]})
+    with pytest.raises(expand.GridError, match="AXIS=V1"):
+        expand.parse_selection(["b"])
+
+
+def test_bad_grids_are_reported():
+    base = dict(name="s", arg="run", axes={"a": [1]})
+    with pytest.raises(expand.GridError, match="unknown field.*'axis'"):
+        expand.expand({"stages": [dict(base, axis={})]}, FAKE_GRID)
+    with pytest.raises(expand.GridError, match="not a run of an earlier stage"):
+        expand.expand({"stages": [dict(base, needs={"model.init_from": "pre/a={a}"})]}, FAKE_GRID)
+    with pytest.raises(expand.GridError, match="unknown axis"):
+        expand.expand({"stages": [base, dict(base, name="t", needs={"x.y": "s/a={zz}"})]},
+                      FAKE_GRID)
+    with pytest.raises(expand.GridError, match="distinct values"):
+        expand.expand({"stages": [dict(base, axes={"a": [1, 1]})]}, FAKE_GRID)
+    with pytest.raises(expand.GridError, match="sweep_axis 'n' is not an axis"):
+        expand.expand({"stages": [dict(base, sweep="wsd")]}, FAKE_GRID)
+    with pytest.raises(expand.GridError, match="without ','"):
+        expand.expand({"stages": [dict(base, axes={"a": ["x,y"]})]}, FAKE_GRID)
+    with pytest.raises(expand.GridError, match="without a `grid` field"):
+        expand.load_grid(FAKE_GRID + ":run")
+    with pytest.raises(expand.GridError, match="FILE.py"):
+        expand.load_grid("configs/demo")
+
+
+def test_config_that_fails_to_build_is_reported_before_launch():
+    g = expand.expand({"stages": [dict(name="s", arg="run,broken=True", axes={"a": [1, 2]})]},
+                      FAKE_GRID)
+    errors = expand.validate_runs(g)
+    assert len(errors) == 2 and "broken=True: this config does not build" in errors[0]

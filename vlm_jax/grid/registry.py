@@ -1,0 +1,256 @@
+"""Results registry of a grid root: run states, `grid.json`, `results.csv`.
+
+Layout of a root (everything the runner writes; the trainer writes the workdirs):
+
+    ROOT/grid.json                  the grid this root holds (union of every run launched)
+    ROOT/results.csv                one row per run (columns: docs/contracts.md), atomic
+    ROOT/runs/STAGE/AXES/           a run's workdir (config.json, metrics.jsonl, result.json)
+    ROOT/runs/STAGE/AXES/grid_status.json   runner's marker: failed | skipped | running
+    ROOT/runs/STAGE/AXES/run.log    the run's stdout+stderr (appended on every attempt)
+    ROOT/report/OUT/                analysis outputs
+
+A run is `done` when its `result.json` says `"status": "done"`; nothing else counts.
+No JAX here: the runner stays a light process.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from typing import Any, Iterable, Mapping
+
+from vlm_jax.grid.expand import Grid, GridError, Run
+
+RESULT = "result.json"
+STATUS = "grid_status.json"
+LOG = "run.log"
+GRID_JSON = "grid.json"
+RESULTS_CSV = "results.csv"
+
+# results.csv columns after `run, status, stage, <axes...>` (docs/contracts.md).
+METRIC_COLUMNS = ("params_vision", "params_projector", "params_llm", "params_total",
+                  "params_trainable", "data_size", "examples_seen", "tokens_seen",
+                  "train_loss", "eval_loss", "flops", "wall_time_s", "steps")
+# result.json key for each column (data_size comes from config.json data.n when absent).
+_RESULT_KEYS = {"params_vision": "params/vision", "params_projector": "params/projector",
+                "params_llm": "params/llm", "params_total": "params/total",
+                "params_trainable": "params/trainable", "data_size": "data_size",
+                "examples_seen": "examples_seen", "tokens_seen": "tokens_seen",
+                "train_loss": "final/train_loss", "eval_loss": "final/eval_loss",
+                "flops": "flops", "wall_time_s": "wall_time_s", "steps": "steps"}
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` via temp + rename: a crash leaves the previous file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object in `path`, or None when missing or unreadable (half-written)."""
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def log_tail(path: str, lines: int = 20, max_chars: int = 4000) -> str:
+    """The last `lines` lines of a log file ('' when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    tail = "\n".join(data.splitlines()[-lines:])
+    return tail[-max_chars:]
+
+
+# ----------------------------------------------------------------------------- run states
+
+
+def workdir(root: str, run: Run) -> str:
+    return os.path.join(root, run.workdir)
+
+
+def read_result(root: str, run: Run) -> dict | None:
+    return read_json(os.path.join(workdir(root, run), RESULT))
+
+
+def is_done(root: str, run: Run) -> bool:
+    res = read_result(root, run)
+    return bool(res) and res.get("status") == "done"
+
+
+def run_state(root: str, run: Run) -> tuple[str, str]:
+    """(state, detail): done | failed | skipped | interrupted | pending.
+
+    `interrupted` = started (has a workdir with metrics or checkpoints) but not finished:
+    the next `run` resumes it from its last checkpoint.
+    """
+    wd = workdir(root, run)
+    res = read_json(os.path.join(wd, RESULT))
+    if res is not None:
+        if res.get("status") == "done":
+            return "done", ""
+        return "failed", f"result.json status {res.get('status')!r}"
+    marker = read_json(os.path.join(wd, STATUS)) or {}
+    st = marker.get("status")
+    if st in ("failed", "skipped"):
+        return st, str(marker.get("error", ""))
+    if os.path.isdir(wd) and any(os.path.exists(os.path.join(wd, f))
+                                 for f in ("metrics.jsonl", "checkpoints", "config.json")):
+        return "interrupted", "resumes from its last checkpoint"
+    return "pending", ""
+
+
+def mark(root: str, run: Run, status: str, error: str = "", **extra) -> None:
+    """Writes the runner's marker for a run (atomic)."""
+    wd = workdir(root, run)
+    os.makedirs(wd, exist_ok=True)
+    atomic_write_json(os.path.join(wd, STATUS), dict(
+        status=status, error=error, run=run.name, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra))
+
+
+def clear_mark(root: str, run: Run) -> None:
+    try:
+        os.remove(os.path.join(workdir(root, run), STATUS))
+    except FileNotFoundError:
+        pass
+
+
+# ----------------------------------------------------------------------------- grid.json
+
+
+def _fingerprint(run_json: Mapping) -> tuple:
+    """What makes two runs with one name the same run (paths compared by file name)."""
+    return (os.path.basename(run_json.get("config_file", "")), run_json.get("arg", ""),
+            tuple(sorted((run_json.get("overrides") or {}).items())))
+
+
+def check_root(root: str, grid: Grid) -> list[str]:
+    """Refuses a root that holds a different grid; returns the names of known runs.
+
+    Same grid = same grid name and, for every run name both know, the same config file
+    name, arg and `needs`. New runs (a grid extended by axis values) are fine.
+    """
+    old = read_json(os.path.join(root, GRID_JSON))
+    if old is None:
+        if os.path.isdir(os.path.join(root, "runs")):
+            raise GridError(f"root {root} has runs/ but no {GRID_JSON}: it was not made by "
+                            "this runner; use another --root")
+        return []
+    if old.get("name") != grid.name:
+        raise GridError(f"root {root} holds grid {old.get('name')!r} (from "
+                        f"{old.get('spec')!r}), not {grid.name!r}: use another --root")
+    old_runs = {r["name"]: r for r in old.get("runs", [])}
+    for r in grid.runs:
+        o = old_runs.get(r.name)
+        if o is not None and _fingerprint(o) != _fingerprint(r.to_json()):
+            raise GridError(
+                f"root {root} holds run {r.name} with a different config "
+                f"({os.path.basename(o.get('config_file', ''))}:{o.get('arg')} vs "
+                f"{os.path.basename(r.config_file)}:{r.arg}); it was made by "
+                f"{old.get('spec')!r}: use another --root (or the same preset)")
+    return list(old_runs)
+
+
+def record_grid(root: str, grid: Grid) -> dict:
+    """Writes ROOT/grid.json = the union of the runs known so far and `grid`'s runs."""
+    old = read_json(os.path.join(root, GRID_JSON)) or {}
+    new = grid.to_json()
+    names = {r["name"] for r in new["runs"]}
+    kept = [r for r in old.get("runs", []) if r["name"] not in names]
+    new["runs"] = kept + new["runs"]
+    axes = list(old.get("axes", []))
+    axes += [a for a in new["axes"] if a not in axes]
+    new["axes"] = axes
+    analysis = {json.dumps(a, sort_keys=True): a for a in old.get("analysis", [])}
+    analysis.update({json.dumps(a, sort_keys=True): a for a in new["analysis"]})
+    new["analysis"] = list(analysis.values())
+    atomic_write_json(os.path.join(root, GRID_JSON), new)
+    return new
+
+
+def load_recorded_grid(root: str) -> Grid:
+    """The grid recorded in ROOT/grid.json (for `status`)."""
+    from vlm_jax.grid.expand import Analysis  # local: keeps the import list short
+    data = read_json(os.path.join(root, GRID_JSON))
+    if data is None:
+        raise GridError(f"{root} holds no grid ({GRID_JSON} missing): run "
+                        "`python -m vlm_jax.grid run CONFIG --root ROOT` first")
+    runs = tuple(Run(name=r["name"], stage=r["stage"], axes=tuple(r["axes"].items()),
+                     config_file=r["config_file"], arg=r["arg"],
+                     overrides=tuple(r.get("overrides", {}).items()),
+                     deps=tuple(r.get("deps", ())), workdir=r["workdir"],
+                     sweep=r.get("sweep", ""), sweep_axis=r.get("sweep_axis", ""))
+                 for r in data.get("runs", []))
+    analysis = tuple(Analysis(cmd=a["cmd"], stage=a["stage"], out=a["out"],
+                              args=tuple(a.get("args", ()))) for a in data.get("analysis", []))
+    return Grid(name=data.get("name", ""), spec=data.get("spec", ""), runs=runs,
+                analysis=analysis, axes=tuple(data.get("axes", ())))
+
+
+# ----------------------------------------------------------------------------- results.csv
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    return str(v)
+
+
+def result_row(root: str, run: Run, axes: Iterable[str]) -> dict[str, str]:
+    state, _ = run_state(root, run)
+    ax = dict(run.axes)
+    row = {"run": run.name, "status": state, "stage": run.stage}
+    row.update({a: ax.get(a, "") for a in axes})
+    res = read_result(root, run) or {}
+    cfg = read_json(os.path.join(workdir(root, run), "config.json")) or {}
+    for col in METRIC_COLUMNS:
+        v = res.get(_RESULT_KEYS[col])
+        if v is None and col == "data_size":
+            v = (cfg.get("data") or {}).get("n")
+        row[col] = _fmt(v)
+    return row
+
+
+def results_table(root: str, grid: Grid) -> tuple[list[str], list[dict[str, str]]]:
+    columns = ["run", "status", "stage", *grid.axes, *METRIC_COLUMNS]
+    return columns, [result_row(root, r, grid.axes) for r in grid.runs]
+
+
+def write_results_csv(root: str, grid: Grid) -> str:
+    """Aggregates every run's result.json into ROOT/results.csv (atomic); returns its path."""
+    columns, rows = results_table(root, grid)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    path = os.path.join(root, RESULTS_CSV)
+    atomic_write_text(path, buf.getvalue())
+    return path

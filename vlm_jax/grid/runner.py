@@ -1,0 +1,303 @@
+"""Runs an expanded grid: dependencies, resume, failure isolation, progress, results.
+
+`run_grid(grid, root, launcher)`:
+1. refuses a root that holds a different grid, records the grid in ROOT/grid.json;
+2. skips every run whose result.json says done; a started-but-unfinished run is simply
+   launched again and resumes from its last checkpoint (the trainer's contract);
+3. launches jobs whose dependencies are done, up to `launcher.parallel` at a time; a job
+   that fails is marked (grid_status.json with its log tail) and the rest go on; runs that
+   need a failed run are marked skipped, saying which run and why;
+4. prints progress (done/total, failed, running, ETA) after every finished job;
+5. writes ROOT/results.csv after every finished job (atomic), and at the end runs the
+   grid's analysis entries when every run they read is done.
+Ctrl-C stops the running jobs with SIGTERM (they checkpoint) and leaves everything
+resumable: the next `run` picks up where this one stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Mapping, Sequence
+
+from vlm_jax.grid import registry
+from vlm_jax.grid.expand import Grid, GridError, Run
+from vlm_jax.grid.launchers import Job, Launcher, format_command, make_jobs
+
+
+@dataclasses.dataclass
+class Summary:
+    total: int = 0
+    done: int = 0                 # done at the end (including skipped-as-done)
+    already_done: int = 0         # done before this invocation
+    ran: int = 0                  # runs launched by this invocation
+    failed: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    interrupted: bool = False
+    analysis_failed: list[str] = dataclasses.field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (not self.failed and not self.skipped and not self.interrupted
+                and not self.analysis_failed)
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (
+        f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def analysis_argv(a, root: str, python: Sequence[str]) -> list[str]:
+    return [*python, "-m", "vlm_jax.analysis", a.cmd, "--runs", root, "--out",
+            os.path.join(root, "report", a.out), "--stage", a.stage, *a.args]
+
+
+def dry_run(grid: Grid, root: str, launcher: Launcher, out=sys.stdout) -> list[str]:
+    """Prints (and returns) every command a real `run` would execute, nothing else."""
+    lines = []
+    emit = lambda s: (lines.append(s), print(s, file=out))  # noqa: E731
+    runs = grid.by_name()
+    todo = [r for r in grid.runs if not registry.is_done(root, r)]
+    emit(f"# grid {grid.name}: {len(grid.runs)} runs, {len(grid.runs) - len(todo)} done, "
+         f"{len(todo)} to run; launcher {launcher.name}, parallel {launcher.parallel}")
+    for argv in launcher.setup_commands():
+        emit(format_command(argv))
+    env = launcher.env(0) if not launcher.remote else {}
+    env_shown = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    for job in make_jobs(todo):
+        emit(f"# {job.name}" + (f"  (needs {', '.join(job.deps)})" if job.deps else ""))
+        for step in launcher.job_commands(job, runs, dry_run=True):
+            for argv in step:
+                emit(format_command(argv, env_shown))
+    for a in grid.analysis:
+        emit(f"# analysis {a.cmd} {a.stage}")
+        emit(format_command(analysis_argv(a, os.path.abspath(root), [sys.executable])))
+    return lines
+
+
+class _Progress:
+    def __init__(self, total: int, already: int, parallel: int, log: Callable[[str], None]):
+        self.total, self.done0, self.parallel, self.log = total, already, parallel, log
+        self.t0 = time.time()
+        self.finished = 0
+        self.run_seconds = 0.0
+
+    def report(self, done: int, failed: int, skipped: int, running: int, last: str):
+        el = time.time() - self.t0
+        left = self.total - done - failed - skipped
+        eta = ""
+        if self.finished and left:
+            per = el / self.finished  # observed throughput (includes parallelism)
+            eta = f", ETA {_fmt_s(per * left)}"
+        self.log(f"[grid] {done}/{self.total} done, {failed} failed, {skipped} skipped, "
+                 f"{running} running, {_fmt_s(el)} elapsed{eta} | {last}")
+
+
+def run_grid(grid: Grid, root: str, launcher: Launcher, *, retry_failed: bool = True,
+             analysis: bool = True, log: Callable[[str], None] | None = None,
+             poll_s: float = 0.2) -> Summary:
+    """Runs every run of `grid` that is not done; see the module docstring."""
+    log = log or (lambda s: print(s, flush=True))
+    root = os.path.abspath(root)
+    t0 = time.time()
+    os.makedirs(root, exist_ok=True)
+    registry.check_root(root, grid)
+    full = registry.record_grid(root, grid)
+    csv_grid = registry.load_recorded_grid(root)  # results.csv covers every known run
+    runs = grid.by_name()
+    s = Summary(total=len(grid.runs))
+    state: dict[str, str] = {}
+    for r in grid.runs:
+        st, _ = registry.run_state(root, r)
+        if st == "done":
+            state[r.name] = "done"
+        elif st == "failed" and not retry_failed:
+            state[r.name] = "failed"
+            s.failed.append(r.name)
+        else:
+            state[r.name] = "todo"
+    s.already_done = sum(v == "done" for v in state.values())
+    todo_runs = [r for r in grid.runs if state[r.name] == "todo"]
+    jobs = make_jobs(todo_runs)
+    if s.already_done:
+        log(f"[grid] {grid.name}: {s.already_done}/{s.total} runs already done "
+            f"(skipped), {len(todo_runs)} to run")
+    else:
+        log(f"[grid] {grid.name}: {s.total} runs in {len(full['runs'])} known, "
+            f"{len(todo_runs)} to run")
+    for argv in launcher.setup_commands():
+        log(f"[grid] setup: {format_command(argv)}")
+        subprocess.run(argv, check=True)
+    prog = _Progress(s.total, s.already_done, launcher.parallel, log)
+    pending = list(jobs)
+    running: dict[int, tuple[Job, object, float]] = {}   # slot -> (job, handle, start)
+
+    def counts():
+        return (sum(v == "done" for v in state.values()),
+                sum(v == "failed" for v in state.values()),
+                sum(v == "skipped" for v in state.values()))
+
+    def finish(job: Job, rc: int, started: float):
+        prog.finished += 1
+        log_path = _log_path(root, job)
+        tail = registry.log_tail(log_path)
+        for r in job.runs:
+            if registry.is_done(root, r):
+                state[r.name] = "done"
+                registry.clear_mark(root, r)
+            else:
+                state[r.name] = "failed"
+                s.failed.append(r.name)
+                res = registry.read_result(root, r)
+                why = (f"result.json status {res.get('status')!r}" if res
+                       else f"exit code {rc}")
+                registry.mark(root, r, "failed", why, log=log_path, log_tail=tail,
+                              seconds=round(time.time() - started, 1))
+        d, f, k = counts()
+        status = "done" if all(state[r.name] == "done" for r in job.runs) else "FAILED"
+        prog.report(d, f, k, len(running), f"{job.name} {status} in "
+                    f"{_fmt_s(time.time() - started)}")
+        if status == "FAILED":
+            log(f"[grid]   {job.name} failed ({rc=}); log {log_path}; last lines:\n"
+                + "\n".join("[grid]   | " + ln for ln in tail.splitlines()[-8:]))
+        registry.write_results_csv(root, csv_grid)
+
+    try:
+        while pending or running:
+            # skip jobs whose dependencies failed (transitively: skipped counts as failed)
+            for job in list(pending):
+                bad = [d for d in job.deps if state.get(d) in ("failed", "skipped")
+                       or (d not in state and not _dep_done(root, runs, d))]
+                if bad:
+                    pending.remove(job)
+                    for r in job.runs:
+                        why = f"needs {bad[0]}, which {state.get(bad[0], 'is not done')}"
+                        state[r.name] = "skipped"
+                        s.skipped.append(r.name)
+                        registry.mark(root, r, "skipped", why)
+                    log(f"[grid] skip {job.name}: needs {bad[0]}, which "
+                        f"{state.get(bad[0], 'is not done')}")
+            free = [i for i in range(launcher.parallel) if i not in running]
+            for job in list(pending):
+                if not free:
+                    break
+                if all(state.get(d) == "done" or (d not in state and _dep_done(root, runs, d))
+                       for d in job.deps):
+                    pending.remove(job)
+                    slot = free.pop(0)
+                    for r in job.runs:
+                        registry.mark(root, r, "running")
+                    log_path = _log_path(root, job)
+                    log(f"[grid] start {job.name}" + (f" ({len(job.runs)} runs, {job.sweep} "
+                                                      "sweep)" if job.sweep else ""))
+                    handle = launcher.start(job, runs, slot, log_path)
+                    running[slot] = (job, handle, time.time())
+                    s.ran += len(job.runs)
+            if not running and pending:
+                # nothing can start and nothing runs: the rest waits on runs outside
+                # the selection that are not done
+                for job in pending:
+                    for r in job.runs:
+                        state[r.name] = "skipped"
+                        s.skipped.append(r.name)
+                        registry.mark(root, r, "skipped", "a dependency is not done")
+                pending.clear()
+                break
+            time.sleep(poll_s)
+            for slot, (job, handle, started) in list(running.items()):
+                rc = handle.poll()
+                if rc is not None:
+                    del running[slot]
+                    finish(job, rc, started)
+    except KeyboardInterrupt:
+        s.interrupted = True
+        log(f"[grid] interrupted: stopping {len(running)} running job(s) (they checkpoint on "
+            "SIGTERM); run the same command again to resume")
+        for job, handle, _ in running.values():
+            handle.terminate()
+            for r in job.runs:
+                registry.clear_mark(root, r)
+        running.clear()
+    finally:
+        launcher.close()
+        registry.write_results_csv(root, csv_grid)
+    s.done = sum(v == "done" for v in state.values())
+    if analysis and not s.interrupted:
+        s.analysis_failed = run_analysis(grid, root, state, log)
+    s.wall_time_s = time.time() - t0
+    log(f"[grid] finished: {s.done}/{s.total} done, {len(s.failed)} failed, "
+        f"{len(s.skipped)} skipped, in {_fmt_s(s.wall_time_s)}; results: "
+        f"{os.path.join(root, registry.RESULTS_CSV)}")
+    return s
+
+
+def _dep_done(root: str, runs: Mapping[str, Run], name: str) -> bool:
+    r = runs.get(name)
+    return r is not None and registry.is_done(root, r)
+
+
+def _log_path(root: str, job: Job) -> str:
+    return os.path.join(root, job.runs[0].workdir, registry.LOG)
+
+
+def run_analysis(grid: Grid, root: str, state: Mapping[str, str],
+                 log: Callable[[str], None]) -> list[str]:
+    """Runs `python -m vlm_jax.analysis CMD ...` for each entry whose stage has done runs."""
+    failed = []
+    for a in grid.analysis:
+        stage_runs = [r for r in grid.runs if r.stage == a.stage]
+        done = [r for r in stage_runs if state.get(r.name) == "done"]
+        if not done:
+            log(f"[grid] analysis {a.cmd} {a.stage}: no done runs, not run")
+            continue
+        if len(done) < len(stage_runs):
+            log(f"[grid] analysis {a.cmd} {a.stage}: on {len(done)}/{len(stage_runs)} runs")
+        argv = analysis_argv(a, root, [sys.executable])
+        out_dir = os.path.join(root, "report", a.out)
+        os.makedirs(out_dir, exist_ok=True)
+        log_path = os.path.join(out_dir, "analysis.log")
+        with open(log_path, "ab") as f:
+            f.write(f"$ {format_command(argv)}\n".encode())
+            f.flush()
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
+                + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+            rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        if rc:
+            failed.append(f"{a.cmd}:{a.stage}")
+            log(f"[grid] analysis {a.cmd} {a.stage} FAILED (exit {rc}); log {log_path}:\n"
+                + "\n".join("[grid]   | " + ln
+                            for ln in registry.log_tail(log_path, 8).splitlines()))
+        else:
+            log(f"[grid] analysis {a.cmd} {a.stage}: {out_dir}")
+    return failed
+
+
+def status_lines(root: str) -> list[str]:
+    """`status`: per stage counts, failed/skipped runs with why, and the totals."""
+    grid = registry.load_recorded_grid(root)
+    lines = [f"grid {grid.name} ({grid.spec}) at {os.path.abspath(root)}"]
+    per_stage: dict[str, dict[str, int]] = {}
+    problems = []
+    totals: dict[str, int] = {}
+    for r in grid.runs:
+        st, why = registry.run_state(root, r)
+        per_stage.setdefault(r.stage, {}).setdefault(st, 0)
+        per_stage[r.stage][st] += 1
+        totals[st] = totals.get(st, 0) + 1
+        if st in ("failed", "skipped"):
+            problems.append(f"  {st:8s} {r.name}: {why}")
+    for stage, c in per_stage.items():
+        n = sum(c.values())
+        lines.append(f"  stage {stage}: {c.get('done', 0)}/{n} done"
+                     + "".join(f", {v} {k}" for k, v in sorted(c.items()) if k != "done"))
+    lines += problems
+    n = len(grid.runs)
+    lines.append(f"total: {totals.get('done', 0)}/{n} done"
+                 + "".join(f", {v} {k}" for k, v in sorted(totals.items()) if k != "done"))
+    return lines

@@ -1,0 +1,128 @@
+"""Runs grid jobs in-process: one run through `vlm_jax.main.run`, or a WSD sweep through
+`vlm_jax.grid.sweep`.
+
+    python -m vlm_jax.grid.worker --job JSON     # one job, exit code 0 when every run is done
+    python -m vlm_jax.grid.worker                # serve: JSON lines {"job", "log"} on stdin,
+                                                 # one reply {"job", "ok", "error"} each
+
+Serving keeps JAX imported and its caches warm across runs (the local launcher's default
+executor). While a job runs, the process's stdout/stderr (file descriptors 1 and 2, so
+XLA's C++ logs too) go to the job's log; replies use a private copy of the original
+stdout. A job's failure is reported, not raised: the worker goes on with the next one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+
+from vlm_jax.grid import expand
+
+
+def build_run_config(run: dict):
+    """The config of one run of a job spec: get_config(arg) plus the `needs` overrides."""
+    config = expand.build_config(run["config_file"], run["arg"])
+    for key, value in (run.get("overrides") or {}).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _done(workdir: str) -> bool:
+    try:
+        with open(os.path.join(workdir, "result.json")) as f:
+            return json.load(f).get("status") == "done"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_job(spec: dict) -> None:
+    """Runs a job spec (see launchers.job_spec); raises when a run fails."""
+    runs = spec["runs"]
+    configs = [build_run_config(r) for r in runs]  # every config builds before any trains
+    if spec.get("sweep"):
+        from vlm_jax.grid import sweep  # helper module: WSD sweeps (issue 9)
+        sweep.run_sweep([(c, r["workdir"]) for c, r in zip(configs, runs)],
+                        axis=spec.get("sweep_axis") or "n")
+    else:
+        from vlm_jax import main
+        for config, r in zip(configs, runs):
+            if not _done(r["workdir"]):
+                main.run(config, r["workdir"])
+    missing = [r["name"] for r in runs if not _done(r["workdir"])]
+    if missing:
+        raise RuntimeError(f"finished without result.json status done: {missing}")
+
+
+@contextlib.contextmanager
+def _redirect_fds(log_path: str):
+    """Points fds 1 and 2 (and sys.stdout/err) at `log_path` for the duration."""
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def serve() -> int:
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    # Our own stdout must never mix with the protocol: everything printed goes to stderr
+    # until a job redirects it to its log.
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        msg = json.loads(line)
+        spec, log = msg["job"], msg["log"]
+        ok, error = True, ""
+        with _redirect_fds(log):
+            t0 = time.time()
+            print(f"[worker pid {os.getpid()}] job {spec['name']}", flush=True)
+            try:
+                run_job(spec)
+            except BaseException as e:  # noqa: BLE001 - isolate: report and go on
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                ok, error = False, f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            print(f"[worker] job {spec['name']} {'done' if ok else 'FAILED'} in "
+                  f"{time.time() - t0:.1f}s", flush=True)
+        reply.write(json.dumps({"job": spec["name"], "ok": ok, "error": error}) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlm_jax.grid.worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", help="one job spec (JSON); without it: serve jobs from stdin")
+    args = p.parse_args(argv)
+    if args.job is None:
+        return serve()
+    try:
+        run_job(json.loads(args.job))
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
