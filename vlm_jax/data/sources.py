@@ -54,24 +54,24 @@ _LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """`a/{000..002}.tar` -> [a/000.tar, a/001.tar, a/002.tar]; `{x,y}` lists too."""
-    m = _RANGE.search(pattern)
-    if m:
+    """`a/{000..002}.tar` -> [a/000.tar, a/001.tar, a/002.tar]; `{x,y}` lists too; the
+    leftmost group varies slowest (as in bash)."""
+    found = [m for m in (_RANGE.search(pattern), _LIST.search(pattern)) if m]
+    if not found:
+        return [pattern]
+    m = min(found, key=lambda m: m.start())
+    if m.re is _RANGE:
         lo, hi = m.group(1), m.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
         if int(hi) < int(lo):
             raise ValueError(f"bad range {m.group(0)} in {pattern!r}: end before start")
-        out = []
-        for i in range(int(lo), int(hi) + 1):
-            out += expand_braces(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])
-        return out
-    m = _LIST.search(pattern)
-    if m:
-        out = []
-        for part in m.group(1).split(","):
-            out += expand_braces(pattern[:m.start()] + part + pattern[m.end():])
-        return out
-    return [pattern]
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        parts = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        parts = m.group(1).split(",")
+    out = []
+    for part in parts:
+        out += expand_braces(pattern[:m.start()] + part + pattern[m.end():])
+    return out
 
 
 def expand_pattern(pattern: str, what: str = "data.path") -> list[str]:
@@ -86,7 +86,12 @@ def expand_pattern(pattern: str, what: str = "data.path") -> list[str]:
         raise ValueError(f"{what}={pattern!r} uses an unset environment variable; set it "
                          "(e.g. VLM_JAX_DATA=/data) or give the path explicitly")
     files: list[str] = []
-    for p in expand_braces(expanded):
+    names = expand_braces(expanded)
+    missing = [p for p in names if not any(c in p for c in "*?[") and not epath.Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"{what}={pattern!r}: {len(missing)} of {len(names)} files do "
+                                f"not exist (first: {missing[0]!r})")
+    for p in names:
         if any(c in p for c in "*?["):
             if "://" in p:
                 root, _, rest = p.partition("://")
@@ -94,10 +99,8 @@ def expand_pattern(pattern: str, what: str = "data.path") -> list[str]:
                 files += sorted(str(x) for x in base.glob("/".join(rest.split("/")[1:])))
             else:
                 files += sorted(_glob.glob(p))
-        elif epath.Path(p).exists():
-            files.append(p)
         else:
-            raise FileNotFoundError(f"{what}={pattern!r}: {p!r} does not exist")
+            files.append(p)
     files = [f for f in files if not epath.Path(f).is_dir()]
     if not files:
         raise FileNotFoundError(f"{what}={pattern!r} matches no files")
@@ -520,12 +523,13 @@ class TFDSSource:
 # ----------------------------------------------------------------------------- factory
 def open_source(fmt: str, path: str = "", *, seed: int = 0, image_column: str = "image",
                 text_column: str = "caption", image_size: int = 64,
-                caption_noise: float = 0.0):
-    """A source by format name (see FORMATS)."""
+                caption_noise: float = 0.0, shuffle_shards: bool = True):
+    """A source by format name (see FORMATS). Tar shards are taken in a seeded order
+    unless `shuffle_shards` is False (then in the order of the pattern)."""
     if fmt == "synthetic":
         return SyntheticSource(seed=seed, image_size=image_size, caption_noise=caption_noise)
     if fmt == "tar":
-        return TarSource(path, seed=seed)
+        return TarSource(path, seed=seed, shuffle_shards=shuffle_shards)
     if fmt == "arrayrecord":
         return ArrayRecordSource(path)
     if fmt == "parquet":
