@@ -60,7 +60,7 @@ def decode_image(data: Any, draft_size: int = 0) -> np.ndarray:
         if draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)
         return _to_rgb(img)
     except BadSample:
         raise

@@ -1,0 +1,179 @@
+"""Data pipeline throughput: img2dataset tar shards of 256-512 px JPEGs -> 224 px
+normalised pixels + caption tokens (kind "vlm" batches), with 1 and 2 Grain worker
+processes, against a plain PIL decode-and-resize loop over the same files in the same run.
+
+    PYTHONPATH=. python benchmarks/data.py [--quick] [--images N] [--batch B]
+
+Prints one JSON object. `ratio_1w_vs_plain` = pipeline samples/s with one worker process
+/ plain loop samples/s (the target is >= 0.85 per worker core); `scaling_2w_vs_1w`;
+`ratio_vs_demo_step` = pipeline samples/s / what the demo's train step consumes (demo
+batch / measured demo step time at the demo's 32 px images, when the trainer runs here).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+WORDS = ("a photo of the red blue green big small dog cat car tree house on at in with "
+         "street sky water two three people").split()
+
+
+def make_shards(root: str, n: int, per_shard: int, seed: int = 0) -> str:
+    """JPEGs of random 256-512 px sides with smooth content + noise (realistic entropy)."""
+    rng = np.random.default_rng(seed)
+    for s in range((n + per_shard - 1) // per_shard):
+        with tarfile.open(os.path.join(root, f"{s:05d}.tar"), "w") as tf:
+            for k in range(s * per_shard, min(n, (s + 1) * per_shard)):
+                h, w = (int(x) for x in rng.integers(256, 513, size=2))
+                yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+                base = np.stack([np.sin(xx / rng.uniform(8, 40)) * 90,
+                                 np.cos(yy / rng.uniform(8, 40)) * 90,
+                                 (xx + yy) / (h + w) * 200], -1) + 100
+                img = np.clip(base + rng.normal(0, 18, (h, w, 3)), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="JPEG", quality=90)
+                cap = " ".join(rng.choice(WORDS, size=int(rng.integers(6, 16)))).encode()
+                for ext, data in (("jpg", buf.getvalue()), ("txt", cap)):
+                    info = tarfile.TarInfo(f"{k:09d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    return os.path.join(root, "{00000..%05d}.tar" % (s,))
+
+
+def plain_loop(pattern: str, size: int) -> tuple[int, float]:
+    """Reference: read each JPEG from the shards, PIL decode, RGB, resize + centre crop."""
+    from vlm_jax.data.sources import expand_pattern
+    t0, n = time.perf_counter(), 0
+    for path in expand_pattern(pattern):
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.name.endswith(".jpg"):
+                    continue
+                img = Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB")
+                w, h = img.size
+                s = size / min(w, h)
+                img = img.resize((max(size, round(w * s)), max(size, round(h * s))),
+                                 Image.BICUBIC)
+                left, top = (img.width - size) // 2, (img.height - size) // 2
+                arr = np.asarray(img.crop((left, top, left + size, top + size)))
+                assert arr.shape == (size, size, 3)
+                n += 1
+    return n, time.perf_counter() - t0
+
+
+def bench_config(pattern: str, n: int, batch: int, workers: int, threads: int):
+    from configs import common
+    c = common.base_config()
+    c.model.kind = "vlm"
+    c.model.vision.update(image_size=224, patch_size=14)
+    c.train.batch_size = batch
+    c.data.update(name="", source="tar", path=pattern, n=n, eval_n=0, seq_len=32,
+                  num_workers=workers, prefetch=4)
+    c.data.num_threads = threads
+    return c
+
+
+def pipeline_rate(pattern: str, n: int, batch: int, workers: int, threads: int,
+                  passes: int) -> float:
+    from vlm_jax.data import train_iterator
+    it = train_iterator(bench_config(pattern, n, batch, workers, threads))
+    b = next(it)  # start-up (worker processes, shard index) is not timed
+    assert b["pixels"].shape == (batch, 224, 224, 3)
+    steps = max(1, passes * n // batch)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        b = next(it)
+    dt = time.perf_counter() - t0
+    if hasattr(it, "close"):
+        it.close()
+    return steps * batch / dt
+
+
+def demo_consumption() -> dict:
+    """Samples/s one demo projector step consumes (measured with the trainer if present)."""
+    try:
+        from configs import demo
+        from vlm_jax.train import trainer as trainer_lib  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return {"demo_note": f"trainer not importable ({type(e).__name__}); not measured"}
+    import jax
+    import jax.numpy as jnp
+    from vlm_jax.data import train_iterator
+    from vlm_jax.models import build_model
+    c = demo.get_config("run")
+    model = build_model(c.model)
+    it = train_iterator(c)
+    batch = {k: jnp.asarray(v) for k, v in next(it).items() if not k.startswith("_")}
+    params = model.init(jax.random.PRNGKey(0), batch)["params"]
+
+    @jax.jit
+    def step(p, bt):
+        def loss(p):
+            out = model.apply({"params": p}, bt)
+            return out["loss_sum"] / jnp.maximum(out["num_tokens"], 1)
+        return jax.value_and_grad(loss)(p)
+
+    jax.block_until_ready(step(params, batch))
+    t0, k = time.perf_counter(), 5
+    for _ in range(k):
+        jax.block_until_ready(step(params, batch))
+    dt = (time.perf_counter() - t0) / k
+    return {"demo_batch": int(c.train.batch_size), "demo_step_s": round(dt, 4),
+            "demo_samples_per_sec": round(c.train.batch_size / dt, 1),
+            "demo_note": "full-grad fwd+bwd of the demo VLM (upper bound of consumption: the "
+                         "real step trains only the projector), 32 px synthetic images"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    ap.add_argument("--images", type=int, default=384)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--passes", type=int, default=1)
+    ap.add_argument("--no-demo", action="store_true")
+    args = ap.parse_args()
+    n = 64 if args.quick else args.images
+    batch = 16 if args.quick else args.batch
+    out = {"benchmark": "data", "images": n, "batch": batch, "image_px": "256-512 -> 224",
+           "cpu_count": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as root:
+        t0 = time.perf_counter()
+        pattern = make_shards(root, n, per_shard=64)
+        out["make_shards_s"] = round(time.perf_counter() - t0, 2)
+        plain_loop(pattern, 224)  # warm the page cache
+        done, dt = plain_loop(pattern, 224)
+        plain = done / dt
+        out["plain_pil_samples_per_sec"] = round(plain, 1)
+        r1 = pipeline_rate(pattern, n, batch, 1, 1, args.passes)
+        r2 = pipeline_rate(pattern, n, batch, 2, 1, args.passes)
+        r0 = pipeline_rate(pattern, n, batch, 0, 1, args.passes)
+        out.update(pipeline_0w_1thread_samples_per_sec=round(r0, 1),
+                   pipeline_1w_samples_per_sec=round(r1, 1),
+                   pipeline_2w_samples_per_sec=round(r2, 1),
+                   ratio_0w_vs_plain=round(r0 / plain, 3),
+                   ratio_1w_vs_plain=round(r1 / plain, 3),
+                   scaling_2w_vs_1w=round(r2 / r1, 3))
+    if not args.no_demo and not args.quick:
+        try:
+            out.update(demo_consumption())
+        except Exception as e:  # noqa: BLE001
+            out["demo_note"] = f"demo step not measured: {type(e).__name__}: {e}"
+        if "demo_samples_per_sec" in out:
+            out["ratio_vs_demo_step"] = round(out["pipeline_2w_samples_per_sec"]
+                                              / out["demo_samples_per_sec"], 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
