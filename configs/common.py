@@ -95,6 +95,7 @@ def llm_config() -> mlc.ConfigDict:
         bos_id=1,
         eos_id=2,
         pad_id=0,
+        loss_chunk=0,             # > 0: chunked fused cross-entropy over this many positions
     ))
 
 
@@ -155,7 +156,10 @@ def base_config() -> mlc.ConfigDict:
         keep_checkpoints=2,
         save_frozen=False,        # also checkpoint frozen params
         max_nonfinite=10,         # consecutive non-finite steps before stopping
-        feature_cache=False,      # cache frozen-encoder features (issue: performance)
+        feature_cache=False,      # cache frozen-encoder features (vlm_jax.train.feature_cache)
+        feature_cache_dir="",     # its directory; "" = feature_cache/ next to the workdir
+        checkpoint_steps=(),      # extra steps always saved and never garbage-collected
+        branch_from="",           # "WORKDIR:STEP": start from another run's full train state
         progress=True,
     ))
     c.optim = mlc.ConfigDict(dict(

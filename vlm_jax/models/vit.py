@@ -1,0 +1,292 @@
+"""CLIP vision transformer (OpenAI CLIP and OpenCLIP flavours).
+
+Pre-LN ViT: patch embedding (no bias) + class token + learned position embeddings
+(bicubically interpolated, exactly like transformers' `interpolate_pos_encoding`, when the
+input resolution differs from `cfg.image_size`), `ln_pre`, `depth` residual blocks
+(LayerNorm -> MHA -> LayerNorm -> GELU MLP), `ln_post` (used only by `pooled`).
+
+`__call__` returns every hidden state [L+1, B, tokens, D] (index 0 = embeddings after
+`ln_pre`, the same tensors as transformers' `output_hidden_states`); `features` runs only
+the layers the configured `feature_layer` needs and selects patch / CLS+patch tokens.
+
+With `cfg.scan_layers` the blocks run under `nn.scan` (params stacked on a leading
+`layers` axis) with the remat policy `cfg.remat`; otherwise they are `layers_0..`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.models import layers as L
+
+Dtype = Any
+
+
+# --------------------------------------------------------------------------- helpers
+def remat_policy(name: str):
+    """Maps the config's `remat` string to a `jax.checkpoint` policy (None = no remat)."""
+    if name in ("none", "", None):
+        return None
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "dots":
+        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    if name == "dots_all":
+        return jax.checkpoint_policies.checkpoint_dots
+    raise ValueError(f"unknown remat policy {name!r}; use none, full or dots")
+
+
+def stack_blocks(block_cls, *, depth: int, scan: bool, remat: str, num_broadcast: int,
+                 emit: bool):
+    """Returns (module class, is_scanned) for a stack of `depth` blocks.
+
+    Blocks have the signature `block(x, *broadcast) -> (x, y)`. Under scan, `y` are the
+    per-layer outputs stacked on axis 0 (only when `emit`).
+    """
+    policy = remat_policy(remat)
+    cls = block_cls
+    if policy is not None:
+        cls = nn.remat(cls, policy=policy, prevent_cse=not scan)
+    if not scan:
+        return cls
+    return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast,) * num_broadcast, length=depth,
+                   metadata_params={nn.PARTITION_NAME: L.LAYERS})
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """PyTorch's bicubic convolution coefficients for the 4 taps around fraction t."""
+    def c1(x):
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def c2(x):
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.stack([c2(t + 1), c1(t), c1(1 - t), c2(2 - t)], axis=-1)
+
+
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] matrix of torch.nn.functional.interpolate(mode="bicubic",
+    align_corners=False) along one axis (float64; no antialiasing, clamped borders)."""
+    scale = in_size / out_size
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+    i0 = np.floor(src)
+    w = _cubic_weights(src - i0)
+    m = np.zeros((out_size, in_size), np.float64)
+    for tap in range(4):
+        idx = np.clip(i0.astype(np.int64) - 1 + tap, 0, in_size - 1)
+        np.add.at(m, (np.arange(out_size), idx), w[:, tap])
+    return m
+
+
+def interpolate_pos_embed(pos: jax.Array, grid_in: int, grid_out: tuple[int, int],
+                          class_token: bool) -> jax.Array:
+    """Resizes learned position embeddings [1?+g*g, D] to a (h, w) patch grid."""
+    if class_token:
+        cls, patch = pos[:1], pos[1:]
+    else:
+        cls, patch = None, pos
+    d = pos.shape[-1]
+    if (grid_in, grid_in) == tuple(grid_out):
+        return pos
+    patch = patch.reshape(grid_in, grid_in, d).astype(jnp.float32)
+    mh = jnp.asarray(bicubic_matrix(grid_in, grid_out[0]), jnp.float32)
+    mw = jnp.asarray(bicubic_matrix(grid_in, grid_out[1]), jnp.float32)
+    hp = jax.lax.Precision.HIGHEST
+    out = jnp.einsum("hi,ijd->hjd", mh, patch, precision=hp)
+    out = jnp.einsum("wj,hjd->hwd", mw, out, precision=hp)
+    out = out.reshape(grid_out[0] * grid_out[1], d).astype(pos.dtype)
+    return out if cls is None else jnp.concatenate([cls, out], axis=0)
+
+
+# --------------------------------------------------------------------------- modules
+class Attention(nn.Module):
+    """Multi-head self-attention with biases (CLIP). q/k/v kernels [embed, heads, kv]."""
+    heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        d = x.shape[-1]
+        hd = d // self.heads
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
+        q = L.Linear((self.heads, hd), (L.EMBED, L.HEADS, L.KV), name="q", **kw)(x)
+        k = L.Linear((self.heads, hd), (L.EMBED, L.HEADS, L.KV), name="k", **kw)(x)
+        v = L.Linear((self.heads, hd), (L.EMBED, L.HEADS, L.KV), name="v", **kw)(x)
+        q = L.constrain(q, (L.BATCH, L.LENGTH, L.HEADS, L.KV))
+        o = L.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+        return L.Linear(d, (L.HEADS, L.KV, L.EMBED), in_axes=2, name="o", **kw)(o)
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN residual block. Returns (x, x) so a scan can emit every hidden state."""
+    cfg: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = L.LayerNorm(eps=c.norm_eps, name="ln1", **kw)(x)
+        x = x + Attention(c.heads, attention_impl=self.attention_impl, name="attn", **kw)(h, mask)
+        h = L.LayerNorm(eps=c.norm_eps, name="ln2", **kw)(x)
+        x = x + L.GeluMLP(c.mlp_dim, act=c.act, name="mlp", **kw)(h)
+        x = L.constrain(x, (L.BATCH, L.LENGTH, L.EMBED))
+        return x, x
+
+
+class ViT(nn.Module):
+    """CLIP ViT over normalised NHWC pixels. See the module docstring."""
+    cfg: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    def setup(self):
+        c = self.cfg
+        if c.get("variant", "clip") != "clip":
+            raise ValueError(f"vit.ViT implements variant 'clip', got {c.variant!r} "
+                             "(the native ViT lives in vlm_jax.models.native)")
+        if c.image_size % c.patch_size:
+            raise ValueError(f"vision.image_size {c.image_size} is not a multiple of "
+                             f"patch_size {c.patch_size}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        d, p = c.width, c.patch_size
+        self.patch_embed = L.Linear(d, (None, None, None, L.EMBED), in_axes=3, name="patch_embed",
+                                    **kw)
+        if c.class_token:
+            self.class_embed = self.param("class_embed", L.with_axes(L.normal_init(d ** -0.5),
+                                                                     (L.EMBED,)),
+                                          (d,), self.param_dtype)
+        g = c.image_size // p
+        self.pos_embed = self.param("pos_embed", L.with_axes(L.normal_init(d ** -0.5),
+                                                             (None, L.EMBED)),
+                                    (g * g + int(c.class_token), d), self.param_dtype)
+        if c.pre_norm:
+            self.ln_pre = L.LayerNorm(eps=c.norm_eps, name="ln_pre", **kw)
+        self.ln_post = L.LayerNorm(eps=c.norm_eps, name="ln_post", **kw)
+        blk = dict(cfg=c, attention_impl=self.attention_impl, **kw)
+        if c.scan_layers:
+            cls = stack_blocks(ViTBlock, depth=c.depth, scan=True, remat=c.remat,
+                               num_broadcast=1, emit=True)
+            self.layers = cls(name="layers", **blk)
+        else:
+            cls = stack_blocks(ViTBlock, depth=c.depth, scan=False, remat=c.remat,
+                               num_broadcast=1, emit=True)
+            self.blocks = [cls(name=f"layers_{i}", **blk) for i in range(c.depth)]
+
+    # -- pieces
+    def embed(self, pixels):
+        """pixels [B, H, W, 3] -> [B, tokens, D] (patches + CLS + positions, after ln_pre)."""
+        c = self.cfg
+        b, h, w, ch = pixels.shape
+        p = c.patch_size
+        if h % p or w % p or ch != 3:
+            raise ValueError(f"pixels of shape {pixels.shape}: need [B, H, W, 3] with H, W "
+                             f"multiples of patch_size {p}")
+        gh, gw = h // p, w // p
+        x = pixels.astype(self.dtype).reshape(b, gh, p, gw, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        x = self.patch_embed(x).reshape(b, gh * gw, c.width)
+        if c.class_token:
+            cls = jnp.broadcast_to(self.class_embed.astype(self.dtype), (b, 1, c.width))
+            x = jnp.concatenate([cls, x], axis=1)
+        pos = interpolate_pos_embed(self.pos_embed, c.image_size // p, (gh, gw), c.class_token)
+        x = x + pos.astype(self.dtype)[None]
+        if c.pre_norm:
+            x = self.ln_pre(x)
+        return L.constrain(x, (L.BATCH, L.LENGTH, L.EMBED))
+
+    def _run(self, x, num_layers: int):
+        """Runs the first `num_layers` blocks; returns the hidden states [k+1, B, T, D]."""
+        c = self.cfg
+        if not 0 <= num_layers <= c.depth:
+            raise ValueError(f"num_layers {num_layers} not in [0, {c.depth}]")
+        if not c.scan_layers:
+            hs = [x]
+            # At init every block runs, so the param tree does not depend on feature_layer.
+            n = c.depth if self.is_initializing() else num_layers
+            for blk in self.blocks[:n]:
+                x, _ = blk(x, None)
+                hs.append(x)
+            return jnp.stack(hs[:num_layers + 1])
+        if num_layers == c.depth or self.is_initializing():
+            _, ys = self.layers(x, None)
+            ys = ys[:num_layers]
+        elif num_layers == 0:
+            ys = x[None][:0]
+        else:
+            ys = _partial_scan(self, x, num_layers)
+        return jnp.concatenate([x[None], ys], axis=0)
+
+    def __call__(self, pixels, num_layers: int | None = None):
+        """pixels [B, H, W, 3] -> hidden states [num_layers+1, B, tokens, D]."""
+        k = self.cfg.depth if num_layers is None else num_layers
+        hs = self._run(self.embed(pixels), k)
+        if self.is_initializing():
+            self.ln_post(hs[-1, :, 0])  # creates ln_post's params (used by `pooled`)
+        return hs
+
+    def feature_index(self) -> int:
+        """The index into the hidden states [0, L] that `feature_layer` selects."""
+        n = self.cfg.depth + 1
+        i = self.cfg.feature_layer
+        if not -n <= i < n:
+            raise ValueError(f"vision.feature_layer {i} out of range for depth {self.cfg.depth}")
+        return i % n
+
+    def features(self, pixels):
+        """pixels -> the projector's input features [B, K, D] (runs only needed layers)."""
+        idx = self.feature_index()
+        x = self._run(self.embed(pixels), idx)[idx]
+        if self.is_initializing():
+            self.ln_post(x[:, 0])  # same param tree as `__call__` (checkpoints carry ln_post)
+        sel = self.cfg.feature_select
+        if sel == "patch":
+            return x[:, 1:] if self.cfg.class_token else x
+        if sel == "cls_patch":
+            return x
+        raise ValueError(f"vision.feature_select must be 'patch' or 'cls_patch', got {sel!r}")
+
+    def pooled(self, pixels):
+        """CLS token of the last layer after ln_post (transformers' pooler_output)."""
+        x = self._run(self.embed(pixels), self.cfg.depth)[-1]
+        return self.ln_post(x[:, 0])
+
+
+def _partial_scan(vit: ViT, x, k: int):
+    """Runs the first k of the stacked (scanned) blocks with `jax.lax.scan` over the params
+    sliced along the layers axis; returns their outputs [k, B, T, D]."""
+    c = vit.cfg
+    stacked = nn.meta.unbox(vit.variables["params"]["layers"])
+    stacked = jax.tree.map(lambda a: a[:k], stacked)
+    block = ViTBlock(cfg=c, dtype=vit.dtype, param_dtype=vit.param_dtype,
+                     attention_impl=vit.attention_impl, parent=None)
+
+    def body(h, p):
+        h, _ = block.apply({"params": p}, h, None)
+        return h, h
+    policy = remat_policy(c.remat)
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
+    _, ys = jax.lax.scan(body, x, stacked)
+    return ys
+
+
+def num_patches(cfg, image_size: int | None = None) -> int:
+    g = (image_size or cfg.image_size) // cfg.patch_size
+    return g * g
+
+
+def num_feature_tokens(cfg) -> int:
+    """Tokens per image that `ViT.features` returns."""
+    n = num_patches(cfg)
+    if cfg.class_token and cfg.feature_select == "cls_patch":
+        n += 1
+    return n
