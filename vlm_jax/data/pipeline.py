@@ -133,6 +133,7 @@ class LoadExample(grain.transforms.Map):
             return _Bad(e.reason, position)
         out = {k: v for k, v in sample.items() if k in self.keys}
         out["_position"] = position
+        out["_record"] = record
         if self.keep_key:
             out["_key"] = key
         return out
@@ -173,6 +174,8 @@ def _stack(rows: list[dict], valid: np.ndarray) -> dict:
     if "image" in batch:
         batch["pixels"] = T.normalize(batch.pop("image"))
     batch["valid"] = valid.astype(np.float32)
+    # Record index of each row (-1: blank/padding), for the frozen-feature cache.
+    batch["_records"] = np.asarray([r.get("_record", -1) for r in rows], np.int64)
     return batch
 
 

@@ -1,0 +1,117 @@
+"""Frozen-feature cache: the store, its key, and cached run == uncached run."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from vlm_jax.train import feature_cache as fc
+
+
+def _cfg(arg="", **train):
+    c = demo.get_config("run,vit=S,llm=S,n=32,steps=2,batch=8,eval_n=8," + arg)
+    c.train.log_every_steps = 1
+    c.train.update(train)
+    return c
+
+
+def test_store_roundtrip_atomic_and_bf16(tmp_path):
+    st = fc.FeatureStore(str(tmp_path), "k", {"a": 1})
+    assert len(st) == 0 and st.missing(np.array([3, 1, 3])).tolist() == [1, 3]
+    f = np.random.RandomState(0).randn(3, 4, 5).astype(np.float32)
+    st.add(np.array([7, 2, 9]), f, bad=[4])
+    st.add(np.array([11]), f[:1])
+    again = fc.FeatureStore(str(tmp_path), "k")          # a fresh reader sees both shards
+    assert len(again) == 4 and again.missing(np.array([2, 4, 5, 11])).tolist() == [5]
+    got = again.gather(np.array([9, -1, 2, 11, 7]))
+    np.testing.assert_array_equal(got[0], f[2])
+    np.testing.assert_array_equal(got[1], 0)               # padding rows
+    np.testing.assert_array_equal(got[2], f[1])
+    np.testing.assert_array_equal(got[3], f[0])
+    assert not [n for n in os.listdir(tmp_path / "k") if n.startswith(".")]  # no temp left
+    with pytest.raises(fc.FeatureCacheError, match="no features for records"):
+        again.gather(np.array([5]))
+    with pytest.raises(fc.FeatureCacheError, match="delete it"):
+        again.add(np.array([1]), np.zeros((1, 4, 6), np.float32))
+    bf = fc.FeatureStore(str(tmp_path), "b")
+    x = jnp.asarray(f).astype(jnp.bfloat16)
+    bf.add(np.array([0, 1, 2]), np.asarray(x))
+    out = fc.FeatureStore(str(tmp_path), "b").gather(np.array([2, 0]))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(x, np.float32)[[2, 0]])
+
+
+def test_key_invalidation(tmp_path):
+    base = fc.cache_key(_cfg())
+    same = [_cfg("llm=M"), _cfg("n=16"), _cfg("eval_n=16"), _cfg("steps=5")]
+    for c in same:   # LLM size, data size, eval size, steps: same features
+        assert fc.cache_key(c) == base
+    c = _cfg()
+    c.model.vision.scan_layers = True                     # execution only
+    assert fc.cache_key(c) == base
+    changed = [_cfg("vit=M"), _cfg("data=noisy")]
+    for field, value in [("feature_layer", -1), ("feature_select", "cls_patch"),
+                         ("image_size", 48)]:
+        c = _cfg()
+        c.model.vision[field] = value
+        changed.append(c)
+    c = _cfg()
+    c.data.seed = 3
+    changed.append(c)
+    c = _cfg()
+    c.model.frozen_dtype = "bfloat16"
+    changed.append(c)
+    c = _cfg()
+    c.train.seed = 1                                      # random-init encoder: seed matters
+    changed.append(c)
+    keys = [fc.cache_key(c) for c in changed]
+    assert base not in keys and len(set(keys)) == len(keys)
+    # init_from identity: a rewritten checkpoint is a new key
+    ck = tmp_path / "vit"
+    ck.mkdir()
+    (ck / "model.safetensors").write_bytes(b"x" * 10)
+    c = _cfg()
+    c.model.vision.init_from = str(ck)
+    k1 = fc.cache_key(c)
+    (ck / "model.safetensors").write_bytes(b"y" * 11)
+    assert fc.cache_key(c) != k1
+    c.train.seed = 5                                      # pretrained encoder: seed does not
+    assert fc.cache_key(c) == fc.cache_key(c)
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return ([r["train/loss"] for r in rows if "train/loss" in r],
+            [r["eval/loss"] for r in rows if "eval/loss" in r])
+
+
+def test_cached_run_equals_uncached_and_reuses(tmp_path):
+    from vlm_jax.train import trainer
+    cache = str(tmp_path / "cache")
+    trainer.Run(_cfg(feature_cache=False), str(tmp_path / "plain")).train()
+    r = trainer.Run(_cfg(feature_cache=True, feature_cache_dir=cache), str(tmp_path / "fc"))
+    res = r.train()
+    info = r.feature_cache_info
+    assert info["computed"] == 32 + 8 and info["reused"] == 0
+    assert res["params/vision"] > 0 and res["images_seen"] == res["examples_seen"] > 0
+    (tl0, el0), (tl1, el1) = _losses(tmp_path / "plain"), _losses(tmp_path / "fc")
+    assert len(tl0) == 2 and len(el0) == 1
+    np.testing.assert_allclose(tl1, tl0, rtol=1e-5)
+    np.testing.assert_allclose(el1, el0, rtol=1e-5)
+    # another LLM on a nested smaller subset: same key, every record it reads is cached
+    small = _cfg("llm=M,n=16", feature_cache=True, feature_cache_dir=cache)
+    store = fc.open_store(small, str(tmp_path / "fc2"))
+    assert store.key == info["key"] and len(store) == 40
+    assert len(store.missing(fc.needed_records(small))) == 0
+    assert len(os.listdir(os.path.join(cache, info["key"]))) == 2  # meta + one shard
+
+
+def test_trainable_encoder_is_refused():
+    with pytest.raises(fc.FeatureCacheError, match="optim.trainable"):
+        fc.check_usable(_cfg(), ["vision", "projector"])
+    c = _cfg()
+    c.model.kind = "lm"
+    with pytest.raises(fc.FeatureCacheError, match="model.kind"):
+        fc.check_usable(c, ["llm"])
