@@ -1,0 +1,95 @@
+"""One training run.
+
+    python -m vlm_jax.main --config configs/demo.py:run --workdir runs/x \
+        [--config.train.steps=100] [--coordinator_address host:port --num_processes N \
+         --process_id i]
+
+In-process: `vlm_jax.main.run(config, workdir) -> result dict` (what `result.json` holds).
+Multi-host: the three flags above, or the TPU / SLURM environment (`jax.distributed`
+auto-detects it), initialise `jax.distributed` before anything touches a device; on CPU
+the collectives go through gloo. Only process 0 writes files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file: PATH.py[:ARG]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory of the run (created)")
+_COORD = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
+_NPROC = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+_PID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+
+EXIT_NONFINITE = 3
+
+
+def _auto_distributed() -> bool:
+    """True when the environment describes a multi-process job jax can detect."""
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+        return True
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or int(env.get("MEGASCALE_NUM_SLICES", "1") or 1) > 1
+
+
+def init_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
+    """`jax.distributed.initialize` from flags or the environment (no-op for one process)."""
+    import jax
+    given = [coordinator_address, num_processes, process_id]
+    if any(v is not None for v in given):
+        if any(v is None for v in given):
+            raise ValueError("multi-host needs all of --coordinator_address, --num_processes "
+                             "and --process_id")
+        if num_processes == 1:
+            return
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get(
+                "JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, int(num_processes), int(process_id))
+    elif _auto_distributed():
+        jax.distributed.initialize()
+
+
+def run(config, workdir: str, **kw) -> dict:
+    """Trains one run in this process; returns the result dict (see docs/contracts.md)."""
+    from vlm_jax.train import trainer
+    return trainer.run(config, workdir, **kw)
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required (e.g. configs/demo.py:run)")
+    init_distributed(_COORD.value, _NPROC.value, _PID.value)
+    from vlm_jax.train import trainer
+    try:
+        result = run(_CONFIG.value, _WORKDIR.value)
+    except trainer.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        if os.environ.get("VLM_JAX_TRACEBACK"):
+            raise
+        print(f"error: {e}\n(set VLM_JAX_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
+    status = result.get("status")
+    if status == "done":
+        print(f"done: {result.get('steps')} steps, train loss "
+              f"{result.get('final/train_loss')}, eval loss {result.get('final/eval_loss')} "
+              f"-> {os.path.join(_WORKDIR.value, 'result.json')}")
+    else:
+        print(f"{status} at step {result.get('steps')}; run the same command to resume")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,145 @@
+"""Orbax checkpoints of the train state plus the Grain data-iterator state.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data,meta[,frozen]}`. `state` is the
+train-state pytree (trainable params, optimizer state, counters); `frozen` holds the
+frozen params when `train.save_frozen`; `data` one JSON file per process with its
+iterator state (grain's checkpoint handler); `meta` host counters (examples/tokens seen,
+wall time, skipped samples). Saves are async and atomic (orbax writes a temporary
+directory and renames it when complete), so a kill at any moment leaves the previous
+good checkpoint. Restore takes an abstract target carrying the *current* shardings, so a
+checkpoint written on one mesh restores onto another.
+
+Kept: the newest `keep` checkpoints plus every step of `keep_steps` (never removed).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import grain.python as gp
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+STATE, DATA, META, FROZEN = "state", "data", "meta", "frozen"
+ITEMS = (STATE, DATA, META, FROZEN)
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _handlers():
+    return {STATE: ocp.StandardCheckpointHandler(), DATA: gp.PyGrainCheckpointHandler(),
+            META: ocp.JsonCheckpointHandler(), FROZEN: ocp.StandardCheckpointHandler()}
+
+
+def make_manager(workdir: str, keep: int = 2, keep_steps=(), async_save: bool = True,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+    policies = [ocm.LatestN(n=max(int(keep), 1))]
+    if keep_steps:
+        policies.append(ocm.CustomSteps(steps=[int(s) for s in keep_steps]))
+    opts = ocp.CheckpointManagerOptions(
+        create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+        preservation_policy=ocm.AnyPreservationPolicy(policies))
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=opts, item_names=ITEMS,
+                                 item_handlers=_handlers())
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, data_iter=None, meta=None,
+         frozen=None) -> None:
+    """Starts an (async) save of `state` (+ iterator state, meta, frozen) at `step`."""
+    items = {STATE: ocp.args.StandardSave(state)}
+    if data_iter is not None:
+        items[DATA] = gp.PyGrainCheckpointSave(data_iter)
+    if meta is not None:
+        items[META] = ocp.args.JsonSave(meta)
+    if frozen:
+        items[FROZEN] = ocp.args.StandardSave(frozen)
+    mgr.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs with the shardings of `tree` (a restore or compile target)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree)
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, target_state, data_iter=None):
+    """Restores `step` onto the shardings of `target_state` (arrays or abstract arrays);
+    sets the iterator's state in place. Returns (state, meta dict)."""
+    items = {STATE: ocp.args.StandardRestore(abstract_like(target_state))}
+    if data_iter is not None:
+        items[DATA] = gp.PyGrainCheckpointRestore(data_iter)
+    present = _present_items(mgr, step)
+    if META in present:
+        items[META] = ocp.args.JsonRestore()
+    try:
+        out = mgr.restore(int(step), args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {mgr.directory}/{step} does not fit this run's train "
+                         f"state (different model, optim.trainable or data?): {e}") from e
+    meta = dict(out[META]) if META in present and out[META] is not None else {}
+    return out[STATE], meta
+
+
+def _present_items(mgr, step) -> set[str]:
+    d = os.path.join(str(mgr.directory), str(int(step)))
+    return {n for n in ITEMS if os.path.isdir(os.path.join(d, n))}
+
+
+def _restore_host(mgr, step, item):
+    meta = mgr.item_metadata(step)[item]
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
+    return mgr.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(target)}))[item]
+
+
+def restore_params(workdir: str, subtree: str | None = None, step: int | None = None):
+    """Params of another vlm_jax workdir's latest (or `step`) checkpoint, on one device.
+
+    Returns the trainable params merged with the frozen ones if they were saved; with
+    `subtree` ("vision", "llm", ...) only that top-level entry. Raises a clear error when
+    the workdir has no checkpoint or the subtree is missing.
+    """
+    path = checkpoint_dir(workdir)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"init_from={workdir!r}: no checkpoints/ directory; "
+                                f"point init_from at a finished vlm_jax workdir")
+    mgr = make_manager(workdir, read_only=True)
+    try:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"init_from={workdir!r}: checkpoints/ holds no checkpoint")
+        state = _restore_host(mgr, step, STATE)
+        frozen = _restore_host(mgr, step, FROZEN) if FROZEN in _present_items(mgr, step) else {}
+    finally:
+        mgr.close()
+    from vlm_jax.train.optim import merge_params
+    params = merge_params(state["params"], frozen or {})
+    if subtree is None:
+        return params
+    if subtree not in params:
+        raise KeyError(f"init_from={workdir!r}: its checkpoint has no {subtree!r} params "
+                       f"(it has {sorted(params)}); was {subtree!r} frozen without "
+                       f"train.save_frozen=True?")
+    return params[subtree]
+
+
+class SaveTimer:
+    """Decides step- and time-based saves. `every_steps`=0 disables step saves,
+    `every_secs`<=0 time saves."""
+
+    def __init__(self, every_steps: int, every_secs: float):
+        self.every_steps = int(every_steps or 0)
+        self.every_secs = float(every_secs or 0)
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return self.every_secs > 0 and time.monotonic() - self.last >= self.every_secs
+
+    def saved(self) -> None:
+        self.last = time.monotonic()

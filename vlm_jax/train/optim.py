@@ -1,0 +1,122 @@
+"""Optimizer, learning-rate schedules and freeze masks.
+
+Freezing works by splitting the param tree into a trainable and a frozen part
+(`split_params`): the optimizer only ever sees the trainable part, so frozen params have
+no optimizer state, no weight gradients are computed for them (jax.grad is taken w.r.t.
+the trainable part only) and they stay bit-identical.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+
+# --------------------------------------------------------------------------- schedules
+def warmup_steps(optim_cfg, total_steps: int) -> int:
+    if optim_cfg.warmup_steps:
+        return int(optim_cfg.warmup_steps)
+    return int(round(optim_cfg.warmup_frac * total_steps))
+
+
+def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    """Warmup (linear from 0) then cosine | linear | constant | wsd (warmup-stable-decay).
+
+    wsd: constant after warmup, linear decay to min_lr over the last `decay_frac` steps.
+    """
+    lr = float(optim_cfg.lr)
+    end = lr * float(optim_cfg.min_lr_ratio)
+    total = max(int(total_steps), 1)
+    warm = min(warmup_steps(optim_cfg, total), total)
+    rest = max(total - warm, 1)
+    kind = optim_cfg.schedule
+    if kind == "cosine":
+        main = optax.cosine_decay_schedule(lr, rest, alpha=end / lr if lr else 0.0)
+    elif kind == "linear":
+        main = optax.linear_schedule(lr, end, rest)
+    elif kind == "constant":
+        main = optax.constant_schedule(lr)
+    elif kind == "wsd":
+        decay = max(int(round(float(optim_cfg.decay_frac) * total)), 1)
+        stable = max(rest - decay, 0)
+        main = optax.join_schedules(
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)], [stable])
+    else:
+        raise ValueError(f"optim.schedule={kind!r}: use cosine, linear, constant or wsd")
+    if warm == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                           optax.Schedule]:
+    """AdamW with global-norm clipping (clip_norm <= 0 disables it)."""
+    if optim_cfg.name != "adamw":
+        raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' is supported")
+    sched = make_schedule(optim_cfg, total_steps)
+    parts = []
+    if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
+    parts.append(optax.adamw(sched, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
+                             eps=float(optim_cfg.eps),
+                             weight_decay=float(optim_cfg.weight_decay)))
+    return optax.chain(*parts), sched
+
+
+# --------------------------------------------------------------------------- freeze masks
+def _patterns(trainable) -> list[str]:
+    if isinstance(trainable, str):
+        trainable = (trainable,)
+    return [str(p) for p in (trainable or ())]
+
+
+def is_trainable(path: str, patterns: Sequence[str]) -> bool:
+    """True when a "/"-joined param path matches one of the regexes (re.search).
+
+    "*" and "" mean "everything"."""
+    for p in patterns:
+        if p in ("*", "", ".*"):
+            return True
+        if re.search(p, path):
+            return True
+    return False
+
+
+def trainable_mask(params, trainable) -> Any:
+    """A bool pytree like `params`: True for trainable leaves."""
+    pats = _patterns(trainable)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return traverse_util.unflatten_dict({k: is_trainable(k, pats) for k in flat}, sep="/")
+
+
+def split_params(params, trainable) -> tuple[dict, dict]:
+    """(trainable, frozen) nested dicts with disjoint leaves; `merge_params` inverts it."""
+    pats = _patterns(trainable)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    tr = {k: v for k, v in flat.items() if is_trainable(k, pats)}
+    fr = {k: v for k, v in flat.items() if not is_trainable(k, pats)}
+    if not tr:
+        raise ValueError(f"optim.trainable={tuple(pats)} matches no parameter; param paths "
+                         f"look like {sorted(flat)[:5]}")
+    return (traverse_util.unflatten_dict(tr, sep="/"),
+            traverse_util.unflatten_dict(fr, sep="/") if fr else {})
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+    flat = dict(traverse_util.flatten_dict(frozen, sep="/")) if frozen else {}
+    flat.update(traverse_util.flatten_dict(trainable, sep="/"))
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def count_params(tree) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def cast_tree(tree, dtype):
+    """Casts floating leaves of a pytree (e.g. frozen params to bf16 for storage)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)

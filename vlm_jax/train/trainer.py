@@ -1,0 +1,513 @@
+"""The training loop of one run: `run(config, workdir) -> result dict`.
+
+Order of work (every check that can fail comes before anything is compiled or written):
+validate the config and the workdir -> mesh -> model and param shardings -> params
+(init, `init_from`) -> optimizer state -> restore (own checkpoint, else `branch_from`) ->
+AOT-compile the steps -> loop: step, log, eval, checkpoint -> final eval, checkpoint,
+`result.json`.
+
+A run is resumable by construction: the train state, the data-iterator state and the
+counters live in the checkpoint, the step is a pure function of (state, batch), and
+`metrics.jsonl` is cut back to the restored step, so a run killed at any moment and
+restarted with the same command ends with the same losses as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+
+from vlm_jax.train import checkpoint as ckpt
+from vlm_jax.train import flops as flops_lib
+from vlm_jax.train import metrics as metrics_lib
+from vlm_jax.train import optim, sharding, step as step_lib
+
+log = logging.getLogger("vlm_jax.train")
+
+# Fields that may differ between the config a workdir was started with and a restart:
+# they change how a run executes, not what it computes.
+RESTART_MUTABLE = (
+    "mesh", "train.progress", "train.log_every_steps", "train.checkpoint_every_steps",
+    "train.checkpoint_every_secs", "train.keep_checkpoints", "train.eval_batch_size",
+    "data.num_workers", "data.prefetch", "model.attention_impl",
+)
+
+
+# XLA options for functions that run once (init): optimising them only costs time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps (`train.max_nonfinite`)."""
+
+
+# --------------------------------------------------------------------------- config / workdir
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _mutable(key: str) -> bool:
+    return any(key == m or key.startswith(m + ".") for m in RESTART_MUTABLE)
+
+
+def config_to_dict(config) -> dict:
+    """A JSON-able dict of the resolved config (tuples become lists)."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def check_workdir(workdir: str, config) -> None:
+    """Raises when `workdir` holds a run of a different config (nothing is written)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = _flat(json.load(f))
+    new = _flat(config_to_dict(config))
+    diff = sorted(k for k in set(old) | set(new)
+                  if not _mutable(k) and old.get(k, "<missing>") != new.get(k, "<missing>"))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}"
+                          for k in diff[:8])
+        raise ValueError(f"workdir {workdir!r} holds a run with a different config ({shown}"
+                         f"{' ...' if len(diff) > 8 else ''}); use a new --workdir or the "
+                         f"same config")
+
+
+def validate(config) -> None:
+    """Cheap checks of the fields the trainer reads, with the field name in the error."""
+    t = config.train
+    for name in ("steps", "batch_size", "grad_accum", "log_every_steps", "max_nonfinite"):
+        if int(t[name]) < (0 if name == "max_nonfinite" else 1):
+            raise ValueError(f"train.{name}={t[name]} must be >= 1")
+    for name in ("eval_every_steps", "checkpoint_every_steps", "eval_batch_size"):
+        if int(t[name]) < 0:
+            raise ValueError(f"train.{name}={t[name]} must be >= 0")
+    if t.batch_size % t.grad_accum:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by "
+                         f"train.grad_accum={t.grad_accum}")
+    for s in t.get("checkpoint_steps", ()) or ():
+        if not 0 < int(s) <= t.steps:
+            raise ValueError(f"train.checkpoint_steps holds {s}, outside [1, train.steps="
+                             f"{t.steps}]")
+    optim.make_schedule(config.optim, t.steps)  # validates optim.schedule
+    if t.get("branch_from"):
+        parse_branch(t.branch_from)
+
+
+def parse_branch(spec: str) -> tuple[str, int]:
+    path, sep, step = spec.rpartition(":")
+    if not sep or not path or not step.isdigit():
+        raise ValueError(f"train.branch_from={spec!r}: use 'WORKDIR:STEP'")
+    return path, int(step)
+
+
+# --------------------------------------------------------------------------- params
+def _init_batch(spec: dict) -> dict:
+    return {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items() if not k.startswith("_")}
+
+
+def _load_init_from(part: str, path: str, dtype) -> dict:
+    """Params of `part` from a vlm_jax workdir or a transformers/OpenCLIP directory."""
+    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.exists(
+            os.path.join(path, "config.json")) and os.path.exists(
+            os.path.join(path, "metrics.jsonl")):
+        return ckpt.restore_params(path, subtree=part)
+    from vlm_jax import convert
+    return convert.load_pretrained(part, path, dtype)
+
+
+def _graft(params: dict, part: str, loaded: dict, source: str) -> dict:
+    """Replaces params[part] by `loaded`, checking that the trees and shapes match."""
+    want = params[part]
+    fw = optim.traverse_util.flatten_dict(want, sep="/")
+    fl = optim.traverse_util.flatten_dict(loaded, sep="/")
+    missing, extra = sorted(set(fw) - set(fl)), sorted(set(fl) - set(fw))
+    bad = [k for k in fw if k in fl and tuple(np.shape(fl[k])) != tuple(fw[k].shape)]
+    if missing or extra or bad:
+        raise ValueError(
+            f"model.{part}.init_from={source!r} does not match model.{part}: missing "
+            f"{missing[:5]}, unexpected {extra[:5]}, shape mismatch "
+            f"{[(k, np.shape(fl[k]), fw[k].shape) for k in bad[:5]]}; check the size config")
+    new = {k: jax.device_put(np.asarray(fl[k]).astype(fw[k].dtype), fw[k].sharding)
+           for k in fw}
+    out = dict(params)
+    out[part] = optim.traverse_util.unflatten_dict(new, sep="/")
+    return out
+
+
+# --------------------------------------------------------------------------- data
+def default_data():
+    from vlm_jax.data import pipeline
+    return pipeline
+
+
+def _tokens_in(batch: dict) -> int:
+    if "segment_ids" in batch:
+        return int(np.sum(np.asarray(batch["segment_ids"]) > 0))
+    if "tokens" in batch:
+        return int(np.asarray(batch["tokens"]).size)
+    return 0
+
+
+def _skipped_counts(batch: dict, acc: dict) -> None:
+    for k, v in batch.items():
+        if k.startswith("_skipped/"):
+            acc[k[len("_skipped/"):]] = int(np.max(np.asarray(v)))  # cumulative counts
+
+
+# --------------------------------------------------------------------------- signals
+class _StopFlag:
+    """Set by SIGTERM (preemption); the loop then saves and exits cleanly."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint and stopping")
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _any_process(flags: list[bool]) -> list[bool]:
+    """Element-wise OR of host flags over processes (so all processes agree)."""
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+    g = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+    return [bool(x) for x in np.asarray(g).reshape(-1, len(flags)).max(0)]
+
+
+# --------------------------------------------------------------------------- the run
+class Run:
+    """One training run; `Run(config, workdir).train()` does the work. Built in steps so
+    tests and benchmarks can use its pieces (mesh, params, compiled steps)."""
+
+    def __init__(self, config, workdir: str, *, model=None, batch_spec=None, data=None,
+                 devices=None):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.data = data or default_data()
+        self.pi, self.pc = jax.process_index(), jax.process_count()
+        self.is_main = self.pi == 0
+        validate(config)
+        check_workdir(self.workdir, config)
+        self.mesh = sharding.make_mesh(config.mesh, devices)
+        sharding.check_batch(config.train.batch_size, self.mesh, self.pc)
+        sharding.check_batch(config.train.batch_size // config.train.grad_accum, self.mesh, 1,
+                             "train.batch_size / train.grad_accum")
+        self.eval_bs = int(config.train.eval_batch_size or config.train.batch_size)
+        sharding.check_batch(self.eval_bs, self.mesh, self.pc, "train.eval_batch_size")
+        self.rules = sharding.flax_rules(self.mesh)
+        if model is None:
+            from vlm_jax.models import build_model
+            model = build_model(config.model)
+        self.model = model
+        if batch_spec is None:
+            from vlm_jax.models import batch_spec
+        self.batch_spec = batch_spec(config, config.train.batch_size)
+        self.eval_spec = batch_spec(config, self.eval_bs)
+
+    # -- context for tracing: mesh + logical rules for activation constraints
+    def ctx(self):
+        mesh, rules = self.mesh, self.rules
+
+        class _Ctx:
+            def __enter__(s):
+                s.a = jax.set_mesh(mesh)
+                s.a.__enter__()
+                s.b = nn.logical_axis_rules(rules)
+                s.b.__enter__()
+
+            def __exit__(s, *e):
+                s.b.__exit__(*e)
+                s.a.__exit__(*e)
+        return _Ctx()
+
+    # -- params
+    def init_params(self):
+        """(trainable, frozen) params on the mesh, with init_from applied."""
+        cfg = self.config
+        spec = self.batch_spec
+
+        def init(rng):
+            return self.model.init(rng, _init_batch(spec), deterministic=True)["params"]
+
+        rng = jax.random.PRNGKey(int(cfg.train.seed))
+        with self.ctx():
+            boxed = jax.eval_shape(init, rng)
+            shard = nn.unbox(sharding.tree_shardings(boxed, self.mesh))
+            # Runs once: compile it fast (XLA's optimisations cost seconds and save nothing).
+            params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shard).lower(
+                rng).compile(FAST_COMPILE)(rng)
+        params = dict(params)
+        for part in ("vision", "llm"):
+            sub = cfg.model.get(part)
+            src = sub.get("init_from", "") if sub is not None else ""
+            if src and part in params:
+                pdt = jax.tree.leaves(params[part])[0].dtype
+                params = _graft(params, part, _load_init_from(part, src, pdt), src)
+        trainable, frozen = optim.split_params(params, cfg.optim.trainable)
+        fdt = jnp.dtype(cfg.model.get("frozen_dtype", "float32"))
+        if frozen and fdt != jnp.float32:
+            frozen = jax.jit(lambda t: optim.cast_tree(t, fdt),
+                             out_shardings=jax.tree.map(lambda x: x.sharding, frozen))(frozen)
+        self.components = sorted(params)
+        self.trainable_components = sorted(trainable)
+        self.param_counts = {k: optim.count_params(v) for k, v in params.items()}
+        self.param_counts["total"] = sum(self.param_counts.values())
+        self.param_counts["trainable"] = optim.count_params(trainable)
+        return trainable, frozen
+
+    def init_state(self, trainable):
+        cfg = self.config
+        self.tx, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+        p_sh = jax.tree.map(lambda x: x.sharding, trainable)
+        abstract_opt = jax.eval_shape(self.tx.init, trainable)
+        repl = sharding.replicated(self.mesh)
+        opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, p_sh,
+                                       transform_non_params=lambda _: repl)
+        self.state_shardings = dict(step=repl, params=p_sh, opt_state=opt_sh, nonfinite=repl,
+                                    skipped=repl)
+        return jax.jit(lambda p: step_lib.init_state(p, self.tx),
+                       out_shardings=self.state_shardings)(trainable)
+
+    # -- compiled steps
+    def _abstract_batch(self, spec):
+        return {k: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                        sharding=sharding.batch_sharding(self.mesh, len(s.shape)))
+                for k, s in spec.items() if not k.startswith("_")}
+
+    def compile(self, state, frozen):
+        cfg = self.config
+        fn = step_lib.make_train_step(self.model, self.tx, self.schedule,
+                                      int(cfg.train.grad_accum))
+        f_sh = jax.tree.map(lambda x: x.sharding, frozen)
+        b_train = self._abstract_batch(self.batch_spec)
+        b_eval = self._abstract_batch(self.eval_spec)
+        repl = sharding.replicated(self.mesh)
+        with self.ctx():
+            jitted = jax.jit(fn, in_shardings=(self.state_shardings, f_sh,
+                                               {k: v.sharding for k, v in b_train.items()}),
+                             out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
+            self.train_step = jitted.lower(ckpt.abstract_like(state),
+                                           ckpt.abstract_like(frozen), b_train).compile()
+            ev = jax.jit(step_lib.make_eval_step(self.model),
+                         in_shardings=(self.state_shardings["params"], f_sh,
+                                       {k: v.sharding for k, v in b_eval.items()}),
+                         out_shardings=repl)
+            self.eval_step = ev.lower(ckpt.abstract_like(state["params"]),
+                                      ckpt.abstract_like(frozen), b_eval).compile()
+        return self.train_step, self.eval_step
+
+    # -- eval
+    def evaluate(self, params, frozen) -> dict:
+        sums, counts = [], []
+        for local in self.data.eval_batches(self.config, self.pi, self.pc):
+            gb = sharding.global_batch(local, self.mesh)
+            out = jax.device_get(self.eval_step(params, frozen, gb))
+            sums.append(float(out["loss_sum"]))
+            counts.append(float(out["num_tokens"]))
+        return {"eval/loss": metrics_lib.token_mean(sums, counts),
+                "eval/tokens": float(sum(counts))}
+
+    # -- the loop
+    def train(self) -> dict:
+        cfg, t = self.config, self.config.train
+        total = int(t.steps)
+        result_path = os.path.join(self.workdir, "result.json")
+        if self.is_main:
+            os.makedirs(self.workdir, exist_ok=True)
+            metrics_lib.atomic_write_json(os.path.join(self.workdir, "config.json"),
+                                          config_to_dict(cfg))
+        trainable, frozen = self.init_params()
+        if t.get("feature_cache", False):  # frozen encoder: features computed once, reused
+            from vlm_jax.train import feature_cache
+            frozen = feature_cache.attach(self, frozen)
+        state = self.init_state(trainable)
+        del trainable
+        self.compile(state, frozen)
+        self.flops_per_example = flops_lib.train_per_example(cfg, self.trainable_components)
+
+        it = self.data.train_iterator(cfg, self.pi, self.pc)
+        keep_steps = tuple(int(s) for s in (t.get("checkpoint_steps", ()) or ()))
+        mgr = ckpt.make_manager(self.workdir, t.keep_checkpoints, keep_steps=keep_steps)
+        meta = dict(examples_seen=0, tokens_seen=0, wall_time_s=0.0, skipped={})
+        start = mgr.latest_step()
+        save_frozen = bool(t.get("save_frozen", False))
+        if start is not None:
+            state, meta = ckpt.restore(mgr, start, state, it)
+            log.info("resumed from step %d of %s", start, self.workdir)
+        elif t.get("branch_from"):
+            src, bstep = parse_branch(t.branch_from)
+            other = ckpt.make_manager(src, 1, read_only=True)
+            if bstep not in other.all_steps():
+                raise ValueError(f"train.branch_from={t.branch_from!r}: {src} has no "
+                                 f"checkpoint at step {bstep} (has {sorted(other.all_steps())})"
+                                 f"; list it in that run's train.checkpoint_steps")
+            state, meta = ckpt.restore(other, bstep, state, it)
+            other.close()
+            meta["branched_from"] = t.branch_from
+            start = bstep
+        else:
+            start = 0
+        start = int(start)
+        if start > total:
+            raise ValueError(f"train.steps={total} is below the checkpointed step {start}")
+        if os.path.exists(result_path) and start == total:
+            with open(result_path) as f:
+                done = json.load(f)
+            if done.get("status") == "done":
+                mgr.close()
+                return done
+
+        writers = metrics_lib.Writers(self.workdir, total, start, self.is_main,
+                                      progress=bool(t.progress))
+        timer = ckpt.SaveTimer(t.checkpoint_every_steps, t.checkpoint_every_secs)
+        eval_every = int(t.eval_every_steps)
+        log_every = int(t.log_every_steps)
+        last_loss = float("nan")
+        last_eval = None
+        n_dev = self.mesh.size
+        kind = jax.devices()[0].device_kind
+        t_wall0 = time.time()
+        wall0 = float(meta.get("wall_time_s", 0.0))
+        skipped = dict(meta.get("skipped", {}))
+        images = "pixels" in self.batch_spec or "features" in self.batch_spec
+        window_t, window_n, window_tok = time.time(), 0, 0
+        step = start
+        stopped = False
+
+        def save(s, force_wait=False):
+            meta_now = dict(meta, wall_time_s=wall0 + time.time() - t_wall0, skipped=skipped)
+            ckpt.save(mgr, s, state, it, meta_now, frozen if save_frozen else None)
+            timer.saved()
+            if force_wait:
+                mgr.wait_until_finished()
+
+        try:
+            with _StopFlag() as stop:
+                while step < total:
+                    local = next(it)
+                    _skipped_counts(local, skipped)
+                    gb = sharding.global_batch(local, self.mesh)
+                    state, m = self.train_step(state, frozen, gb)
+                    m = jax.device_get(m)
+                    step += 1
+                    ntok = _tokens_in(local) * self.pc  # per-process batches are alike
+                    meta["examples_seen"] += int(t.batch_size)
+                    meta["tokens_seen"] += ntok
+                    window_n += 1
+                    window_tok += ntok
+                    writers.console.update(1, {"loss": float(m["loss"])})
+                    if not bool(m["finite"]):
+                        log.warning("step %d: non-finite loss/gradient, update skipped "
+                                    "(%d in a row)", step, int(m["nonfinite"]))
+                        if int(m["nonfinite"]) >= int(t.max_nonfinite) > 0:
+                            mgr.wait_until_finished()
+                            raise NonFiniteError(
+                                f"{int(m['nonfinite'])} consecutive non-finite steps at step "
+                                f"{step} (train.max_nonfinite={t.max_nonfinite}); the last "
+                                f"good checkpoint (step {mgr.latest_step()}) is kept. Lower "
+                                f"optim.lr or check the data")
+                    else:
+                        last_loss = float(m["loss"])
+                    scalars = {}
+                    if step % log_every == 0 or step == total:
+                        dt = (time.time() - window_t) / max(window_n, 1)
+                        scalars.update({
+                            "train/loss": float(m["loss"]),
+                            "train/grad_norm": float(m["grad_norm"]),
+                            "train/lr": float(m["lr"]),
+                            "train/skipped_steps": int(m["skipped"]),
+                            "perf/step_time_s": dt,
+                            "perf/examples_per_sec": t.batch_size / dt,
+                            "perf/tokens_per_sec": window_tok / window_n / dt,
+                            "examples_seen": meta["examples_seen"],
+                        })
+                        for k, v in m.items():
+                            if k not in ("loss", "loss_sum", "num_tokens", "grad_norm", "lr",
+                                         "finite", "nonfinite", "skipped") and np.ndim(v) == 0:
+                                scalars[f"train/{k}"] = float(v)
+                        u = metrics_lib.mfu(self.flops_per_example * t.batch_size, dt, n_dev,
+                                            kind)
+                        if u is not None:
+                            scalars["perf/mfu"] = u
+                        window_t, window_n, window_tok = time.time(), 0, 0
+                    if (eval_every and step % eval_every == 0) or step == total:
+                        last_eval = self.evaluate(state["params"], frozen)
+                        scalars.update(last_eval)
+                        window_t = time.time()  # eval time is not step time
+                    if scalars:
+                        writers.write(step, scalars)
+                    stop_now, time_due = _any_process([stop.set, timer.due(step)])
+                    if step == total:
+                        break
+                    if int(m["nonfinite"]) and not stop_now:
+                        continue  # never checkpoint inside a non-finite streak
+                    if stop_now or time_due or step in keep_steps:
+                        save(step, force_wait=stop_now)
+                    if stop_now:
+                        stopped = True
+                        break
+            if stopped:
+                log.warning("stopped by SIGTERM at step %d; restart the same command to "
+                            "resume", step)
+                return {"status": "preempted", "steps": step}
+            save(step, force_wait=True)
+        finally:
+            writers.close()
+            mgr.wait_until_finished()
+            mgr.close()
+
+        result = {
+            "status": "done",
+            "steps": step,
+            "final/train_loss": last_loss,
+            "final/eval_loss": last_eval["eval/loss"] if last_eval else None,
+            **{f"params/{k}": v for k, v in self.param_counts.items()},
+            "examples_seen": meta["examples_seen"],
+            "images_seen": meta["examples_seen"] if images else 0,
+            "tokens_seen": meta["tokens_seen"],
+            "flops": self.flops_per_example * meta["examples_seen"],
+            "wall_time_s": wall0 + time.time() - t_wall0,
+            "data/skipped": skipped,
+            "config_name": cfg.get("name", ""),
+        }
+        if meta.get("branched_from"):
+            result["branched_from"] = meta["branched_from"]
+        if self.is_main:
+            metrics_lib.atomic_write_json(result_path, result)
+        return result
+
+
+def run(config, workdir: str, **kw) -> dict:
+    """Trains one run in this process and returns its result dict (also `result.json`)."""
+    return Run(config, workdir, **kw).train()
