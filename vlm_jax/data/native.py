@@ -217,21 +217,10 @@ def anyres_grids(h: int, w: int, spec: NativeSpec) -> list[tuple[int, int]]:
 
 # --------------------------------------------------------------------------- images
 def to_rgb(image) -> np.ndarray:
-    """uint8 [H, W, 3] from an HW / HW1 / HW3 / HW4 array (alpha dropped)."""
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise BadSample("bad_image_shape", f"shape {a.shape}; expected HxW, HxWx1, 3 or 4")
-    if a.shape[0] < 1 or a.shape[1] < 1:
-        raise BadSample("zero_size_image", f"shape {a.shape}")
-    if a.dtype != np.uint8:
-        if np.issubdtype(a.dtype, np.floating) and a.size and float(a.max()) <= 1.0:
-            a = a * 255.0
-        a = np.clip(np.nan_to_num(a.astype(np.float32)), 0, 255).round().astype(np.uint8)
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    return np.ascontiguousarray(a[..., :3])
+    """uint8 [H, W, 3] from encoded bytes or an HW / HWC array (the pipeline's decoder:
+    grayscale repeated, alpha composited over white); BadSample for zero-size images."""
+    from vlm_jax.data.transforms import decode_image
+    return decode_image(image)
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -374,7 +363,7 @@ class RowPacker:
         for k in ("patches", "patch_rows", "patch_cols"):
             b[k][row, p0:p0 + np_] = ex[k]
         b["patch_segment_ids"][row, p0:p0 + np_] = self.images[row] + 1 + ex["patch_image"]
-        self.images[row] += int(ex["patch_image"].max()) + 1 if np_ else 0
+        self.images[row] += (int(ex["patch_image"].max()) + 1) if np_ else 0
         b["valid"][row] = 1.0
         self.tok[row] += nt
         self.pat[row] += np_
@@ -399,14 +388,44 @@ def pack(examples: Sequence[dict], spec: NativeSpec, rows: int) -> list[dict]:
 
 
 class PackedBatchIterator(grain.DatasetIterator):
-    """Packs a stream of examples into fixed-shape batches; checkpointable: the state is
-    the parent's state before the example left over from the last batch was read."""
+    """Packs a stream of examples into fixed-shape batches.
 
-    def __init__(self, parent: grain.DatasetIterator, spec: NativeSpec, rows: int):
+    Items that are not dicts are bad samples (with a `.reason`, e.g. the pipeline's
+    `_Bad`): they are counted by reason and skipped; more than `max_bad_fraction` of them
+    (after `min_seen` samples) raises `BadDataError`. Batches carry the pipeline's
+    `_skipped/<reason>` metadata. Checkpointable: the state is the parent's state (and
+    counters) before the example left over from the last batch was read.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, spec: NativeSpec, rows: int,
+                 max_bad_fraction: float = 1.0, min_seen: int = 100):
         super().__init__(parent)
         self._spec, self._rows = spec, rows
+        self._max_bad, self._min_seen = max_bad_fraction, min_seen
         self._pending = None
         self._pending_state = None
+        self._counts: dict[str, int] = {}
+        self._seen = 0
+
+    def _state(self):
+        return {"parent": self._parent.get_state(), "counts": dict(self._counts),
+                "seen": self._seen}
+
+    def _next_good(self):
+        while True:
+            ex = next(self._parent)
+            self._seen += 1
+            if isinstance(ex, dict):
+                return ex
+            reason = getattr(ex, "reason", "bad_sample") or "bad_sample"
+            self._counts[reason] = self._counts.get(reason, 0) + 1
+            bad = sum(self._counts.values())
+            if self._seen >= self._min_seen and bad > self._max_bad * self._seen:
+                from vlm_jax.data.errors import BadDataError
+                raise BadDataError(
+                    f"{bad} of {self._seen} samples read were bad ({bad / self._seen:.1%} > "
+                    f"data.max_bad_fraction={self._max_bad:g}); by reason: {self._counts}",
+                    self._counts, self._seen)
 
     def __next__(self):
         packer = RowPacker(self._spec, self._rows)
@@ -414,61 +433,155 @@ class PackedBatchIterator(grain.DatasetIterator):
             assert packer.add(self._pending)
             self._pending = self._pending_state = None
         while True:
-            state = self._parent.get_state()
+            state = self._state()
             try:
-                ex = next(self._parent)
+                ex = self._next_good()
             except StopIteration:
                 if packer.count:
-                    return packer.batch
+                    break
                 raise
             if not packer.add(ex):
                 self._pending, self._pending_state = ex, state
-                return packer.batch
+                break
+        batch = packer.batch
+        for reason, c in self._counts.items():
+            batch[f"_skipped/{reason}"] = np.int64(c)
+        batch["_seen"] = np.int64(self._seen)
+        return batch
 
     def get_state(self):
-        return {"parent": self._pending_state if self._pending is not None
-                else self._parent.get_state()}
+        return dict(self._pending_state) if self._pending is not None else self._state()
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
+        self._counts = dict(state.get("counts", {}))
+        self._seen = int(state.get("seen", 0))
         self._pending = self._pending_state = None
 
 
 class PackedBatchDataset(grain.IterDataset):
     """IterDataset of examples -> IterDataset of native batches (`PackedBatchIterator`)."""
 
-    def __init__(self, parent: grain.IterDataset, spec: NativeSpec, rows: int):
+    def __init__(self, parent: grain.IterDataset, spec: NativeSpec, rows: int,
+                 max_bad_fraction: float = 1.0):
         super().__init__(parent)
-        self._spec, self._rows = spec, rows
+        self._spec, self._rows, self._max_bad = spec, rows, max_bad_fraction
 
     def __iter__(self):
-        return PackedBatchIterator(self._parent.__iter__(), self._spec, self._rows)
+        return PackedBatchIterator(self._parent.__iter__(), self._spec, self._rows,
+                                   self._max_bad)
 
 
-def batch_dataset(samples: grain.IterDataset, spec: NativeSpec, encode_text: Callable,
-                  rows: int) -> grain.IterDataset:
-    """The hook for the data pipeline: samples {"image", "text"} -> native batches.
+# --------------------------------------------------------------------------- pipeline
+class LoadNative(grain.transforms.Map):
+    """(position, record) -> example, or the pipeline's `_Bad` for an unusable sample.
 
-    `encode_text(str) -> list[int]` is the tokenizer (no bos/eos). Bad samples raise
-    `BadSample` from the map, which the pipeline counts and skips.
-    """
-    ex = samples.map(lambda s: encode_example(s["image"], encode_text(s["text"]), spec))
-    return PackedBatchDataset(ex, spec, rows)
+    Synthetic sources render squares; `mixed` = (sizes, aspect_ratios) resizes record i to
+    a size and aspect ratio chosen by (seed, i), giving mixed-resolution data."""
+
+    def __init__(self, source, spec: NativeSpec, tokenizer, seed: int = 0, mixed=None):
+        self.source, self.spec, self.tok, self.seed, self.mixed = (source, spec, tokenizer,
+                                                                   seed, mixed)
+
+    def map(self, item):
+        from vlm_jax.data import transforms as T
+        from vlm_jax.data.pipeline import _Bad
+        position, record = item
+        if record < 0:
+            return _Bad("", position)  # padding of the eval split
+        try:
+            sample = self.source[record]
+            img = T.decode_image(sample.get("image"))
+            if self.mixed:
+                img = mixed_resolution(img, self.seed, record, *self.mixed)
+            ids = self.tok.encode(T.caption_text(sample.get("text")))
+            ex = encode_example(img, ids, self.spec)
+        except BadSample as e:
+            return _Bad(e.reason, position)
+        return ex
+
+
+def mixed_resolution(img: np.ndarray, seed: int, index: int, sizes: Sequence[int],
+                     aspect_ratios: Sequence[float]) -> np.ndarray:
+    """Resizes a (synthetic) image to a size x aspect ratio (h / w) picked by (seed, index)."""
+    rng = np.random.default_rng([seed, index, 7])
+    size = int(sizes[rng.integers(len(sizes))])
+    ar = float(aspect_ratios[rng.integers(len(aspect_ratios))])
+    return resize(img, max(1, int(round(size * math.sqrt(ar)))),
+                  max(1, int(round(size / math.sqrt(ar)))))
+
+
+def _setup(config):
+    from vlm_jax.data import pipeline as P
+    from vlm_jax.data.tokenizer import load_tokenizer
+    config = P._resolved(config)
+    d = config.data
+    tok = load_tokenizer(d.tokenizer)
+    spec = spec_from_config(config, tok)
+    src = P.source_for(config)
+    split = P.split_for(config, src)
+    mixed = None
+    if d.source == "synthetic":
+        nd = d.native
+        mixed = (tuple(nd.get("image_sizes", (64,))), tuple(nd.get("aspect_ratios", (1.0,))))
+    load = LoadNative(src, spec, tok, int(d.seed), mixed)
+    return config, spec, split, load
+
+
+def train_iterator(config, process_index: int = 0, process_count: int = 1):
+    """Endless, checkpointable iterator of per-process native batches (the hook that
+    `vlm_jax.data.pipeline.train_iterator` calls for model.kind "native"). Row r of
+    process p's batch s reads the same records as the non-native pipeline would."""
+    from vlm_jax.data import pipeline as P
+    config, spec, split, load = _setup(config)
+    global_b = int(config.train.batch_size)
+    b = P._per_process(global_b, process_count, "train.batch_size")
+    offset = process_index * b
+
+    def locate(j: int):
+        pos = (j // b) * global_b + offset + j % b
+        return pos, split.train_record_at(pos)
+
+    ds = grain.MapDataset.range(0, P._ENDLESS).map(locate).map(load)
+    it = ds.to_iter_dataset(P._read_options(config, b))
+    return iter(PackedBatchDataset(it, spec, b, float(config.data.max_bad_fraction)))
+
+
+def eval_batches(config, process_index: int = 0, process_count: int = 1) -> list[dict]:
+    """The eval split once, one example per row (so every process runs the same number of
+    batches); padding rows and bad samples have valid=0 and loss_mask=0."""
+    from vlm_jax.data import pipeline as P
+    config, spec, split, load = _setup(config)
+    spec = dataclasses.replace(spec, packing=False)
+    global_b = int(config.train.eval_batch_size or config.train.batch_size)
+    b = P._per_process(global_b, process_count, "train.eval_batch_size")
+    n_batches = math.ceil(split.eval_n / global_b)
+    out, counts = [], {}
+    for s in range(n_batches):
+        packer = RowPacker(spec, b)
+        for r in range(b):
+            pos = s * global_b + process_index * b + r
+            ex = load.map((pos, split.eval_record(pos) if pos < split.eval_n else -1))
+            if not isinstance(ex, dict):
+                if ex.reason:
+                    counts[ex.reason] = counts.get(ex.reason, 0) + 1
+                packer.count += 1  # leave the row blank (valid = 0)
+                continue
+            assert packer.add(ex)
+        batch = packer.batch
+        for reason, c in counts.items():
+            batch[f"_skipped/{reason}"] = np.int64(c)
+        out.append(batch)
+    return out
 
 
 # --------------------------------------------------------------------------- synthetic
 def synthetic_image(seed: int, index: int, sizes: Sequence[int],
                     aspect_ratios: Sequence[float], caption_noise: float = 0.0) -> dict:
-    """A synthetic sample at a mixed resolution: the shapes scene rendered at a size and
-    aspect ratio chosen by (seed, index) from `sizes` x `aspect_ratios` (h / w)."""
+    """A synthetic sample at a mixed resolution (`mixed_resolution` of the shapes scene)."""
     from vlm_jax.data import synthetic
-    rng = np.random.default_rng([seed, index, 7])
-    size = int(sizes[rng.integers(len(sizes))])
-    ar = float(aspect_ratios[rng.integers(len(aspect_ratios))])
-    rec = synthetic.make_record(seed, index, size=size, caption_noise=caption_noise)
-    h = max(1, int(round(size * math.sqrt(ar))))
-    w = max(1, int(round(size / math.sqrt(ar))))
-    rec["image"] = resize(rec["image"], h, w)
+    rec = synthetic.make_record(seed, index, size=max(sizes), caption_noise=caption_noise)
+    rec["image"] = mixed_resolution(rec["image"], seed, index, sizes, aspect_ratios)
     return rec
 
 
