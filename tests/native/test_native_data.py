@@ -75,12 +75,15 @@ def test_anyres_degenerate_images(h, w):
 
 def test_anyres_rejects_zero_size_and_odd_arrays():
     s = spec()
-    with pytest.raises(BadSample, match="zero_size"):
+    with pytest.raises(BadSample, match="empty_image"):
         dn.encode_example(np.zeros((0, 5, 3), np.uint8), [1], s)
-    with pytest.raises(BadSample, match="bad_image_shape"):
+    with pytest.raises(BadSample, match="zero_size"):
+        dn.anyres_grids(0, 7, s)
+    with pytest.raises(BadSample, match="decode_error"):
         dn.encode_example(np.zeros((4, 5, 2), np.uint8), [1], s)
     gray = dn.encode_example(np.full((40, 40), 9, np.uint8), [1], s)
-    rgba = dn.encode_example(np.full((40, 40, 4), 9, np.uint8), [1], s)
+    rgba = dn.encode_example(np.concatenate([np.full((40, 40, 3), 9, np.uint8),
+                                             np.full((40, 40, 1), 255, np.uint8)], -1), [1], s)
     np.testing.assert_array_equal(gray["patches"], rgba["patches"])
 
 
