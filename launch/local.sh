@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
-# Creates .venv, installs requirements.txt when it changed, and runs the embedded demo.
+# Creates .venv, installs requirements.txt when it changed, and runs the embedded demo
+# grid (configs/demo.py) on this machine's CPU; running it again skips what is done and
+# resumes what was interrupted.
+#   ROOT      where runs, results.csv and the report go (default runs/demo)
+#   PARALLEL  runs at a time (default 2)
+#   CONFIG    another grid, e.g. configs/demo.py:tiny (default configs/demo.py)
+# Extra arguments go to `python -m vlm_jax.grid run` (e.g. --select vit=S,M --dry-run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,4 +18,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec .venv/bin/python -m vlm_jax.grid run configs/demo.py --root "${ROOT:-runs/demo}" "$@"
+exec .venv/bin/python -m vlm_jax.grid run "${CONFIG:-configs/demo.py}" --root "${ROOT:-runs/demo}" \
+  --parallel "${PARALLEL:-2}" "$@"

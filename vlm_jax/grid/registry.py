@@ -4,6 +4,7 @@ Layout of a root (everything the runner writes; the trainer writes the workdirs)
 
     ROOT/grid.json                  the grid this root holds (union of every run launched)
     ROOT/results.csv                one row per run (columns: docs/contracts.md), atomic
+    ROOT/timings.jsonl              one line per finished job (wall seconds, exit code)
     ROOT/runs/STAGE/AXES/           a run's workdir (config.json, metrics.jsonl, result.json)
     ROOT/runs/STAGE/AXES/grid_status.json   runner's marker: failed | skipped | running
     ROOT/runs/STAGE/AXES/run.log    the run's stdout+stderr (appended on every attempt)
@@ -29,6 +30,7 @@ STATUS = "grid_status.json"
 LOG = "run.log"
 GRID_JSON = "grid.json"
 RESULTS_CSV = "results.csv"
+TIMINGS = "timings.jsonl"   # one line per finished job: job, runs, rc, start, seconds
 
 # results.csv columns after `run, status, stage, <axes...>` (docs/contracts.md).
 METRIC_COLUMNS = ("params_vision", "params_projector", "params_llm", "params_total",
@@ -137,6 +139,26 @@ def clear_mark(root: str, run: Run) -> None:
         os.remove(os.path.join(workdir(root, run), STATUS))
     except FileNotFoundError:
         pass
+
+
+def append_timing(root: str, **entry) -> None:
+    """Appends one finished job's timing to ROOT/timings.jsonl (benchmarks/grid.py)."""
+    with open(os.path.join(root, TIMINGS), "a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def read_timings(root: str) -> list[dict]:
+    out = []
+    try:
+        with open(os.path.join(root, TIMINGS)) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return out
 
 
 # ----------------------------------------------------------------------------- grid.json

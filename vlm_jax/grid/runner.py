@@ -165,6 +165,9 @@ def run_grid(grid: Grid, root: str, launcher: Launcher, *, retry_failed: bool = 
             log(f"[grid]   {job.name} failed ({rc=}); log {log_path}; last lines:\n"
                 + "\n".join("[grid]   | " + ln for ln in tail.splitlines()[-8:]))
         registry.write_results_csv(root, csv_grid)
+        registry.append_timing(root, job=job.name, runs=[r.name for r in job.runs], rc=rc,
+                               start=started, seconds=round(time.time() - started, 3),
+                               status=status.lower())
 
     try:
         while pending or running:
