@@ -1,0 +1,174 @@
+"""LLM conversion parity against transformers (fp32, max abs diff <= 1e-4), layouts,
+round trip, and bad-input errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tests.convert import hf_tiny
+from vlm_jax import convert
+from vlm_jax.convert import safetensors_io as st
+
+TOL = 1e-4
+IDS = np.random.default_rng(0).integers(3, 1000, (2, 12))
+MASK = np.array([[1] * 12, [1] * 9 + [0] * 3])   # right padding in row 1
+
+
+def hf_logits(m, ids=IDS, mask=MASK):
+    with torch.no_grad():
+        out = m(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
+    return out.logits.numpy(), out.hidden_states[-1].numpy()
+
+
+def ours(mod, params, ids=IDS, mask=MASK):
+    seg = jnp.asarray(mask, jnp.int32)
+    f = jax.jit(lambda p, i, s: mod.apply({"params": p}, i, segment_ids=s))
+    return np.asarray(f(params, jnp.asarray(ids), seg))
+
+
+def check(mod, params, m, mask=MASK):
+    ref, _ = hf_logits(m, mask=mask)
+    got = ours(mod, params, mask=mask)
+    valid = mask.astype(bool)
+    assert np.abs(got[valid] - ref[valid]).max() <= TOL
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_llama_gqa_odd_sizes(tmp_path, scan):
+    m = hf_tiny.llama(tmp_path)
+    mod, params = convert.load_hf_llm(str(tmp_path), scan_layers=scan)
+    assert mod.cfg.head_dim == 48 and mod.cfg.kv_heads == 1 and mod.cfg.rope_theta == 5e5
+    check(mod, params, m)
+    # Final hidden states too (transformers' last hidden state is after the final norm).
+    _, ref_h = hf_logits(m)
+    h = mod.apply({"params": params}, jnp.asarray(IDS), segment_ids=jnp.asarray(MASK),
+                  method=lambda md, i, segment_ids: md.decode(md.embed(i), None, segment_ids))
+    assert np.abs(np.asarray(h)[MASK > 0] - ref_h[MASK > 0]).max() <= TOL
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 2.0},
+                                     {"rope_type": "dynamic", "factor": 3.0}])
+def test_llama_tied_rope_scaling(tmp_path, scaling):
+    # max_position_embeddings 8 < 12 tokens: dynamic scaling is active.
+    m = hf_tiny.llama(tmp_path, tie_word_embeddings=True, rope_parameters=dict(
+        scaling, rope_theta=10000.0), max_position_embeddings=8, num_attention_heads=2, num_key_value_heads=2)
+    mod, params = convert.load_hf_llm(str(tmp_path))
+    assert mod.cfg.tie_embeddings and "lm_head" not in params
+    assert mod.cfg.rope_scaling.rope_type == scaling["rope_type"]
+    check(mod, params, m, mask=np.ones_like(MASK))
+
+
+def test_qwen2_bias_tied_sharded(tmp_path):
+    from transformers import Qwen2ForCausalLM
+    m = hf_tiny.qwen2(tmp_path / "a")
+    m.save_pretrained(tmp_path / "b", max_shard_size="60KB")
+    assert os.path.exists(tmp_path / "b" / st.INDEX)
+    mod, params = convert.load_hf_llm(str(tmp_path / "b"))
+    assert mod.cfg.qkv_bias and mod.cfg.tie_embeddings
+    check(mod, params, m)
+    assert isinstance(m, Qwen2ForCausalLM)
+
+
+def test_internlm2_layout(tmp_path):
+    m = hf_tiny.llama(tmp_path / "llama", num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=24)
+    hf_tiny.internlm2_from_llama(tmp_path / "llama", tmp_path / "internlm2")
+    mod, params = convert.load_hf_llm(str(tmp_path / "internlm2"))
+    check(mod, params, m)
+    # Round trip in the InternLM2 layout is bit-exact.
+    meta = convert.convert(str(tmp_path / "internlm2"), str(tmp_path / "conv"))
+    assert meta["arch"] == "internlm2"
+    convert.export_hf(str(tmp_path / "conv"), str(tmp_path / "back"))
+    assert_same_tensors(tmp_path / "internlm2", tmp_path / "back")
+
+
+def assert_same_tensors(a, b):
+    ra, rb = st.Reader(str(a)), st.Reader(str(b))
+    assert sorted(ra.keys()) == sorted(rb.keys())
+    for k in ra.keys():
+        x, y = ra.read(k), rb.read(k)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
+
+
+def test_cli_round_trip_bf16_bit_exact(tmp_path):
+    from transformers import LlamaForCausalLM
+    m = hf_tiny.llama(tmp_path / "hf")
+    m.to(torch.bfloat16).save_pretrained(tmp_path / "hf16")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    run = lambda *a: subprocess.run([sys.executable, "-m", "vlm_jax.convert", *a], env=env,
+                                    capture_output=True, text=True, timeout=600)
+    r = run("--hf", str(tmp_path / "hf16"), "--out", str(tmp_path / "ck"))
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["part"] == "llm" and info["arch"] == "llama"
+    assert os.path.exists(tmp_path / "ck" / "vlm_jax_convert.json")
+    # Existing output is never clobbered without --force.
+    r = run("--hf", str(tmp_path / "hf16"), "--out", str(tmp_path / "ck"))
+    assert r.returncode == 2 and "--force" in r.stderr
+    r = run("--to-hf", str(tmp_path / "ck"), "--out", str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr
+    assert_same_tensors(tmp_path / "hf16", tmp_path / "back")
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
+    ref = LlamaForCausalLM.from_pretrained(tmp_path / "hf16", dtype=torch.float32)
+    with torch.no_grad():
+        np.testing.assert_array_equal(again(torch.tensor(IDS)).logits.numpy(),
+                                      ref(torch.tensor(IDS)).logits.numpy())
+    # load_pretrained reads the converted dir (dtype cast) and the HF dir alike.
+    over, p1 = convert.load_pretrained("llm", str(tmp_path / "ck"), dtype="float32")
+    over2, p2 = convert.load_pretrained("llm", str(tmp_path / "hf16"), dtype="float32")
+    assert over == json.loads(json.dumps(over2))
+    jax.tree.map(np.testing.assert_array_equal, p1, p2)
+    with pytest.raises(convert.ConversionError, match="converted 'llm'"):
+        convert.load_pretrained("vision", str(tmp_path / "ck"))
+
+
+def _edit_config(path, **kw):
+    p = os.path.join(path, "config.json")
+    c = json.load(open(p))
+    c.update(kw)
+    json.dump(c, open(p, "w"))
+
+
+def test_bad_inputs_name_file_and_key(tmp_path):
+    hf_tiny.llama(tmp_path / "ok", num_hidden_layers=1)
+    with pytest.raises(convert.ConversionError, match="config.json: file not found"):
+        convert.load_hf_llm(str(tmp_path / "nothing"))
+    r = st.Reader(str(tmp_path / "ok"))
+    tensors = {k: r.read(k) for k in r.keys()}
+    bad = tmp_path / "bad"
+
+    def write(t, **cfg):
+        os.makedirs(bad, exist_ok=True)
+        st.write(str(bad / "model.safetensors"), t)
+        json.dump(dict(json.load(open(tmp_path / "ok" / "config.json")), **cfg),
+                  open(bad / "config.json", "w"))
+
+    write(tensors, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(convert.ConversionError, match="unsupported LLM architecture.*gpt2"):
+        convert.load_hf_llm(str(bad))
+    key = "model.layers.0.mlp.up_proj.weight"
+    write({k: v for k, v in tensors.items() if k != key})
+    with pytest.raises(convert.ConversionError, match=f"model.safetensors: missing tensor '{key}'"):
+        convert.load_hf_llm(str(bad))
+    write(dict(tensors, **{"model.layers.1.mlp.up_proj.weight": tensors[key]}))
+    with pytest.raises(convert.ConversionError, match="unexpected tensor.*layers.1.mlp.up_proj"):
+        convert.load_hf_llm(str(bad))
+    write(tensors, intermediate_size=128)
+    with pytest.raises(convert.ConversionError,
+                       match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight'"
+                             r" of shape \(160, 96\).*expects \(96, 128\)"):
+        convert.load_hf_llm(str(bad))
+    with open(bad / "model.safetensors", "r+b") as f:  # truncated file
+        f.truncate(os.path.getsize(bad / "model.safetensors") - 100)
+    with pytest.raises(convert.ConversionError, match="truncated"):
+        convert.load_hf_llm(str(bad))
+    # A failed conversion leaves no output and no temp dir behind.
+    with pytest.raises(convert.ConversionError):
+        convert.convert(str(bad), str(tmp_path / "out"), part="llm")
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())

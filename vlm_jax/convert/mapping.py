@@ -1,0 +1,161 @@
+"""A table-driven mapping between a checkpoint's tensors and a params tree.
+
+An `Entry` ties one or more checkpoint keys to one or more param paths with a pair of
+numpy transforms (checkpoint -> ours, ours -> checkpoint). Layer entries name the
+unscanned path (`layers_3/...`); with a scanned model they land in slice 3 of the stacked
+`layers/...` leaf. `load` streams tensor by tensor into preallocated leaves (peak memory
+about one copy of the weights); `export` walks the same table backwards, so a round trip
+is bit-exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from vlm_jax.convert.safetensors_io import ConversionError, Reader
+
+_LAYER = re.compile(r"^layers_(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    hf: tuple[str, ...]
+    ours: tuple[str, ...]                     # "/"-joined param paths
+    to_ours: Callable[..., Sequence[np.ndarray]]
+    to_hf: Callable[..., Sequence[np.ndarray]]
+
+
+def one(hf: str, ours: str, to_ours=None, to_hf=None) -> Entry:
+    """A one-to-one entry (identity transforms by default)."""
+    f = to_ours or (lambda a: a)
+    g = to_hf or (lambda a: a)
+    return Entry((hf,), (ours,), lambda a: (f(a),), lambda a: (g(a),))
+
+
+# Common transforms (checkpoint [out, in] torch layout -> ours [in, ...out]).
+def t(a):
+    return np.ascontiguousarray(a.T)
+
+
+def heads_in(n: int):
+    """[n*h, d] -> [d, n, h] (q/k/v kernels) and back."""
+    def fwd(a):
+        return np.ascontiguousarray(a.T.reshape(a.shape[1], n, -1))
+
+    def back(a):
+        return np.ascontiguousarray(a.reshape(a.shape[0], -1).T)
+    return fwd, back
+
+
+def heads_bias(n: int):
+    return (lambda a: a.reshape(n, -1)), (lambda a: a.reshape(-1))
+
+
+def heads_out(n: int):
+    """[d, n*h] -> [n, h, d] (output projection) and back."""
+    def fwd(a):
+        return np.ascontiguousarray(a.T.reshape(n, -1, a.shape[0]))
+
+    def back(a):
+        return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+    return fwd, back
+
+
+def _locate(path: str, scanned: bool) -> tuple[str, int | None]:
+    """Unscanned path -> (leaf path in this layout, layer index or None)."""
+    parts = path.split("/")
+    for j, p in enumerate(parts):
+        m = _LAYER.match(p)
+        if m and scanned:
+            return "/".join(parts[:j] + ["layers"] + parts[j + 1:]), int(m.group(1))
+    return path, None
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        p = f"{prefix}/{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, p))
+        else:
+            out[p] = v
+    return out
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        *head, last = path.split("/")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = v
+    return out
+
+
+def load(reader: Reader, entries: list[Entry], shapes: dict[str, tuple[int, ...]],
+         scanned: bool, dtype=None, ignore: Callable[[str], bool] = lambda k: False,
+         what: str = "checkpoint") -> dict:
+    """Reads `entries` from `reader` into a params tree of the given leaf `shapes`.
+
+    dtype: target dtype (None = each tensor's stored dtype). Keys not covered by an entry
+    and not `ignore`d are an error (an "extra key"), as are missing keys and shapes that
+    do not match the model config.
+    """
+    used = {k for e in entries for k in e.hf}
+    extra = sorted(k for k in reader.keys() if k not in used and not ignore(k))
+    if extra:
+        raise ConversionError(
+            f"{reader.file_of(extra[0])}: {len(extra)} unexpected tensor(s) for this {what} config, e.g. "
+            f"{extra[:5]} (wrong architecture or config.json does not match the weights)")
+    for e in entries:
+        for k in e.hf:
+            if k not in reader:
+                raise ConversionError(f"{reader.file_of(k)}: missing tensor {k!r} needed by the "
+                                      f"{what} config (is it the right checkpoint?)")
+    leaves: dict[str, np.ndarray] = {}
+    filled: dict[str, int] = {}
+    for e in entries:
+        arrays = e.to_ours(*[reader.read(k) for k in e.hf])
+        for path, a in zip(e.ours, arrays):
+            leaf, layer = _locate(path, scanned)
+            if leaf not in shapes:
+                raise ConversionError(f"{reader.file_of(e.hf[0])}: tensor {e.hf[0]!r} maps to "
+                                      f"param {leaf!r}, which the {what} config does not have")
+            full = tuple(shapes[leaf])
+            want = full[1:] if layer is not None else full
+            if tuple(a.shape) != want:
+                raise ConversionError(
+                    f"{reader.file_of(e.hf[0])}: tensor {e.hf[0]!r} of shape "
+                    f"{reader.shape(e.hf[0])} gives param {path!r} of shape {tuple(a.shape)}, "
+                    f"but the {what} config expects {want}")
+            if leaf not in leaves:
+                leaves[leaf] = np.empty(full, dtype or a.dtype)
+            if layer is None:
+                leaves[leaf][...] = a
+            else:
+                leaves[leaf][layer] = a
+            filled[leaf] = filled.get(leaf, 0) + 1
+    for leaf, shape in shapes.items():
+        if leaf not in leaves:
+            raise ConversionError(f"{reader.source}: no tensor provides param {leaf!r}")
+    return unflatten(leaves)
+
+
+def export(params: dict, entries: list[Entry], scanned: bool, dtype=None
+           ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (checkpoint key, array) for every entry from a params tree."""
+    flat = flatten(params)
+    for e in entries:
+        arrays = []
+        for path in e.ours:
+            leaf, layer = _locate(path, scanned)
+            if leaf not in flat:
+                raise ConversionError(f"params have no {leaf!r} (needed for {e.hf[0]!r})")
+            a = flat[leaf] if layer is None else flat[leaf][layer]
+            arrays.append(np.asarray(a))
+        for k, a in zip(e.hf, e.to_hf(*arrays)):
+            yield k, (a if dtype is None else a.astype(dtype))
