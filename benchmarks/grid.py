@@ -1,0 +1,132 @@
+"""End-to-end grid benchmark: wall time of a grid and the runner's overhead; prints JSON.
+
+    python benchmarks/grid.py                                    # the demo grid, fresh root
+    python benchmarks/grid.py --config configs/demo.py:tiny --parallel 2
+    python benchmarks/grid.py --compare --select vit=S,M         # feature cache + WSD sweep
+                                                                 # vs neither (issue 9)
+
+Overhead: the runner executes jobs in `parallel` slots; the time the slots spend in
+train steps is the sum over runs of metrics.jsonl `perf/step_time_s` x the steps it
+covers. overhead = 1 - train-step time / (wall time x parallel): everything that is not a
+train step (process start, imports, init, compile, init_from, eval, checkpoints, data
+start-up, idle slots waiting on dependencies). Target <= 25% with a shared compilation
+cache. Per job: ROOT/timings.jsonl (written by the runner) vs the runs' step time.
+`--compare` runs the grid twice in fresh roots, `CONFIG` as given and with
+`sweep=0,feature_cache=0` appended to its arg; target: wall(fast) <= 0.35 x wall(slow).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from vlm_jax.grid import registry  # noqa: E402
+
+
+def step_seconds(workdir: str) -> tuple[float, int]:
+    """(train-step seconds, steps) of a run from its metrics.jsonl."""
+    total, prev, steps = 0.0, 0, 0
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            lines = [json.loads(x) for x in f if x.strip()]
+    except (OSError, ValueError):
+        return 0.0, 0
+    for m in lines:
+        if "perf/step_time_s" in m and "step" in m:
+            n = int(m["step"]) - prev
+            total += float(m["perf/step_time_s"]) * max(n, 0)
+            prev = int(m["step"])
+            steps = prev
+    return total, steps
+
+
+def measure(config: str, root: str, parallel: int, select: list[str], extra: list[str]) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(
+        os.pathsep) if p])
+    cmd = [sys.executable, "-m", "vlm_jax.grid", "run", config, "--root", root,
+           "--parallel", str(parallel), *[a for s in select for a in ("--select", s)], *extra]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    grid = registry.load_recorded_grid(root)
+    runs, step_s, trainer_s = [], 0.0, 0.0
+    for r in grid.runs:
+        st, _ = registry.run_state(root, r)
+        s, n = step_seconds(os.path.join(root, r.workdir))
+        res = registry.read_result(root, r) or {}
+        step_s += s
+        trainer_s += float(res.get("wall_time_s") or 0.0)
+        runs.append({"run": r.name, "status": st, "steps": n, "step_s": round(s, 3),
+                     "trainer_wall_s": res.get("wall_time_s")})
+    timings = registry.read_timings(root)
+    job_s = sum(t["seconds"] for t in timings)
+    done = sum(r["status"] == "done" for r in runs)
+    return {
+        "config": config, "select": select, "parallel": parallel, "exit_code": p.returncode,
+        "wall_s": round(wall, 2), "runs": len(runs), "runs_done": done,
+        "jobs": len(timings), "job_s_sum": round(job_s, 2),
+        "mean_job_s": round(job_s / max(1, len(timings)), 2),
+        "train_step_s_sum": round(step_s, 2), "trainer_wall_s_sum": round(trainer_s, 2),
+        "overhead_frac": round(1 - step_s / max(1e-9, wall * parallel), 4),
+        "overhead_frac_in_jobs": round(1 - step_s / max(1e-9, job_s), 4),
+        "train_steps": sum(r["steps"] for r in runs),
+        "log_tail": p.stdout.strip().splitlines()[-3:],
+        "per_run": runs,
+    }
+
+
+def with_arg(config: str, extra: str) -> str:
+    path, _, arg = config.partition(":")
+    return f"{path}:{arg + ',' if arg else ''}{extra}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo.py")
+    p.add_argument("--root", default="", help="default: a fresh temporary directory")
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--select", action="append", default=[])
+    p.add_argument("--compare", action="store_true",
+                   help="also run with sweep=0,feature_cache=0 and report the ratio")
+    p.add_argument("--no-analysis", action="store_true")
+    p.add_argument("--per-run", action="store_true", help="include per-run rows")
+    p.add_argument("--keep", action="store_true", help="keep temporary roots")
+    args = p.parse_args(argv)
+    extra = ["--no-analysis"] if args.no_analysis else []
+    tmp = tempfile.mkdtemp(prefix="vlm_jax_grid_bench_")
+    out = {"benchmark": "grid", "nproc": os.cpu_count(),
+           "loadavg_before": os.getloadavg()[0]}
+    try:
+        root = args.root or os.path.join(tmp, "fast")
+        fast = measure(args.config, root, args.parallel, args.select, extra)
+        out["grid"] = fast
+        if args.compare:
+            slow = measure(with_arg(args.config, "sweep=0,feature_cache=0"),
+                           os.path.join(tmp, "slow"), args.parallel, args.select, extra)
+            out["baseline_no_sweep_no_cache"] = slow
+            out["wall_ratio_fast_over_slow"] = round(fast["wall_s"] / max(1e-9, slow["wall_s"]), 4)
+            out["train_steps_ratio"] = round(fast["train_steps"] / max(1, slow["train_steps"]), 4)
+        out["loadavg_after"] = os.getloadavg()[0]
+        if not args.per_run:
+            for k in ("grid", "baseline_no_sweep_no_cache"):
+                if k in out:
+                    out[k].pop("per_run", None)
+        print(json.dumps(out, indent=2))
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
