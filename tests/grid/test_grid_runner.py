@@ -144,3 +144,21 @@ def test_ctrl_c_leaves_everything_resumable(tmp_path):
     states = {r.name: registry.run_state(root, r)[0] for r in g.runs}
     assert states["pre/a=1"] == "done" and states["main/a=1,b=x"] == "interrupted"
     assert not os.path.exists(os.path.join(main_wd, "grid_status.json"))
+
+
+def test_second_runner_on_the_same_root_is_refused(tmp_path, fake_launcher):
+    root = str(tmp_path / "g")
+    os.makedirs(root)
+    g = expand.load_grid(FAKE_GRID + ":grid,values=x", select={"a": ["1"]})
+    p = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(os.path.join(root, ".lock"), "w") as f:
+            f.write(str(p.pid))
+        with pytest.raises(expand.GridError, match=f"another runner \\(pid {p.pid}\\)"):
+            runner.run_grid(g, root, fake_launcher(root), log=lambda m: None)
+    finally:
+        p.kill()
+        p.wait()
+    # a stale lock (dead pid) is taken over
+    assert runner.run_grid(g, root, fake_launcher(root), log=lambda m: None).ok
+    assert not os.path.exists(os.path.join(root, ".lock"))

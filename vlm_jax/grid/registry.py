@@ -161,6 +161,53 @@ def read_timings(root: str) -> list[dict]:
     return out
 
 
+class RootLock:
+    """ROOT/.lock holding the runner's pid: two runners on one root would train the same
+    runs twice. A lock left by a dead process is taken over."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, ".lock")
+        self.fd = None
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.write(self.fd, str(os.getpid()).encode())
+                return self
+            except FileExistsError:
+                try:
+                    pid = int(open(self.path).read().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise GridError(f"another runner (pid {pid}) is running this root "
+                                    f"({self.path}); wait for it or stop it first")
+                try:
+                    os.remove(self.path)  # stale
+                except FileNotFoundError:
+                    pass
+        raise GridError(f"cannot take the lock {self.path}")
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # ----------------------------------------------------------------------------- grid.json
 
 

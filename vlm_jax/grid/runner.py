@@ -106,6 +106,11 @@ def run_grid(grid: Grid, root: str, launcher: Launcher, *, retry_failed: bool = 
     t0 = time.time()
     os.makedirs(root, exist_ok=True)
     registry.check_root(root, grid)
+    with registry.RootLock(root):
+        return _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0)
+
+
+def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -> Summary:
     full = registry.record_grid(root, grid)
     csv_grid = registry.load_recorded_grid(root)  # results.csv covers every known run
     runs = grid.by_name()
@@ -142,7 +147,7 @@ def run_grid(grid: Grid, root: str, launcher: Launcher, *, retry_failed: bool = 
                 sum(v == "skipped" for v in state.values()))
 
     def finish(job: Job, rc: int, started: float):
-        prog.finished += 1
+        prog.finished += len(job.runs)
         log_path = _log_path(root, job)
         tail = registry.log_tail(log_path)
         for r in job.runs:
