@@ -162,3 +162,15 @@ def test_second_runner_on_the_same_root_is_refused(tmp_path, fake_launcher):
     # a stale lock (dead pid) is taken over
     assert runner.run_grid(g, root, fake_launcher(root), log=lambda m: None).ok
     assert not os.path.exists(os.path.join(root, ".lock"))
+
+
+def test_cli_status_and_plan_dispatch(tmp_path, fake_launcher):
+    root = str(tmp_path / "g")
+    g = expand.load_grid(FAKE_GRID + ":grid,values=x|bad", select={"a": ["1"]})
+    runner.run_grid(g, root, fake_launcher(root), log=lambda m: None)
+    p = _cli("status", "--root", root)
+    assert p.returncode == 0, p.stderr
+    assert "stage main: 1/2 done, 1 failed" in p.stdout
+    assert "failed   main/a=1,b=bad: exit code 3" in p.stdout
+    p = _cli("plan", "--help")
+    assert p.returncode == 0 and "python -m vlm_jax.grid plan" in p.stdout
