@@ -235,9 +235,9 @@ def export_params(params: dict, meta: dict, out: str, dtype=None, force: bool = 
         hf = hf_llm.hf_config(cfg, "llama" if arch == "mistral" else arch, meta.get("hf_config"))
     else:
         cfg, _ = _vit_module(meta["config"], stacked)
-        prefix = meta.get("prefix", "vision_model.")
+        prefix = meta.get("prefix", "")
         if meta.get("arch") == "openclip":
-            prefix, base = "vision_model.", None
+            prefix, base = "", None  # transformers 5.x CLIPVisionModel layout
         else:
             base = meta.get("hf_config")
         entries = hf_vision.hf_entries(cfg, prefix)
