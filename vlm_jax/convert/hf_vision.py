@@ -1,8 +1,9 @@
 """CLIP vision towers <-> `vlm_jax.models.vit.ViT`.
 
 transformers `CLIPVisionModel` / `CLIPModel` / LLaVA checkpoints (keys under
-`vision_model.`, `vision_tower.vision_model.` (4.x LLaVA) or
-`model.vision_tower.vision_model.` (5.x LLaVA)), and OpenCLIP checkpoints (`visual.*`,
+`vision_model.` (4.x) or no prefix (5.x CLIPVisionModel), `vision_tower.vision_model.`
+(4.x LLaVA), `vision_tower.` (5.x LLaVA as saved) or `model.vision_tower.` (5.x LLaVA in
+memory)), and OpenCLIP checkpoints (`visual.*`,
 q/k/v packed in `attn.in_proj_weight`; sizes from `open_clip_config.json` when present,
 else inferred from the tensor shapes).
 """
@@ -16,8 +17,8 @@ import numpy as np
 from vlm_jax.convert import mapping as M
 from vlm_jax.convert.safetensors_io import ConversionError, Reader
 
-HF_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.",
-               "vision_model.", "")
+HF_PREFIXES = ("model.vision_tower.vision_model.", "model.vision_tower.",
+               "vision_tower.vision_model.", "vision_tower.", "vision_model.", "")
 IGNORED = ("embeddings.position_ids",)
 OPENCLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
