@@ -3,15 +3,17 @@
 Train stream (endless). Global position p of the stream is example p mod n of epoch
 p // n of the train subset (`subsets.Split`). Step s covers positions [s*B, (s+1)*B);
 process i of P reads the block [s*B + i*b, s*B + (i+1)*b) (b = B // P), so the P
-per-process batches concatenated are exactly the one-process batch. Per element:
+per-process batches concatenated are exactly the one-process batch. One Grain element is
+one step's chunk of b samples (so worker processes ship whole chunks, not samples):
 
-    MapDataset.range -> (position, record) -> load + decode + resize + tokenise
-      -> to_iter_dataset (threads) [-> mp_prefetch (data.num_workers processes)]
+    MapDataset.range(step) -> [(position, record)] * b -> load + decode + resize + tokenise
+      -> to_iter_dataset (data.num_threads) [-> mp_prefetch (data.num_workers processes)]
       -> _Assemble (main process: drop + count bad samples, pack, stack, normalise)
 
 A bad sample travels as a `_Bad(reason)` marker instead of being filtered out inside the
 workers, so the output is identical for any number of workers; `_Assemble` drops it,
-counts it and stops the run with `BadDataError` above `data.max_bad_fraction`.
+counts it (and takes the next samples in order to fill the batch) and stops the run with
+`BadDataError` above `data.max_bad_fraction`.
 
 Batch metadata (keys starting with "_", never for the model): `_skipped/<reason>` and
 `_seen` (samples read, good + bad), `_truncated` (captions cut to fit), all cumulative
@@ -93,11 +95,13 @@ def split_for(config, source=None) -> Split:
     d = data_config(config)
     src = source if source is not None else source_for(config)
     what = f"data.source={d.source!r} path={d.path!r}"
-    if getattr(src, "order", "permute") == "prefix":
+    order = getattr(src, "order", "permute")
+    total = None
+    if hasattr(src, "ensure"):  # lazily indexed (tar): index only what the subsets need
         n, ev = parse_size(d.n), max(parse_size(d.eval_n), 0) if d.eval_n else 0
-        total = len(src) if n < 0 else src.ensure(n + ev)
-        return Split.create(total, d.n, d.eval_n, d.seed, config.train.seed, what, "prefix")
-    return Split.create(len(src), d.n, d.eval_n, d.seed, config.train.seed, what)
+        total = None if n < 0 else src.ensure(n + ev)
+    total = len(src) if total is None else total
+    return Split.create(total, d.n, d.eval_n, d.seed, config.train.seed, what, order)
 
 
 def data_info(config) -> dict:
@@ -137,6 +141,33 @@ class LoadExample(grain.transforms.Map):
         if self.keep_key:
             out["_key"] = key
         return out
+
+
+class LoadChunk(grain.transforms.Map):
+    """A list of (position, record) -> the `LoadExample` results, collated: the good
+    examples stacked key by key (a worker process then ships a few big arrays through
+    shared memory instead of one segment per array) plus the order with `_Bad` markers.
+    `unpack_chunk` restores the list."""
+
+    def __init__(self, load: LoadExample):
+        self.load = load
+
+    def map(self, items):
+        out = [self.load.map(item) for item in items]
+        good = [ex for ex in out if not isinstance(ex, _Bad)]
+        order, k = [], 0
+        for ex in out:
+            order.append(ex if isinstance(ex, _Bad) else k)
+            k += not isinstance(ex, _Bad)
+        rows = {key: np.stack([np.asarray(ex[key]) for ex in good]) for key in good[0]} \
+            if good else {}
+        return {"rows": rows, "order": order}
+
+
+def unpack_chunk(chunk: dict) -> list:
+    rows = chunk["rows"]
+    return [i if isinstance(i, _Bad) else {k: v[i] for k, v in rows.items()}
+            for i in chunk["order"]]
 
 
 _EXAMPLE_KEYS = frozenset(("tokens", "targets", "loss_mask", "positions",
@@ -198,6 +229,11 @@ class _Assemble(grain.IterDataset):
 
 
 class _AssembleIterator(grain.DatasetIterator):
+    """Reads chunks (lists of examples / `_Bad` markers) and emits batches.
+
+    State = the parent's state before the current chunk + how many of its items were
+    consumed + the cumulative counters; restoring re-reads that chunk and skips them.
+    """
 
     def __init__(self, parent: grain.DatasetIterator, ds: _Assemble):
         super().__init__(parent)
@@ -206,18 +242,18 @@ class _AssembleIterator(grain.DatasetIterator):
         self._seen = 0
         self._truncated = 0
         self._last_position = -1
-        self._pending = None        # packing: an example that did not fit the last row
-        self._pending_state = None  # state from before the pending example was read
+        self._chunk: list | None = None
+        self._pos = 0
+        self._chunk_state = None
+        self._skip = 0  # items of the first chunk already consumed (after set_state)
 
     # -- state
-    def _counters(self) -> dict:
-        return {"counts": dict(self._counts), "seen": self._seen,
-                "truncated": self._truncated, "last_position": self._last_position}
-
     def get_state(self) -> dict:
-        if self._pending is not None:
-            return dict(self._pending_state)
-        return {"parent": self._parents[0].get_state(), **self._counters()}
+        partial = self._chunk is not None and self._pos < len(self._chunk)
+        return {"parent": self._chunk_state if partial else self._parents[0].get_state(),
+                "skip": self._pos if partial else 0, "counts": dict(self._counts),
+                "seen": self._seen, "truncated": self._truncated,
+                "last_position": self._last_position}
 
     def set_state(self, state: dict) -> None:
         self._parents[0].set_state(state["parent"])
@@ -225,21 +261,33 @@ class _AssembleIterator(grain.DatasetIterator):
         self._seen = int(state["seen"])
         self._truncated = int(state["truncated"])
         self._last_position = int(state["last_position"])
-        self._pending = self._pending_state = None
+        self._chunk, self._pos, self._chunk_state = None, 0, None
+        self._skip = int(state.get("skip", 0))
 
     # -- reading
-    def _next_good(self) -> dict:
+    def _peek_good(self) -> dict:
+        """The next usable example, without consuming it (bad ones on the way are)."""
         while True:
-            ex = next(self._parents[0])
+            while self._chunk is None or self._pos >= len(self._chunk):
+                self._chunk_state = self._parents[0].get_state()
+                self._chunk = unpack_chunk(next(self._parents[0]))
+                self._pos, self._skip = self._skip, 0
+            ex = self._chunk[self._pos]
+            if not isinstance(ex, _Bad):
+                return ex
+            self._pos += 1
             self._seen += 1
-            if isinstance(ex, _Bad):
-                self._counts[ex.reason] += 1
-                self._last_position = max(self._last_position, ex.position)
-                self._check_bad()
-                continue
-            self._truncated += int(ex.get("_truncated", 0))
-            self._last_position = max(self._last_position, int(ex["_position"]))
-            return ex
+            self._counts[ex.reason] += 1
+            self._last_position = max(self._last_position, ex.position)
+            self._check_bad()
+
+    def _take(self) -> dict:
+        ex = self._peek_good()
+        self._pos += 1
+        self._seen += 1
+        self._truncated += int(ex.get("_truncated", 0))
+        self._last_position = max(self._last_position, int(ex["_position"]))
+        return ex
 
     def _check_bad(self) -> None:
         bad = sum(self._counts.values())
@@ -256,27 +304,20 @@ class _AssembleIterator(grain.DatasetIterator):
         length = self._ds.spec.length
         row: list[dict] = []
         used = 0
-        while True:
-            if self._pending is not None:
-                ex, self._pending = self._pending, None
-            else:
-                before = {"parent": self._parents[0].get_state(), **self._counters()}
-                ex = self._next_good()
-            n = T.example_length(ex)
+        while used < length:
+            n = T.example_length(self._peek_good())
             if row and used + n > length:
-                self._pending, self._pending_state = ex, before
-                return T.pack_rows(row, length, self._ds.pad_id)
-            row.append(ex)
+                break  # it starts the next row
+            row.append(self._take())
             used += n
-            if used == length:
-                return T.pack_rows(row, length, self._ds.pad_id)
+        return T.pack_rows(row, length, self._ds.pad_id)
 
     def __next__(self) -> dict:
         b = self._ds.batch_size
         if self._ds.packing:
             rows = [self._packed_row() for _ in range(b)]
         else:
-            rows = [self._next_good() for _ in range(b)]
+            rows = [self._take() for _ in range(b)]
         batch = _stack(rows, np.ones((b,), np.float32))
         batch.update(metadata(self._counts, self._seen, self._truncated))
         batch["_epoch"] = np.float64((self._last_position + 1) / self._ds.n)
@@ -349,18 +390,21 @@ def train_iterator(config, process_index: int = 0, process_count: int = 1):
     split = split_for(config, src)
     offset = process_index * b
 
-    def locate(j: int):
-        pos = (j // b) * global_b + offset + j % b
-        return pos, split.train_record_at(pos)
+    def locate(step: int):  # this process's (position, record) pairs of one step
+        first = step * global_b + offset
+        return [(p, split.train_record_at(p)) for p in range(first, first + b)]
 
+    # One element per step and process (a chunk of b samples): workers ship whole chunks.
     ds = grain.MapDataset.range(0, _ENDLESS).map(locate)
-    ds = ds.map(LoadExample(src, example_transforms(config, tok), spec.kind != "lm"))
-    it = ds.to_iter_dataset(_read_options(config, b))
+    ds = ds.map(LoadChunk(LoadExample(src, example_transforms(config, tok),
+                                      spec.kind != "lm")))
+    threads = max(1, int(d.get("num_threads", 4)))
+    it = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=max(threads, int(d.prefetch))))
     if int(d.num_workers) > 0:
         _absl_flags_ready()
         it = it.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=int(d.num_workers),
-            per_worker_buffer_size=max(8, int(d.prefetch) * b // int(d.num_workers))))
+            num_workers=int(d.num_workers), per_worker_buffer_size=max(2, int(d.prefetch))))
     return iter(_Assemble(it, batch_size=b, spec=spec, pad_id=tok.pad_id,
                           packing=bool(d.packing), max_bad_fraction=float(d.max_bad_fraction),
                           n=split.n, shard_errors=_shard_error_counts(src)))

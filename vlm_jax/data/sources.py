@@ -146,11 +146,13 @@ class _Files:
 # ----------------------------------------------------------------------------- synthetic
 @dataclasses.dataclass
 class SyntheticSource:
+    """Procedural records (`synthetic.make_record`), `size` of them (default 10^9)."""
     seed: int = 0
     image_size: int = 64
     caption_noise: float = 0.0
     size: int = SYNTHETIC_SIZE
-    order: str = "permute"
+    # Records are i.i.d. by construction: subsets are prefixes (no global permutation).
+    order: str = "prefix"
     errors: tuple = ()
 
     def __len__(self) -> int:

@@ -16,6 +16,7 @@ is example (p mod n) of epoch p // n.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import numpy as np
@@ -50,17 +51,32 @@ def parse_size(value: int | str | float, field: str = "data.n") -> int:
     return int(n)
 
 
+@functools.lru_cache(maxsize=4096)
 def mix_seed(*parts: int) -> int:
     """A 32-bit seed from several integers (stable across runs and platforms)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
+_DENSE_MAX = 1 << 22  # up to here a permutation is materialised (<= 16 MB, cached)
+
+
+@functools.lru_cache(maxsize=3)
+def _dense_permutation(size: int, seed: int) -> np.ndarray:
+    return np.random.Generator(np.random.Philox(seed)).permutation(size).astype(np.int32)
+
+
 def permute(i: int, size: int, seed: int) -> int:
-    """Position `i` of a seeded permutation of [0, size)."""
+    """Position `i` of a seeded permutation of [0, size).
+
+    Small sizes use a cached numpy permutation (O(1) a lookup); large ones a stateless
+    Feistel shuffle (`index_shuffle`), so nothing of the source's size is materialised.
+    """
     if not 0 <= i < size:
         raise IndexError(f"index {i} out of range [0, {size})")
     if size == 1:
         return 0
+    if size <= _DENSE_MAX:
+        return int(_dense_permutation(int(size), int(seed))[i])
     return int(index_shuffle(int(i), max_index=size - 1, seed=seed, rounds=_ROUNDS))
 
 

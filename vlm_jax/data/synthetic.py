@@ -11,6 +11,7 @@ Captions only use the words in `VOCAB`, so the word-level "synthetic" tokenizer
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import numpy as np
 
@@ -36,6 +37,8 @@ _TEMPLATE_WORDS = ("user", "assistant", "describe", "the", "image", ".", ":", "\
                    ",", "what", "is", "in")
 _CAPTION_WORDS = ("a", "an", "of", "on", "and", "at", "with", "background", "photo",
                   "picture", "something", "nice", "things", "some", "shapes", "image")
+_COLOUR_NAMES = tuple(COLOURS)
+_BACKGROUND_NAMES = tuple(BACKGROUNDS)
 VOCAB = tuple(dict.fromkeys(
     _TEMPLATE_WORDS + _CAPTION_WORDS + tuple(COLOURS) + tuple(BACKGROUNDS) + SHAPES
     + tuple(PLURAL.values()) + NUMBERS + SIZES
@@ -58,24 +61,21 @@ class Scene:
     groups: tuple[Group, ...]
 
 
-def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
-    return np.random.Generator(np.random.Philox(key=[(seed & 0xFFFFFFFF) << 32 | stream,
-                                                     int(index)]))
+def _rng(seed: int, index: int, stream: int) -> random.Random:
+    """The generator of (seed, index, stream): Python's Mersenne Twister seeded with one
+    integer (deterministic across platforms and versions, and cheap to create)."""
+    return random.Random(((int(seed) & 0xFFFFFFFF) << 72) | ((stream & 0xFF) << 64)
+                         | (int(index) & 0xFFFFFFFFFFFFFFFF))
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
+def sample_scene(rng: random.Random) -> Scene:
     """One or two groups of shapes in distinct places on a background."""
     n_groups = 1 + int(rng.random() < 0.5)
-    places = list(PLACES)
-    picks = rng.choice(len(places), size=n_groups, replace=False)
-    groups = []
-    for p in picks:
-        groups.append(Group(shape=SHAPES[rng.integers(len(SHAPES))],
-                            colour=tuple(COLOURS)[rng.integers(len(COLOURS))],
-                            count=int(rng.integers(1, 4)), place=places[int(p)],
-                            big=bool(rng.random() < 0.5)))
-    return Scene(background=tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
-                 groups=tuple(groups))
+    places = rng.sample(list(PLACES), n_groups)
+    groups = tuple(Group(shape=rng.choice(SHAPES), colour=rng.choice(_COLOUR_NAMES),
+                         count=rng.randint(1, 3), place=p, big=rng.random() < 0.5)
+                   for p in places)
+    return Scene(background=rng.choice(_BACKGROUND_NAMES), groups=groups)
 
 
 def describe(scene: Scene) -> str:
@@ -100,7 +100,7 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float
     return (t >= 0) & (t <= 1) & (np.abs(xx - cx) <= t * r)
 
 
-def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+def render(scene: Scene, size: int, rng: random.Random) -> np.ndarray:
     """Draws the scene as a uint8 [size, size, 3] image."""
     img = np.empty((size, size, 3), np.uint8)
     img[:] = BACKGROUNDS[scene.background]
@@ -110,8 +110,8 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     for g in scene.groups:
         r = cell * (0.22 if g.big else 0.13)
         for _ in range(g.count):
-            cy = (g.place[0] + 0.5) * cell + rng.uniform(-0.25, 0.25) * cell
-            cx = (g.place[1] + 0.5) * cell + rng.uniform(-0.25, 0.25) * cell
+            cy = (g.place[0] + 0.5 + rng.uniform(-0.25, 0.25)) * cell
+            cx = (g.place[1] + 0.5 + rng.uniform(-0.25, 0.25)) * cell
             # Only draw within the shape's bounding box (cheap at any image size).
             y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size)
             x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size)
@@ -120,27 +120,29 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def caption_of(seed: int, index: int, caption_noise: float = 0.0) -> tuple[str, bool]:
-    """Caption of record `index` and whether it is clean (the scene's true description)."""
-    rng = _rng(seed, index, 1)
-    scene = sample_scene(rng)
+def _caption(seed: int, index: int, scene: Scene, caption_noise: float) -> tuple[str, bool]:
     nrng = _rng(seed, index, 2)
     if caption_noise > 0 and nrng.random() < caption_noise:
         if nrng.random() < 0.5:
-            return GENERIC[nrng.integers(len(GENERIC))], False
-        other = sample_scene(_rng(seed, int(nrng.integers(2**62)), 1))
-        if describe(other) != describe(scene):
-            return describe(other), False
-        return GENERIC[0], False
+            return nrng.choice(GENERIC), False
+        other = describe(sample_scene(_rng(seed, nrng.getrandbits(62), 3)))
+        return (other if other != describe(scene) else GENERIC[0]), False
     return describe(scene), True
+
+
+def caption_of(seed: int, index: int, caption_noise: float = 0.0) -> tuple[str, bool]:
+    """Caption of record `index` and whether it is clean (the scene's true description)."""
+    return _caption(seed, index, sample_scene(_rng(seed, index, 1)), caption_noise)
 
 
 def make_record(seed: int, index: int, size: int = 64, caption_noise: float = 0.0,
                 with_image: bool = True) -> dict:
-    """Sample `index`: {"image": uint8 [size,size,3], "text", "key", "source", "clean"}."""
+    """Sample `index`: {"image": uint8 [size,size,3], "text", "key", "source", "clean"}.
+
+    The image depends only on (seed, index), never on `caption_noise`."""
     rng = _rng(seed, index, 1)
     scene = sample_scene(rng)
-    text, clean = caption_of(seed, index, caption_noise)
+    text, clean = _caption(seed, index, scene, caption_noise)
     rec = {"text": text, "key": f"{index:012d}", "source": f"synthetic:{seed}",
            "clean": clean}
     if with_image:
