@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -253,12 +252,11 @@ def sweep_cost(items: Sequence[SweepItem]) -> dict:
 
 
 # ----------------------------------------------------------------------------- running
-def _done(workdir: str) -> bool:
-    try:
-        with open(os.path.join(workdir, "result.json")) as f:
-            return json.load(f).get("status") == "done"
-    except (OSError, ValueError, AttributeError):
-        return False
+def _finished(workdir: str) -> dict | None:
+    """The run's result.json when it says status "done", else None."""
+    from vlm_jax.grid.registry import read_json
+    result = read_json(os.path.join(workdir, "result.json"))
+    return result if isinstance(result, dict) and result.get("status") == "done" else None
 
 
 def run_sweep(entries: Sequence[tuple[Any, str]], axis: str = "n", run_fn=None,
@@ -282,9 +280,9 @@ def run_sweep(entries: Sequence[tuple[Any, str]], axis: str = "n", run_fn=None,
     configs = {wd: c for _, c, wd in members}
     results = []
     for item in items:
-        if _done(item.workdir):
-            with open(os.path.join(item.workdir, "result.json")) as f:
-                results.append(json.load(f))
+        done = _finished(item.workdir)
+        if done is not None:
+            results.append(done)
             continue
         results.append(run_fn(item.apply(configs[item.name]), item.workdir))
     return results
