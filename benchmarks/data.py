@@ -30,17 +30,19 @@ WORDS = ("a photo of the red blue green big small dog cat car tree house on at i
 
 
 def make_shards(root: str, n: int, per_shard: int, seed: int = 0) -> str:
-    """JPEGs of random 256-512 px sides with smooth content + noise (realistic entropy)."""
+    """JPEGs of random 256-512 px sides: crops of one smooth + noisy texture with a random
+    colour shift (realistic JPEG entropy, cheap to make)."""
     rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:1024, 0:1024].astype(np.float32)
+    texture = np.stack([np.sin(xx / 23) * 90, np.cos(yy / 17) * 90, (xx + yy) / 10.24], -1)
+    texture = np.clip(texture + 100 + rng.normal(0, 18, texture.shape), 0, 255)
+    texture = texture.astype(np.uint8)
     for s in range((n + per_shard - 1) // per_shard):
         with tarfile.open(os.path.join(root, f"{s:05d}.tar"), "w") as tf:
             for k in range(s * per_shard, min(n, (s + 1) * per_shard)):
                 h, w = (int(x) for x in rng.integers(256, 513, size=2))
-                yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-                base = np.stack([np.sin(xx / rng.uniform(8, 40)) * 90,
-                                 np.cos(yy / rng.uniform(8, 40)) * 90,
-                                 (xx + yy) / (h + w) * 200], -1) + 100
-                img = np.clip(base + rng.normal(0, 18, (h, w, 3)), 0, 255).astype(np.uint8)
+                y, x = (int(v) for v in rng.integers(0, 1024 - 512, size=2))
+                img = texture[y:y + h, x:x + w] ^ rng.integers(0, 64, 3, dtype=np.uint8)
                 buf = io.BytesIO()
                 Image.fromarray(img).save(buf, format="JPEG", quality=90)
                 cap = " ".join(rng.choice(WORDS, size=int(rng.integers(6, 16)))).encode()
@@ -92,20 +94,24 @@ def warmup_batches(workers: int) -> int:
 
 
 def pipeline_rate(pattern: str, n: int, batch: int, workers: int, threads: int,
-                  passes: int) -> float:
+                  passes: int, windows: int = 2) -> float:
+    """Best samples/s over `windows` timed windows of `passes` epochs each (a busy,
+    shared machine makes single windows noisy)."""
     from vlm_jax.data import train_iterator
     it = train_iterator(bench_config(pattern, n, batch, workers, threads))
     for _ in range(warmup_batches(workers)):  # start-up of the worker processes
         b = next(it)
     assert b["pixels"].shape == (batch, 224, 224, 3)
     steps = max(1, passes * n // batch)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        b = next(it)
-    dt = time.perf_counter() - t0
+    best = 0.0
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            next(it)
+        best = max(best, steps * batch / (time.perf_counter() - t0))
     if hasattr(it, "close"):
         it.close()
-    return steps * batch / dt
+    return best
 
 
 def demo_consumption() -> dict:
@@ -156,7 +162,7 @@ def demo_consumption() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    ap.add_argument("--images", type=int, default=384)
+    ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--passes", type=int, default=1)
     ap.add_argument("--no-demo", action="store_true")
@@ -170,12 +176,17 @@ def main() -> None:
         pattern = make_shards(root, n, per_shard=64)
         out["make_shards_s"] = round(time.perf_counter() - t0, 2)
         plain_loop(pattern, 224)  # warm the page cache
-        done, dt = plain_loop(pattern, 224)
-        plain = done / dt
-        out["plain_pil_samples_per_sec"] = round(plain, 1)
+
+        def plain_rate():
+            done, dt = plain_loop(pattern, 224)
+            return done / dt
+
+        plain = plain_rate()
+        r0 = pipeline_rate(pattern, n, batch, 0, 1, args.passes)
         r1 = pipeline_rate(pattern, n, batch, 1, 1, args.passes)
         r2 = pipeline_rate(pattern, n, batch, 2, 1, args.passes)
-        r0 = pipeline_rate(pattern, n, batch, 0, 1, args.passes)
+        plain = max(plain, plain_rate())  # best of two, before and after the pipelines
+        out["plain_pil_samples_per_sec"] = round(plain, 1)
         out.update(pipeline_0w_1thread_samples_per_sec=round(r0, 1),
                    pipeline_1w_samples_per_sec=round(r1, 1),
                    pipeline_2w_samples_per_sec=round(r2, 1),

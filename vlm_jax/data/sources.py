@@ -16,8 +16,8 @@ the shards it needs; see `subsets.Split`).
   Hugging Face datasets) and a caption column.
 - `TFDSSource`: any TFDS builder prepared in ArrayRecord format, via `tfds.data_source`.
 
-Paths go through `etils.epath` (local, gs://, s3:// ... via fsspec/gfile) and may hold
-brace ranges (`shards/{00000..00099}.tar`), lists (`{a,b}`) and globs.
+Paths are local or URLs (gs://, s3://, http(s)://, memory://, ... through fsspec: the
+protocol's package, e.g. gcsfs, must be installed) and may hold brace ranges (`shards/{00000..00099}.tar`), lists (`{a,b}`) and globs.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import threading
 from typing import Any, Iterator
 
 import numpy as np
-from etils import epath
+import fsspec
 
 from vlm_jax.data import synthetic
 from vlm_jax.data.errors import BadSample
@@ -87,24 +87,51 @@ def expand_pattern(pattern: str, what: str = "data.path") -> list[str]:
                          "(e.g. VLM_JAX_DATA=/data) or give the path explicitly")
     files: list[str] = []
     names = expand_braces(expanded)
-    missing = [p for p in names if not any(c in p for c in "*?[") and not epath.Path(p).exists()]
+    missing = [p for p in names if not any(c in p for c in "*?[") and not path_exists(p)]
     if missing:
         raise FileNotFoundError(f"{what}={pattern!r}: {len(missing)} of {len(names)} files do "
                                 f"not exist (first: {missing[0]!r})")
     for p in names:
         if any(c in p for c in "*?["):
             if "://" in p:
-                root, _, rest = p.partition("://")
-                base = epath.Path(root + "://" + rest.split("/")[0])
-                files += sorted(str(x) for x in base.glob("/".join(rest.split("/")[1:])))
+                fs, _ = fsspec.core.url_to_fs(p)
+                files += sorted(fs.unstrip_protocol(x) for x in fs.glob(p))
             else:
                 files += sorted(_glob.glob(p))
         else:
             files.append(p)
-    files = [f for f in files if not epath.Path(f).is_dir()]
+    files = [f for f in files if not path_is_dir(f)]
     if not files:
         raise FileNotFoundError(f"{what}={pattern!r} matches no files")
     return files
+
+
+def open_binary(path: str):
+    """A seekable binary file object for a local path or an fsspec URL."""
+    if "://" in path:
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
+
+
+def path_exists(path: str) -> bool:
+    if "://" in path:
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.exists(p)
+    return os.path.exists(path)
+
+
+def path_is_dir(path: str) -> bool:
+    if "://" in path:
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.isdir(p)
+    return os.path.isdir(path)
+
+
+def file_size(path: str) -> int:
+    if "://" in path:
+        fs, p = fsspec.core.url_to_fs(path)
+        return int(fs.size(p))
+    return os.path.getsize(path)
 
 
 class _Files:
@@ -119,7 +146,7 @@ class _Files:
             h = self._handles.get(path)
             if h is None:
                 if "://" in path:
-                    h = epath.Path(path).open("rb")
+                    h = open_binary(path)
                 else:
                     h = os.open(path, os.O_RDONLY)
                 self._handles[path] = h
@@ -193,8 +220,8 @@ def index_tar(path: str) -> ShardIndex:
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     error = ""
     try:
-        size = epath.Path(path).stat().length
-        with epath.Path(path).open("rb") as f:
+        size = file_size(path)
+        with open_binary(path) as f:
             try:
                 tf = tarfile.open(fileobj=f, mode="r:")
                 while True:
@@ -396,7 +423,7 @@ class ParquetSource:
         self._starts = [0]
         for fi, p in enumerate(self.paths):
             try:
-                with epath.Path(p).open("rb") as f:
+                with open_binary(p) as f:
                     pf = pq.ParquetFile(f)
                     names = set(pf.schema_arrow.names)
                     md = pf.metadata
@@ -437,7 +464,7 @@ class ParquetSource:
         cols = [self.image_column.split("/")[0], self.text_column.split("/")[0]]
         if self._has_key:
             cols.append(self.key_column)
-        with epath.Path(self.paths[fi]).open("rb") as f:
+        with open_binary(self.paths[fi]) as f:
             table = pq.ParquetFile(f).read_row_group(rg, columns=list(dict.fromkeys(cols)))
         rows = table.to_pydict()
         with self._lock:
