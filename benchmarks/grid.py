@@ -69,12 +69,18 @@ def measure(config: str, root: str, parallel: int, select: list[str], extra: lis
                      "trainer_wall_s": res.get("wall_time_s")})
     timings = registry.read_timings(root)
     job_s = sum(t["seconds"] for t in timings)
+    stage_of = {r.name: r.stage for r in grid.runs}
+    per_stage: dict[str, float] = {}
+    for t in timings:
+        st = stage_of.get(t["runs"][0], "?")
+        per_stage[st] = round(per_stage.get(st, 0.0) + t["seconds"], 2)
     done = sum(r["status"] == "done" for r in runs)
     return {
         "config": config, "select": select, "parallel": parallel, "exit_code": p.returncode,
         "wall_s": round(wall, 2), "runs": len(runs), "runs_done": done,
         "jobs": len(timings), "job_s_sum": round(job_s, 2),
         "mean_job_s": round(job_s / max(1, len(timings)), 2),
+        "job_s_by_stage": per_stage,
         "train_step_s_sum": round(step_s, 2), "trainer_wall_s_sum": round(trainer_s, 2),
         "overhead_frac": round(1 - step_s / max(1e-9, wall * parallel), 4),
         "overhead_frac_in_jobs": round(1 - step_s / max(1e-9, job_s), 4),
@@ -116,6 +122,9 @@ def main(argv=None) -> int:
             out["baseline_no_sweep_no_cache"] = slow
             out["wall_ratio_fast_over_slow"] = round(fast["wall_s"] / max(1e-9, slow["wall_s"]), 4)
             out["train_steps_ratio"] = round(fast["train_steps"] / max(1, slow["train_steps"]), 4)
+            fg = fast["job_s_by_stage"].get("grid", 0.0)
+            sg = slow["job_s_by_stage"].get("grid", 0.0)
+            out["grid_stage_job_s_ratio"] = round(fg / max(1e-9, sg), 4)
         out["loadavg_after"] = os.getloadavg()[0]
         if not args.per_run:
             for k in ("grid", "baseline_no_sweep_no_cache"):
