@@ -101,8 +101,7 @@ def grid(a) -> mlc.ConfigDict:
                            "n": list(SIZES)},
                      sweep="wsd" if a.sweep else "", sweep_axis="n")],
         analysis=[dict(cmd="fit", stage="projector", out="fit",
-                       args=["--group-cols", "vit,llm,data"]),
-                  dict(cmd="report", stage="projector", out="report", args=[])],
+                       args=["--group-cols", "llm,data"])],
     ))
     return c
 

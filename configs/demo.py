@@ -146,7 +146,8 @@ def run(a) -> mlc.ConfigDict:
 # --------------------------------------------------------------------------- the grid
 def _native(a) -> tuple[list[dict], list[dict]]:
     """The toy native-VLM stages and analysis of configs/native.py (`demo_stages`,
-    `demo_analysis`); the `tiny` preset keeps 1 LLM x 2 encoders at a few steps."""
+    `demo_analysis`); the `tiny` preset keeps one run of a few steps and no analysis (the
+    optimal-encoder rule needs several encoders and LLMs)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native.py")
     if not a.native or not os.path.exists(path):
         return [], []
@@ -161,6 +162,7 @@ def _native(a) -> tuple[list[dict], list[dict]]:
         for s in stages:
             s["arg"] = f"{s['arg']},steps=4,batch_size=4"
             s["axes"] = {k: list(v)[:1] for k, v in s["axes"].items()}
+        return stages, []
     return stages, [dict(x) for x in mod.demo_analysis()]
 
 
@@ -182,8 +184,7 @@ def grid(a) -> mlc.ConfigDict:
     native_stages, native_analysis = _native(a)
     stages += native_stages
     analysis = [
-        dict(cmd="fit", stage="grid", out="fit", args=["--group-cols", "vit,llm,data"]),
-        dict(cmd="report", stage="grid", out="report", args=[]),
+        dict(cmd="fit", stage="grid", out="fit", args=["--group-cols", "llm,data"]),
     ] + native_analysis
     c = mlc.ConfigDict()
     c.grid = mlc.ConfigDict(dict(name=f"demo_{a.preset}", stages=stages, analysis=analysis))

@@ -139,3 +139,13 @@ def test_cli_dry_run_prints_commands_and_runs_nothing(tmp_path):
     assert lines[0].startswith("# grid fake: 4 runs, 0 done, 4 to run; launcher tpu")
     assert sum("tpu-vm ssh vm" in ln and "vlm_jax.main" in ln for ln in lines) == 4
     assert not os.path.exists(root) or not os.listdir(root)
+
+
+def test_analysis_commands():
+    fit = expand.Analysis(cmd="fit", stage="grid", out="fit", args=("--group-cols", "llm,data"))
+    assert runner.analysis_argv(fit, "/r", ["py"]) == [
+        "py", "-m", "vlm_jax.analysis", "fit", "--runs", "/r", "--out", "/r/report/fit",
+        "--stage", "grid", "--group-cols", "llm,data"]
+    rep = expand.Analysis(cmd="report", stage="grid", out="report", args=())
+    assert runner.analysis_argv(rep, "/r", ["py"]) == [
+        "py", "-m", "vlm_jax.analysis", "report", "--runs", "/r", "--out", "/r/report"]

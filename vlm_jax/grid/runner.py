@@ -52,6 +52,9 @@ def _fmt_s(s: float) -> str:
 
 
 def analysis_argv(a, root: str, python: Sequence[str]) -> list[str]:
+    if a.cmd == "report":  # combines every ROOT/report/*/ into ROOT/report/report.md
+        return [*python, "-m", "vlm_jax.analysis", "report", "--runs", root, "--out",
+                os.path.join(root, "report"), *a.args]
     return [*python, "-m", "vlm_jax.analysis", a.cmd, "--runs", root, "--out",
             os.path.join(root, "report", a.out), "--stage", a.stage, *a.args]
 
