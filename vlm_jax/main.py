@@ -47,9 +47,8 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
                              "and --process_id")
         if num_processes == 1:
             return
-        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get(
-                "JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU collectives across processes go through gloo (no effect on GPU/TPU clients).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, int(num_processes), int(process_id))
     elif _auto_distributed():
         jax.distributed.initialize()
@@ -91,5 +90,20 @@ def main(argv):
         print(f"{status} at step {result.get('steps')}; run the same command to resume")
 
 
+def _parse_flags(argv):
+    """absl flag parsing with a one-line error for bad flags or config overrides (an
+    unknown `--config.x.y` key, a bad `get_config` argument) instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - config_flags raises several types
+        msg = str(e).replace("\\n", "\n").strip("'\"")
+        if "Traceback" in msg:  # config file errors arrive with their traceback inside
+            msg = [l for l in msg.splitlines() if l.strip()][-1].strip()
+        msg = " ".join(msg.replace("\\'", "'").split())
+        print(f"error: {type(e).__name__}: {msg}\nPass --helpfull to see the flags.",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

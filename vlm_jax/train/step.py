@@ -101,7 +101,11 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
             nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
             skipped=(state["skipped"] + (~finite).astype(jnp.int32)).astype(jnp.int32),
         )
+        seg = batch.get("segment_ids")
+        input_tokens = (jnp.sum(seg > 0) if seg is not None else
+                        jnp.asarray(batch["tokens"].size if "tokens" in batch else 0))
         metrics = dict(loss=loss, loss_sum=loss_sum, num_tokens=num_tokens,
+                       input_tokens=input_tokens.astype(jnp.int32),
                        grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]),
                        finite=finite, nonfinite=new_state["nonfinite"],
                        skipped=new_state["skipped"], **extras)

@@ -125,14 +125,36 @@ def _init_batch(spec: dict) -> dict:
     return {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items() if not k.startswith("_")}
 
 
-def _load_init_from(part: str, path: str, dtype) -> dict:
-    """Params of `part` from a vlm_jax workdir or a transformers/OpenCLIP directory."""
-    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.exists(
-            os.path.join(path, "config.json")) and os.path.exists(
-            os.path.join(path, "metrics.jsonl")):
+def _is_workdir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def _load_init_from(part: str, path: str, part_cfg, dtype) -> dict:
+    """Params of `part` from a vlm_jax workdir (its latest checkpoint) or a
+    transformers/OpenCLIP/converted directory (`vlm_jax.convert.load_pretrained`, whose
+    architecture must match `model.<part>`)."""
+    if _is_workdir(path):
         return ckpt.restore_params(path, subtree=part)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model.{part}.init_from={path!r} does not exist")
     from vlm_jax import convert
-    return convert.load_pretrained(part, path, dtype)
+    over, params = convert.load_pretrained(part, path, dtype,
+                                           scan_layers=bool(part_cfg.get("scan_layers", True)))
+    bad = {k: (part_cfg[k], v) for k, v in dict(over).items()
+           if k in part_cfg and not isinstance(v, dict) and k not in ("init_from", "scan_layers",
+                                                                    "remat")
+           and _plain(part_cfg[k]) != _plain(v)}
+    if bad:
+        raise ValueError(f"model.{part}.init_from={path!r} is a different architecture: "
+                         + ", ".join(f"model.{part}.{k}={a!r} but the checkpoint has {b!r}"
+                                     for k, (a, b) in sorted(bad.items())))
+    return params
+
+
+def _plain(v):
+    if hasattr(v, "to_dict"):
+        v = v.to_dict()
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _graft(params: dict, part: str, loaded: dict, source: str) -> dict:
@@ -158,14 +180,6 @@ def _graft(params: dict, part: str, loaded: dict, source: str) -> dict:
 def default_data():
     from vlm_jax.data import pipeline
     return pipeline
-
-
-def _tokens_in(batch: dict) -> int:
-    if "segment_ids" in batch:
-        return int(np.sum(np.asarray(batch["segment_ids"]) > 0))
-    if "tokens" in batch:
-        return int(np.asarray(batch["tokens"]).size)
-    return 0
 
 
 def _skipped_counts(batch: dict, acc: dict) -> None:
@@ -273,7 +287,11 @@ class Run:
             src = sub.get("init_from", "") if sub is not None else ""
             if src and part in params:
                 pdt = jax.tree.leaves(params[part])[0].dtype
-                params = _graft(params, part, _load_init_from(part, src, pdt), src)
+                loaded = _load_init_from(part, src, sub, pdt)
+                if part == "llm":  # NaViL: missing visual experts start as the text weights
+                    from vlm_jax.models.experts import fill_visual_experts
+                    loaded = fill_visual_experts(loaded, params[part])
+                params = _graft(params, part, loaded, src)
         trainable, frozen = optim.split_params(params, cfg.optim.trainable)
         fdt = jnp.dtype(cfg.model.get("frozen_dtype", "float32"))
         if frozen and fdt != jnp.float32:
@@ -305,7 +323,7 @@ class Run:
                                         sharding=sharding.batch_sharding(self.mesh, len(s.shape)))
                 for k, s in spec.items() if not k.startswith("_")}
 
-    def compile(self, state, frozen):
+    def compile(self, state, frozen, with_eval: bool = True):
         cfg = self.config
         fn = step_lib.make_train_step(self.model, self.tx, self.schedule,
                                       int(cfg.train.grad_accum))
@@ -319,6 +337,8 @@ class Run:
                              out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
             self.train_step = jitted.lower(ckpt.abstract_like(state),
                                            ckpt.abstract_like(frozen), b_train).compile()
+            if not with_eval:
+                return self.train_step, None
             ev = jax.jit(step_lib.make_eval_step(self.model),
                          in_shardings=(self.state_shardings["params"], f_sh,
                                        {k: v.sharding for k, v in b_eval.items()}),
@@ -337,6 +357,21 @@ class Run:
             counts.append(float(out["num_tokens"]))
         return {"eval/loss": metrics_lib.token_mean(sums, counts),
                 "eval/tokens": float(sum(counts))}
+
+    def _logged_final(self, step, frozen, state):
+        """(train loss, eval metrics) of the last step from metrics.jsonl (re-evaluated
+        when the line is missing)."""
+        rec = {}
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    r = json.loads(line)
+                    if r.get("step") == step:
+                        rec = r
+        ev = ({"eval/loss": rec["eval/loss"]} if "eval/loss" in rec
+              else self.evaluate(state["params"], frozen))
+        return float(rec.get("train/loss", float("nan"))), ev
 
     # -- the loop
     def train(self) -> dict:
@@ -421,7 +456,7 @@ class Run:
                     state, m = self.train_step(state, frozen, gb)
                     m = jax.device_get(m)
                     step += 1
-                    ntok = _tokens_in(local) * self.pc  # per-process batches are alike
+                    ntok = int(m["input_tokens"])  # non-padding tokens of the global batch
                     meta["examples_seen"] += int(t.batch_size)
                     meta["tokens_seen"] += ntok
                     window_n += 1
@@ -452,9 +487,12 @@ class Run:
                             "perf/tokens_per_sec": window_tok / window_n / dt,
                             "examples_seen": meta["examples_seen"],
                         })
+                        if "_epoch" in local:
+                            scalars["data/epoch"] = float(np.asarray(local["_epoch"]))
                         for k, v in m.items():
                             if k not in ("loss", "loss_sum", "num_tokens", "grad_norm", "lr",
-                                         "finite", "nonfinite", "skipped") and np.ndim(v) == 0:
+                                         "finite", "nonfinite", "skipped", "input_tokens") \
+                                    and np.ndim(v) == 0:
                                 scalars[f"train/{k}"] = float(v)
                         u = metrics_lib.mfu(self.flops_per_example * t.batch_size, dt, n_dev,
                                             kind)
@@ -481,7 +519,10 @@ class Run:
                 log.warning("stopped by SIGTERM at step %d; restart the same command to "
                             "resume", step)
                 return {"status": "preempted", "steps": step}
-            save(step, force_wait=True)
+            if mgr.latest_step() != step:
+                save(step, force_wait=True)
+            if step == start:  # killed after the final save, before result.json
+                last_loss, last_eval = self._logged_final(step, frozen, state)
         finally:
             writers.close()
             mgr.wait_until_finished()

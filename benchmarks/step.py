@@ -1,0 +1,237 @@
+"""Train-step throughput of vlm_jax vs transformers + PyTorch on CPU, measured in one run.
+
+    python benchmarks/step.py [--steps 3] [--configs llava,demo] [--feature-cache]
+
+Configs:
+- `llava`: LLaVA-shaped tiny model: frozen CLIP ViT (6 layers x 384, 6 heads, MLP 1536,
+  224 px, patch 16, penultimate-layer patch features), trainable 2-layer GELU MLP
+  projector, frozen Llama LLM (6 layers x 512, 8 heads, SwiGLU 1376, vocab 32000);
+  batch 8, 32 caption tokens, fp32.
+- `demo`: `configs/demo.py:run` (tiny ViT / LM, batch 32).
+
+Our step is the trainer's compiled step (`vlm_jax.train.trainer.Run`: the same
+shardings, donation and AdamW as a run); the reference is `LlavaForConditionalGeneration`
+of the same shapes with frozen towers, only the projector trained by `torch.optim.AdamW`
+(forward with loss, backward, step). Both see the same batch size and sequence layout
+(image tokens then caption tokens, loss on caption tokens).
+
+`--feature-cache`: our step reads precomputed frozen-encoder features (`batch["features"]`,
+what `train.feature_cache` feeds the step) instead of pixels; the reference is unchanged.
+
+Memory: XLA's `compiled.memory_analysis()` peak (arguments + outputs - aliased + temps)
+against an estimate of what the step must hold: all params, the trainables' gradient and
+AdamW moments, and the activations saved for the backward pass.
+
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+# --------------------------------------------------------------------------- configs
+def llava_config():
+    from configs import common
+    c = common.base_config()
+    c.name = "bench_llava_tiny"
+    c.model.kind = "vlm"
+    c.model.image_token_id = 3
+    c.model.vision.update(image_size=224, patch_size=16, width=384, depth=6, heads=6,
+                          mlp_dim=1536, act="quick_gelu", feature_layer=-2,
+                          feature_select="patch", scan_layers=False)
+    c.model.llm.update(vocab_size=32000, width=512, depth=6, heads=8, kv_heads=8,
+                       mlp_dim=1376, scan_layers=False, max_len=512)
+    c.model.projector.type = "mlp2x_gelu"
+    c.data.seq_len = 32
+    c.train.batch_size = 8
+    c.train.progress = False
+    c.optim.update(lr=1e-3, trainable=("projector",), clip_norm=0.0)
+    return c
+
+
+def demo_config():
+    from configs import demo
+    c = demo.get_config("run,feature_cache=0")
+    c.model.image_token_id = 3
+    c.optim.clip_norm = 0.0
+    return c
+
+
+def image_tokens(c) -> int:
+    from vlm_jax.models.vlm import num_image_tokens
+    return num_image_tokens(c.model)
+
+
+def make_batch(c, seed=0) -> dict:
+    """One global batch with the pipeline's layout: image tokens, then caption tokens."""
+    rng = np.random.default_rng(seed)
+    b, k, s = c.train.batch_size, image_tokens(c), c.data.seq_len
+    t = k + s
+    v = c.model.llm.vocab_size
+    cap = rng.integers(4, v, size=(b, s + 1), dtype=np.int32)
+    tokens = np.concatenate([np.full((b, k), c.model.image_token_id, np.int32), cap[:, :-1]], 1)
+    targets = np.concatenate([np.zeros((b, k), np.int32), cap[:, 1:]], 1)
+    loss_mask = np.concatenate([np.zeros((b, k), np.float32), np.ones((b, s), np.float32)], 1)
+    size = c.model.vision.image_size
+    return dict(
+        pixels=rng.normal(size=(b, size, size, 3)).astype(np.float32),
+        tokens=tokens, targets=targets, loss_mask=loss_mask,
+        positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+        segment_ids=np.ones((b, t), np.int32),
+        visual_mask=np.concatenate([np.ones((b, k), bool), np.zeros((b, s), bool)], 1),
+        valid=np.ones((b,), np.float32))
+
+
+# --------------------------------------------------------------------------- ours
+def activation_estimate_bytes(c) -> float:
+    """Activations the backward pass needs (fp32): per LLM layer the inputs of every
+    matmul and the attention probabilities; the logits and their gradient; the
+    projector's inputs. The frozen ViT before the projector keeps nothing."""
+    b, k, s = c.train.batch_size, image_tokens(c), c.data.seq_len
+    t = k + s
+    l = c.model.llm
+    per_layer = b * t * (8 * l.width + 3 * l.mlp_dim) + 2 * b * l.heads * t * t
+    proj = b * k * (c.model.vision.width + 2 * l.width)
+    logits = 2 * b * t * l.vocab_size
+    return 4.0 * (l.depth * per_layer + proj + logits)
+
+
+def ours(c, steps: int, feature_cache: bool) -> dict:
+    import tempfile
+    from vlm_jax.train import sharding, trainer
+    batch = make_batch(c)
+    r = trainer.Run(c, tempfile.mkdtemp(prefix="bench_step_"))
+    tr, fr = r.init_params()
+    if feature_cache:  # what train.feature_cache feeds the step: features, no vision tower
+        from vlm_jax.train.feature_cache import feature_fn  # the cache's own encoder call
+        feats = jax.jit(feature_fn(c.model))(fr["vision"], batch.pop("pixels"))
+        batch["features"] = np.asarray(feats)
+        fr = {k: v for k, v in fr.items() if k != "vision"}
+        for spec in (r.batch_spec, r.eval_spec):
+            n = spec["pixels"].shape[0]
+            spec.pop("pixels")
+            spec["features"] = jax.ShapeDtypeStruct((n,) + feats.shape[1:], feats.dtype)
+    state = r.init_state(tr)
+    t0 = time.perf_counter()
+    r.compile(state, fr)
+    compile_s = time.perf_counter() - t0
+    gb = sharding.global_batch(batch, r.mesh)
+    state, m = r.train_step(state, fr, gb)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = r.train_step(state, fr, gb)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    mem = r.train_step.memory_analysis()
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
+    n_all = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state["params"], fr)))
+    n_opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["opt_state"]))
+    n_grad = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
+    need = n_all + n_opt + n_grad + activation_estimate_bytes(c)
+    step_s = float(np.median(times))
+    return dict(step_s=step_s, examples_per_sec=c.train.batch_size / step_s,
+                loss=float(m["loss"]), compile_s=compile_s, peak_bytes=int(peak),
+                estimate_bytes=int(need), memory_ratio=peak / need,
+                params_total=r.param_counts["total"],
+                params_trainable=r.param_counts["trainable"])
+
+
+# --------------------------------------------------------------------------- reference
+def hf_llava(c):
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration
+    v, l = c.model.vision, c.model.llm
+    vc = CLIPVisionConfig(hidden_size=v.width, intermediate_size=v.mlp_dim,
+                          num_hidden_layers=v.depth, num_attention_heads=v.heads,
+                          image_size=v.image_size, patch_size=v.patch_size,
+                          hidden_act=v.act, layer_norm_eps=v.norm_eps)
+    tc = LlamaConfig(vocab_size=l.vocab_size, hidden_size=l.width,
+                     intermediate_size=l.mlp_dim, num_hidden_layers=l.depth,
+                     num_attention_heads=l.heads, num_key_value_heads=l.kv_heads,
+                     max_position_embeddings=l.max_len, rms_norm_eps=l.norm_eps,
+                     tie_word_embeddings=False)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=c.model.image_token_id,
+                      image_seq_length=image_tokens(c), projector_hidden_act="gelu",
+                      vision_feature_layer=v.feature_layer,
+                      vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).float()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def reference(c, steps: int) -> dict:
+    import torch
+    model = hf_llava(c)
+    for n, p in model.named_parameters():
+        p.requires_grad = "multi_modal_projector" in n
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
+    b = make_batch(c)
+    ids = torch.from_numpy(b["tokens"]).long()
+    labels = torch.from_numpy(np.where(b["loss_mask"] > 0, b["targets"], -100)).long()
+    # transformers shifts labels itself: give it the next-token labels un-shifted
+    labels = torch.cat([torch.full_like(labels[:, :1], -100), labels[:, :-1]], 1)
+    pixels = torch.from_numpy(b["pixels"]).permute(0, 3, 1, 2).contiguous()
+    model.train()
+
+    def step():
+        out = model(input_ids=ids, pixel_values=pixels, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss)
+
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    return dict(step_s=step_s, examples_per_sec=c.train.batch_size / step_s, loss=loss,
+                params_total=sum(p.numel() for p in model.parameters()),
+                params_trainable=sum(p.numel() for p in trainable),
+                torch_threads=torch.get_num_threads())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    ap.add_argument("--configs", default="llava,demo")
+    ap.add_argument("--feature-cache", action="store_true",
+                    help="our step reads precomputed frozen-encoder features")
+    args = ap.parse_args()
+    makers = {"llava": llava_config, "demo": demo_config}
+    out = {"benchmark": "train_step", "device": jax.devices()[0].device_kind,
+           "feature_cache": args.feature_cache, "steps": args.steps}
+    for name in args.configs.split(","):
+        c = makers[name]()
+        a = ours(c, args.steps, args.feature_cache)
+        ref = reference(c, args.steps)
+        out[name] = dict(
+            ours=a, torch=ref,
+            speedup=a["examples_per_sec"] / ref["examples_per_sec"],
+            same_param_count=a["params_total"] == ref["params_total"],
+            batch_size=c.train.batch_size,
+            seq_len=image_tokens(c) + c.data.seq_len)
+    out["speedup"] = {k: out[k]["speedup"] for k in args.configs.split(",")}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
