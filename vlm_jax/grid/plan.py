@@ -218,9 +218,19 @@ def _compiled_temp_bytes(config, model, boxed, spec_fn, per_device_batch: int,
     return float(mem.temp_size_in_bytes)
 
 
+def _records(config) -> int:
+    from vlm_jax.data.subsets import parse_size
+    try:
+        return max(parse_size(config.data.n), 0) + max(parse_size(config.data.eval_n), 0)
+    except ValueError:
+        return 0
+
+
 def plan_config(config, mesh_shape, chip: str, mfu: float, compile_mode: str = "auto",
-                headroom: float = 0.1, names: Sequence[str] = ()) -> RunPlan:
-    """The plan of one run config on `mesh_shape` devices of `chip`."""
+                headroom: float = 0.1, names: Sequence[str] = (),
+                cache_records: int = 0) -> RunPlan:
+    """The plan of one run config on `mesh_shape` devices of `chip` (`cache_records`:
+    records the feature cache holds, default the run's own train + eval records)."""
     import jax
     import optax
     from vlm_jax.models import batch_spec
@@ -303,7 +313,12 @@ def plan_config(config, mesh_shape, chip: str, mfu: float, compile_mode: str = "
     fl = F.train_per_example(config, trainable_components)
     if fc_on:
         fl -= F.forward_per_example(config).get("vision", 0.0)
-        plan.notes.append("feature cache: no encoder FLOPs per step")
+        f = spec["features"]
+        records = cache_records or _records(config)
+        disk = records * math.prod(f.shape[1:]) * f.dtype.itemsize
+        plan.notes.append(f"feature cache: no encoder FLOPs per step; {disk / GIB:,.1f} GiB "
+                          f"on disk for {records:,} records ({f.shape[1]}x{f.shape[2]} "
+                          f"{f.dtype.name} each)")
     plan.flops_per_step = fl * B
     plan.steps = int(t.steps)
     plan.step_time_s = plan.flops_per_step / (mesh.size * PEAK_FLOPS[chip] * mfu)
@@ -371,7 +386,8 @@ def plan_runs(runs, mesh_shape, chip, mfu, compile_mode="auto", headroom=0.1):
     plans = []
     for members in groups.values():
         names = [n for n, _ in members]
-        p = plan_config(members[0][1], mesh_shape, chip, mfu, compile_mode, headroom, names)
+        p = plan_config(members[0][1], mesh_shape, chip, mfu, compile_mode, headroom, names,
+                        cache_records=max(_records(c) for _, c in members))
         # runs of a group share memory; steps (data size) differ: report the longest
         p.steps = max(int(c.train.steps) for _, c in members)
         p.run_time_h = sum(p.step_time_s * int(c.train.steps) for _, c in members) / 3600.0
@@ -392,7 +408,8 @@ def format_table(plans: Sequence[RunPlan], chip: str, mesh_shape, mfu: float) ->
              f"{'par':>7s} {'opt':>7s} {'grad':>7s} {'act':>8s} {'total':>8s} | "
              f"{'step s':>9s} {'hours':>8s}  fit"]
     for p in plans:
-        name = p.names[0] + (f" (+{len(p.names) - 1})" if len(p.names) > 1 else "")
+        more = f" (+{len(p.names) - 1})" if len(p.names) > 1 else ""
+        name = p.names[0][:44 - len(more)] + more
         g = {k: v / scale for k, v in p.bytes.items()}
         par = g["params_trainable"] + g["params_frozen"]
         lines.append(
