@@ -447,6 +447,9 @@ class PackedBatchIterator(grain.DatasetIterator):
         for reason, c in self._counts.items():
             batch[f"_skipped/{reason}"] = np.int64(c)
         batch["_seen"] = np.int64(self._seen)
+        # Rows are not examples here: how many samples (each with one image) this batch holds.
+        batch["_examples"] = np.int64(packer.count)
+        batch["_images"] = np.int64(packer.count)
         return batch
 
     def get_state(self):
