@@ -175,7 +175,10 @@ def grid(a) -> mlc.ConfigDict:
         dict(name="lm", arg=f"lm_run,steps={p['lm_steps']},{b}",
              axes={"llm": list(p["llms"])}),
         dict(name="grid", arg=f"run,{b},feature_cache={int(a.feature_cache)}",
-             axes={"vit": list(p["vits"]), "llm": list(p["llms"]), "data": list(p["data"]),
+             # data first: the clean and noisy runs of one (vit, llm) compile the same
+             # programs, and this order keeps them out of the same parallel wave, so the
+             # second one finds them in the shared compilation cache.
+             axes={"data": list(p["data"]), "vit": list(p["vits"]), "llm": list(p["llms"]),
                    "n": list(p["sizes"])},
              needs={"model.vision.init_from": "vit/vit={vit}",
                     "model.llm.init_from": "lm/llm={llm}"},

@@ -45,7 +45,7 @@ def test_tiny_demo_end_to_end(tmp_path):
         assert int(r["params_projector"]) == int(r["params_trainable"])  # only the projector
         assert int(r["data_size"]) == int(r["n"])
     # a frozen encoder came from its pretraining run
-    cfg = json.load(open(os.path.join(root, "runs/grid/vit-M_llm-S_data-clean_n-128/config.json")))
+    cfg = json.load(open(os.path.join(root, "runs/grid/data-clean_vit-M_llm-S_n-128/config.json")))
     assert cfg["model"]["vision"]["init_from"] == os.path.join(root, "runs/vit/vit-M")
     if analysis:
         assert os.listdir(os.path.join(root, "report", "fit"))

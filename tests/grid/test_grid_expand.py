@@ -34,7 +34,7 @@ def test_demo_grid_shape():
     for r in g.runs:
         stages[r.stage] = stages.get(r.stage, 0) + 1
     assert stages == {"vit": 3, "lm": 2, "grid": 3 * 2 * 2 * 4}
-    r = g.by_name()["grid/vit=L,llm=M,data=noisy,n=2048"]
+    r = g.by_name()["grid/data=noisy,vit=L,llm=M,n=2048"]
     assert dict(r.overrides) == {"model.vision.init_from": "vit/vit=L",
                                  "model.llm.init_from": "lm/llm=M"}
     # a WSD sweep groups the 4 data sizes of each (vit, llm, data)

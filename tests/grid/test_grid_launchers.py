@@ -74,6 +74,8 @@ def test_tpu_commands(tmp_path):
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "vm1"]
     assert "--worker=all" in ssh
     remote = shlex.split(_remote_cmd(ssh).split("&&", 1)[1])
+    assert remote[:2] == ["env", "JAX_COMPILATION_CACHE_DIR=gs://b/demo/.cache/jax"]
+    remote = remote[2:]
     assert remote[:3] == [".venv/bin/python", "-m", "vlm_jax.main"]
     assert remote[remote.index("--config") + 1] == f"tests/grid/fake_grid.py:run,a=1,b={HOSTILE}"
     assert remote[remote.index("--workdir") + 1] == "gs://b/demo/runs/main/a-1_b-x-y-touch-tmp-pwned"
@@ -94,7 +96,8 @@ def test_tpu_multislice(tmp_path):
     assert [a[5] for a in step] == ["pod-0", "pod-1"]  # both slices at the same time
     for i, argv in enumerate(step):
         remote = shlex.split(_remote_cmd(argv).split("&&", 1)[1])
-        assert remote[:4] == ["env", "MEGASCALE_NUM_SLICES=2", f"MEGASCALE_SLICE_ID={i}",
+        assert remote[:5] == ["env", "JAX_COMPILATION_CACHE_DIR=gs://b/x/.cache/jax",
+                              "MEGASCALE_NUM_SLICES=2", f"MEGASCALE_SLICE_ID={i}",
                               "MEGASCALE_COORDINATOR_ADDRESS=10.0.0.2:8080"]
         assert remote[-1] == "--config.mesh.dcn_shape=(2, 1, 1)"
 
@@ -114,6 +117,7 @@ def test_xpk_commands(tmp_path):
     assert {f"--workload={name}", "--cluster=c1", "--tpu-type=v5p-256", "--num-slices=2",
             "--base-docker-image=python:3.11-slim"} <= set(create)
     inner = shlex.split(_remote_cmd(create))
+    assert inner[inner.index("env") + 1] == "JAX_COMPILATION_CACHE_DIR=gs://b/x/.cache/jax"
     assert inner[-1] == "--config.mesh.dcn_shape=(2, 1, 1)"
     assert f"tests/grid/fake_grid.py:run,a=1,b={HOSTILE}" in inner
     assert wait[:3] == ["xpk", "workload", "list"] and f"--wait-for-job-completion={name}" in wait

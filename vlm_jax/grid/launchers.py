@@ -430,6 +430,10 @@ class _CloudLauncher(Launcher):
         base = self.opts.remote_root.rstrip("/")
         return {r.name: f"{base}/{r.workdir}" for r in runs}
 
+    def cache_dir(self) -> str:
+        """The compilation cache every run of the grid shares (JAX reads gs:// paths)."""
+        return f"{self.opts.remote_root.rstrip('/')}/.cache/jax"
+
     def fetch_commands(self, job: Job) -> list[list[str]]:
         """Copies each run's small result files back into ROOT (for status/results.csv)."""
         wd = self.workdirs(job.runs)
@@ -525,9 +529,9 @@ class TpuLauncher(_CloudLauncher):
                 if argv[2] == "vlm_jax.main" else []
         step = []
         for i, node in enumerate(self.nodes()):
-            env = []
+            env = ["env", f"JAX_COMPILATION_CACHE_DIR={self.cache_dir()}"]
             if self.opts.num_slices > 1:
-                env = ["env", f"MEGASCALE_NUM_SLICES={self.opts.num_slices}",
+                env += [f"MEGASCALE_NUM_SLICES={self.opts.num_slices}",
                        f"MEGASCALE_SLICE_ID={i}",
                        f"MEGASCALE_COORDINATOR_ADDRESS={self.coordinator(dry_run)}:8080"]
             step.append(self.ssh(node, f"cd {self.code_dir} && " + shlex.join(env + argv)))
@@ -556,7 +560,8 @@ class XpkLauncher(_CloudLauncher):
     def job_commands(self, job, all_runs, dry_run: bool = False):
         o = self.opts
         wd = self.workdirs(self._job_runs(job, all_runs))
-        run_cmd = shlex.join(job_argv(job, wd, ["python3"], relative=True)
+        run_cmd = shlex.join(["env", f"JAX_COMPILATION_CACHE_DIR={self.cache_dir()}"]
+                             + job_argv(job, wd, ["python3"], relative=True)
                              + ([f"--config.mesh.dcn_shape=({o.num_slices}, 1, 1)"]
                                 if o.num_slices > 1 and not job.sweep else []))
         if o.docker_image:
