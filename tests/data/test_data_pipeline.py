@@ -125,6 +125,15 @@ def test_subsets_nested_disjoint_and_epochs():
     assert next(it)["_epoch"] == 1.0 and next(it)["_epoch"] == 2.0
 
 
+def test_data_info_epochs():
+    from vlm_jax.data import data_info
+    c = tiny_config(n=40, eval_n=12, batch=8)
+    c.train.steps = 15
+    info = data_info(c)
+    assert info == {"data_size": 40, "eval_size": 12, "epochs": 3.0, "num_image_tokens": 16,
+                    "seq_len": 64}
+
+
 def test_parse_size():
     assert parse_size("1M") == 10**6 and parse_size("1.5k") == 1500 and parse_size(7) == 7
     assert parse_size("all") == -1

@@ -87,7 +87,8 @@ def source_for(config):
     size = int(config.model.vision.image_size) if "vision" in config.model else 64
     return S.open_source(d.source, d.path, seed=d.seed, image_column=d.image_column,
                          text_column=d.text_column, image_size=size if size <= 256 else 64,
-                         caption_noise=float(d.caption_noise))
+                         caption_noise=float(d.caption_noise),
+                         with_image=config.model.get("kind") != "lm")
 
 
 def split_for(config, source=None) -> Split:
@@ -182,7 +183,8 @@ def example_transforms(config, tokenizer=None) -> list:
     ts = []
     if spec.kind in ("vlm", "clip"):
         size = int(config.model.vision.image_size)
-        ts += [T.DecodeImage(draft_size=size), T.ResizeImage(size, d.get("resize", "crop"))]
+        ts += [T.DecodeImage(draft_size=size, as_pil=True),
+               T.ResizeImage(size, d.get("resize", "crop"))]
     ts.append(T.TokenizeCaption(tok, spec))
     return ts
 
@@ -286,7 +288,11 @@ class _AssembleIterator(grain.DatasetIterator):
         self._pos += 1
         self._seen += 1
         self._truncated += int(ex.get("_truncated", 0))
-        self._last_position = max(self._last_position, int(ex["_position"]))
+        position = int(ex["_position"])
+        if position // self._ds.n > self._last_position // self._ds.n and position >= self._ds.n:
+            log.info("data: the train subset (n=%d) is exhausted; epoch %d starts",
+                     self._ds.n, position // self._ds.n + 1)
+        self._last_position = max(self._last_position, position)
         return ex
 
     def _check_bad(self) -> None:

@@ -178,6 +178,7 @@ class SyntheticSource:
     image_size: int = 64
     caption_noise: float = 0.0
     size: int = SYNTHETIC_SIZE
+    with_image: bool = True  # False: captions only (kind "lm" skips rendering)
     # Records are i.i.d. by construction: subsets are prefixes (no global permutation).
     order: str = "prefix"
     errors: tuple = ()
@@ -186,8 +187,10 @@ class SyntheticSource:
         return self.size
 
     def __getitem__(self, i: int) -> dict:
-        rec = synthetic.make_record(self.seed, int(i), self.image_size, self.caption_noise)
+        rec = synthetic.make_record(self.seed, int(i), self.image_size, self.caption_noise,
+                                    with_image=self.with_image)
         rec.pop("clean")
+        rec.setdefault("image", None)
         return rec
 
 
@@ -552,11 +555,13 @@ class TFDSSource:
 # ----------------------------------------------------------------------------- factory
 def open_source(fmt: str, path: str = "", *, seed: int = 0, image_column: str = "image",
                 text_column: str = "caption", image_size: int = 64,
-                caption_noise: float = 0.0, shuffle_shards: bool = True):
+                caption_noise: float = 0.0, shuffle_shards: bool = True,
+                with_image: bool = True):
     """A source by format name (see FORMATS). Tar shards are taken in a seeded order
     unless `shuffle_shards` is False (then in the order of the pattern)."""
     if fmt == "synthetic":
-        return SyntheticSource(seed=seed, image_size=image_size, caption_noise=caption_noise)
+        return SyntheticSource(seed=seed, image_size=image_size, caption_noise=caption_noise,
+                               with_image=with_image)
     if fmt == "tar":
         return TarSource(path, seed=seed, shuffle_shards=shuffle_shards)
     if fmt == "arrayrecord":

@@ -38,8 +38,9 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 # ----------------------------------------------------------------------------- images
-def decode_image(data: Any, draft_size: int = 0) -> np.ndarray:
-    """Encoded bytes (or an array) -> uint8 RGB [H, W, 3].
+def decode_image(data: Any, draft_size: int = 0, as_pil: bool = False):
+    """Encoded bytes (or an array) -> uint8 RGB [H, W, 3] (or an RGB PIL image: saves a
+    copy when `resize_image` comes next).
 
     Applies the EXIF orientation; palette, grayscale, 16-bit, CMYK and alpha images become
     RGB (transparent pixels over white). `draft_size` lets JPEG decode at a reduced DCT
@@ -48,7 +49,8 @@ def decode_image(data: Any, draft_size: int = 0) -> np.ndarray:
     if data is None:
         raise BadSample("missing_image")
     if isinstance(data, np.ndarray):
-        return _array_to_rgb(data)
+        a = _array_to_rgb(data)
+        return Image.fromarray(a) if as_pil else a
     if isinstance(data, memoryview):
         data = data.tobytes()
     if not isinstance(data, (bytes, bytearray)):
@@ -61,14 +63,15 @@ def decode_image(data: Any, draft_size: int = 0) -> np.ndarray:
             img.draft("RGB", (draft_size, draft_size))
         img.load()
         ImageOps.exif_transpose(img, in_place=True)
-        return _to_rgb(img)
+        img = _to_rgb(img)
+        return img if as_pil else np.asarray(img, np.uint8)
     except BadSample:
         raise
     except Exception as e:  # PIL raises many types for corrupt data  # noqa: BLE001
         raise BadSample("decode_error", f"{type(e).__name__}: {e}") from None
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def _to_rgb(img: Image.Image) -> Image.Image:
     if img.width < 1 or img.height < 1:
         raise BadSample("empty_image", "image with no pixels")
     if img.mode == "P":
@@ -84,7 +87,7 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         img = Image.alpha_composite(bg, img)
     if img.mode != "RGB":
         img = img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBA (composited)
-    return np.asarray(img, np.uint8)
+    return img
 
 
 def _array_to_rgb(a: np.ndarray) -> np.ndarray:
@@ -104,27 +107,28 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def resize_image(img: np.ndarray, size: int, mode: str = "crop") -> np.ndarray:
-    """uint8 [H, W, 3] -> uint8 [size, size, 3] (bicubic, as CLIP).
+def resize_image(img, size: int, mode: str = "crop") -> np.ndarray:
+    """uint8 [H, W, 3] (or an RGB PIL image) -> uint8 [size, size, 3] (bicubic, as CLIP).
 
     "crop": shorter side to `size`, then centre crop. "pad": longer side to `size`, then
     pad to a square with the CLIP mean colour (LLaVA's "pad" aspect mode).
     """
-    h, w = img.shape[:2]
+    pil = img if isinstance(img, Image.Image) else None
+    h, w = (pil.height, pil.width) if pil is not None else img.shape[:2]
     if (h, w) == (size, size):
-        return img
+        return np.asarray(pil, np.uint8) if pil is not None else img
     if mode not in ("crop", "pad"):
         raise ValueError(f"data.resize={mode!r}: use 'crop' or 'pad'")
     scale = size / min(h, w) if mode == "crop" else size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    pil = Image.fromarray(img)
+    pil = pil if pil is not None else Image.fromarray(img)
     if (nh, nw) != (h, w):
         pil = pil.resize((nw, nh), Image.BICUBIC, reducing_gap=None if max(h, w) < 3 * size
                          else 3.0)
-    out = np.asarray(pil, np.uint8)
     if mode == "crop":
         top, left = (nh - size) // 2, (nw - size) // 2
-        return np.ascontiguousarray(out[top:top + size, left:left + size])
+        return np.asarray(pil.crop((left, top, left + size, top + size)), np.uint8)
+    out = np.asarray(pil, np.uint8)
     canvas = np.empty((size, size, 3), np.uint8)
     canvas[:] = np.round(np.array(CLIP_MEAN) * 255).astype(np.uint8)
     top, left = (size - nh) // 2, (size - nw) // 2
@@ -231,13 +235,15 @@ def build_clip_tokens(caption_ids: list[int], tokenizer, length: int) -> dict[st
 
 # ----------------------------------------------------------------------------- Grain
 class DecodeImage(grain.transforms.Map):
-    """sample["image"] (bytes or array) -> uint8 RGB array."""
+    """sample["image"] (bytes or array) -> uint8 RGB array (an RGB PIL image with
+    `as_pil`, for a `ResizeImage` that follows)."""
 
-    def __init__(self, draft_size: int = 0):
-        self.draft_size = draft_size
+    def __init__(self, draft_size: int = 0, as_pil: bool = False):
+        self.draft_size, self.as_pil = draft_size, as_pil
 
     def map(self, sample: dict) -> dict:
-        return {**sample, "image": decode_image(sample.get("image"), self.draft_size)}
+        return {**sample, "image": decode_image(sample.get("image"), self.draft_size,
+                                                self.as_pil)}
 
 
 class ResizeImage(grain.transforms.Map):
