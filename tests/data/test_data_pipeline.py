@@ -227,3 +227,18 @@ def test_bad_fraction_stops_the_run():
     with pytest.raises(ValueError, match="seq_len"):
         next(train_iterator(c))
     assert issubclass(BadDataError, RuntimeError)
+
+
+def test_synthetic_images_show_their_captions():
+    for i in range(20):
+        rec = synthetic.make_record(7, i, size=48)
+        again = synthetic.make_record(7, i, size=48)
+        np.testing.assert_array_equal(rec["image"], again["image"])  # a pure function
+        scene = synthetic.sample_scene(synthetic._rng(7, i, 1))
+        assert rec["text"] == synthetic.describe(scene)
+        pixels = rec["image"].reshape(-1, 3)
+        colours, counts = np.unique(pixels, axis=0, return_counts=True)
+        assert tuple(colours[counts.argmax()]) == synthetic.BACKGROUNDS[scene.background]
+        for g in scene.groups:
+            if synthetic.COLOURS[g.colour] != synthetic.BACKGROUNDS[scene.background]:
+                assert (pixels == synthetic.COLOURS[g.colour]).all(1).any(), (i, g)

@@ -11,6 +11,7 @@ Captions only use the words in `VOCAB`, so the word-level "synthetic" tokenizer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 
 import numpy as np
@@ -89,33 +90,35 @@ def describe(scene: Scene) -> str:
     return " and ".join(parts) + f" on a {scene.background} background"
 
 
-def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
-                r: float) -> np.ndarray:
+@functools.lru_cache(maxsize=256)
+def _sprite(shape: str, r: float) -> np.ndarray:
+    """Boolean mask of a shape of radius r centred in a (2k+1)^2 box, k = ceil(r)."""
+    k = int(np.ceil(r))
+    d = np.arange(-k, k + 1, dtype=np.float32)
+    yy, xx = d[:, None], d[None, :]
     if shape == "circle":
-        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        return yy ** 2 + xx ** 2 <= r * r
     if shape == "square":
-        return (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
-    # Upward triangle with apex at (cy - r, cx) and base at cy + r.
-    t = (yy - (cy - r)) / (2 * r)
-    return (t >= 0) & (t <= 1) & (np.abs(xx - cx) <= t * r)
+        return (np.abs(yy) <= r) & (np.abs(xx) <= r)
+    # Upward triangle with apex at (-r, 0) and base at +r.
+    t = (yy + r) / (2 * r)
+    return (t >= 0) & (t <= 1) & (np.abs(xx) <= t * r)
 
 
 def render(scene: Scene, size: int, rng: random.Random) -> np.ndarray:
-    """Draws the scene as a uint8 [size, size, 3] image."""
+    """Draws the scene as a uint8 [size, size, 3] image (shapes centred on pixels)."""
     img = np.empty((size, size, 3), np.uint8)
     img[:] = BACKGROUNDS[scene.background]
-    grid = np.arange(size, dtype=np.float32) + 0.5
-    yy, xx = grid[:, None], grid[None, :]
     cell = size / 3.0
     for g in scene.groups:
-        r = cell * (0.22 if g.big else 0.13)
+        sprite = _sprite(g.shape, round(cell * (0.22 if g.big else 0.13), 2))
+        k = sprite.shape[0] // 2
         for _ in range(g.count):
-            cy = (g.place[0] + 0.5 + rng.uniform(-0.25, 0.25)) * cell
-            cx = (g.place[1] + 0.5 + rng.uniform(-0.25, 0.25)) * cell
-            # Only draw within the shape's bounding box (cheap at any image size).
-            y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size)
-            x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size)
-            m = _shape_mask(g.shape, yy[y0:y1], xx[:, x0:x1], cy, cx, r)
+            cy = int((g.place[0] + 0.5 + rng.uniform(-0.25, 0.25)) * cell)
+            cx = int((g.place[1] + 0.5 + rng.uniform(-0.25, 0.25)) * cell)
+            y0, y1 = max(cy - k, 0), min(cy + k + 1, size)
+            x0, x1 = max(cx - k, 0), min(cx + k + 1, size)
+            m = sprite[y0 - (cy - k):y1 - (cy - k), x0 - (cx - k):x1 - (cx - k)]
             img[y0:y1, x0:x1][m] = COLOURS[g.colour]
     return img
 

@@ -17,6 +17,7 @@ Kind "lm": `[bos] caption [eos]`, T = `seq_len`. Kind "clip": `[bos] caption [eo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 from typing import Any
 
@@ -39,8 +40,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # ----------------------------------------------------------------------------- images
 def decode_image(data: Any, draft_size: int = 0, as_pil: bool = False):
-    """Encoded bytes (or an array) -> uint8 RGB [H, W, 3] (or an RGB PIL image: saves a
-    copy when `resize_image` comes next).
+    """Encoded bytes (or an array) -> uint8 RGB [H, W, 3] (or, for encoded bytes with
+    `as_pil`, an RGB PIL image: saves a copy when `resize_image` comes next).
 
     Applies the EXIF orientation; palette, grayscale, 16-bit, CMYK and alpha images become
     RGB (transparent pixels over white). `draft_size` lets JPEG decode at a reduced DCT
@@ -49,8 +50,7 @@ def decode_image(data: Any, draft_size: int = 0, as_pil: bool = False):
     if data is None:
         raise BadSample("missing_image")
     if isinstance(data, np.ndarray):
-        a = _array_to_rgb(data)
-        return Image.fromarray(a) if as_pil else a
+        return _array_to_rgb(data)  # already decoded: stays an array
     if isinstance(data, memoryview):
         data = data.tobytes()
     if not isinstance(data, (bytes, bytearray)):
@@ -206,21 +206,28 @@ def build_sequence(caption_ids: list[int], tokenizer, spec: SequenceSpec,
     head = [tokenizer.bos_id] + before + [spec.image_token_id] * k + after
     ids = head + cap + [tokenizer.eos_id]
     n, t = len(ids), spec.length
-    tokens = np.full((t,), tokenizer.pad_id, np.int32)
-    tokens[:n] = ids
-    targets = np.full((t,), tokenizer.pad_id, np.int32)
-    targets[:n - 1] = ids[1:]
+    pad = [tokenizer.pad_id] * (t - n)
+    ar = _arange(t)
     loss_mask = np.zeros((t,), np.float32)
     loss_mask[len(head) - 1:n - 1] = 1.0  # targets = caption tokens and the eos
-    out = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
-           "positions": np.where(np.arange(t) < n, np.arange(t), 0).astype(np.int32),
-           "segment_ids": (np.arange(t) < n).astype(np.int32),
+    out = {"tokens": np.array(ids + pad, np.int32),
+           "targets": np.array(ids[1:] + pad + [tokenizer.pad_id], np.int32),
+           "loss_mask": loss_mask,
+           "positions": np.where(ar < n, ar, 0).astype(np.int32),
+           "segment_ids": (ar < n).astype(np.int32),
            "_truncated": np.int32(truncated)}
     if spec.kind == "vlm":
         vm = np.zeros((t,), bool)
         vm[1 + len(before):1 + len(before) + k] = True
         out["visual_mask"] = vm
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _arange(t: int) -> np.ndarray:
+    a = np.arange(t, dtype=np.int32)
+    a.flags.writeable = False
+    return a
 
 
 def build_clip_tokens(caption_ids: list[int], tokenizer, length: int) -> dict[str, np.ndarray]:
