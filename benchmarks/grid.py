@@ -31,21 +31,29 @@ sys.path.insert(0, REPO)
 from vlm_jax.grid import registry  # noqa: E402
 
 
+def start_step(workdir: str) -> int:
+    """The step a run started from: 0, or S of a WSD branch (`train.branch_from` WD:S)."""
+    cfg = registry.read_json(os.path.join(workdir, "config.json")) or {}
+    branch = str((cfg.get("train") or {}).get("branch_from") or "")
+    step = branch.rpartition(":")[2]
+    return int(step) if step.isdigit() else 0
+
+
 def step_seconds(workdir: str) -> tuple[float, int]:
-    """(train-step seconds, steps) of a run from its metrics.jsonl."""
-    total, prev, steps = 0.0, 0, 0
+    """(train-step seconds, steps executed) of a run from its metrics.jsonl (a WSD branch
+    only executes the steps after its branch point)."""
+    total = 0.0
+    first = prev = start_step(workdir)
     try:
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             lines = [json.loads(x) for x in f if x.strip()]
     except (OSError, ValueError):
         return 0.0, 0
     for m in lines:
-        if "perf/step_time_s" in m and "step" in m:
-            n = int(m["step"]) - prev
-            total += float(m["perf/step_time_s"]) * max(n, 0)
+        if "perf/step_time_s" in m and "step" in m and int(m["step"]) > prev:
+            total += float(m["perf/step_time_s"]) * (int(m["step"]) - prev)
             prev = int(m["step"])
-            steps = prev
-    return total, steps
+    return total, prev - first
 
 
 def measure(config: str, root: str, parallel: int, select: list[str], extra: list[str]) -> dict:
