@@ -21,6 +21,20 @@ def _grid(n):
     return fig, list(axes.flat[:n])
 
 
+def _finish(ax, xlabel, title, legend):
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    if legend:
+        ax.legend(fontsize=7)
+
+
+def _save(fig, path):
+    io.save_figure(fig, path)
+    plt.close(fig)
+
+
 def _fmt(v):
     return f"{v:.3g}"
 
@@ -52,14 +66,8 @@ def loss_vs(groups, results, path, x_role="D", line_role="N", xlabel="D", linela
                 if len(f.boot):
                     lo, hi = f.band(**kw)
                     ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("loss")
-        ax.set_title(g.name, fontsize=9)
-        if values:
-            ax.legend(fontsize=7)
-    io.save_figure(fig, path)
-    plt.close(fig)
+        _finish(ax, xlabel, g.name, bool(values))
+    _save(fig, path)
 
 
 def joint_fit(groups, results, path):
@@ -84,14 +92,8 @@ def joint_fit(groups, results, path):
                 if len(f.boot):
                     lo, hi = f.band(**kw)
                     ax.fill_between(ds, lo, hi, color=color, alpha=0.15, lw=0)
-        ax.set_xscale("log")
-        ax.set_xlabel("D")
-        ax.set_ylabel("loss")
-        ax.set_title(f"{g.name} ({f.kind if f else 'no fit'})", fontsize=9)
-        if len(values) <= 8:
-            ax.legend(fontsize=7)
-    io.save_figure(fig, path)
-    plt.close(fig)
+        _finish(ax, "D", f"{g.name} ({f.kind if f else 'no fit'})", len(values) <= 8)
+    _save(fig, path)
 
 
 def residuals(groups, results, path):
@@ -108,8 +110,7 @@ def residuals(groups, results, path):
             ax.set_xlabel("predicted loss")
             ax.set_ylabel("log(obs) - log(pred)")
         ax.set_title(g.name, fontsize=9)
-    io.save_figure(fig, path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def heatmap(rows, path):
@@ -135,8 +136,7 @@ def heatmap(rows, path):
     ax.set_xlabel("encoder parameters")
     ax.set_ylabel("LLM parameters")
     ax.legend(fontsize=7, loc="upper left")
-    io.save_figure(fig, path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def optimal_line(rows, line, path):
@@ -154,5 +154,4 @@ def optimal_line(rows, line, path):
     ax.set_xlabel("LLM parameters")
     ax.set_ylabel("optimal encoder parameters")
     ax.legend(fontsize=7)
-    io.save_figure(fig, path)
-    plt.close(fig)
+    _save(fig, path)

@@ -27,14 +27,28 @@ def _images(plots, prefix):
             for name, p in plots.items()]
 
 
-def fit_markdown(res: dict, prefix: str = "", level: int = 1) -> str:
-    h = "#" * level
-    lines = [f"{h} Scaling-law fits\n",
-             f"Source: `{res.get('source')}`; roles: {res.get('roles')}; groups by "
-             f"{res.get('group_cols') or 'none'}; {res.get('n_boot')} bootstrap resamples, "
-             f"95% percentile intervals; Huber delta {res.get('delta')} on log loss.\n"]
+def _head(h, title, about, res):
+    lines = [f"{h} {title}\n", f"Source: `{res.get('source')}`; {about}\n"]
     if res.get("error"):
         lines.append(f"**Error:** {res['error']}\n")
+    return lines
+
+
+def _tail(h, res, prefix):
+    lines = []
+    if res.get("excluded"):
+        lines.append(f"\n{h}# Excluded runs ({len(res['excluded'])})\n")
+        lines += [f"- `{e['run']}`: {e['reason']}" for e in res["excluded"]]
+    lines.append(f"\n{h}# Plots\n")
+    return lines + _images(res.get("plots", {}), prefix)
+
+
+def fit_markdown(res: dict, prefix: str = "", level: int = 1) -> str:
+    h = "#" * level
+    lines = _head(h, "Scaling-law fits",
+                  f"roles: {res.get('roles')}; groups by {res.get('group_cols') or 'none'}; "
+                  f"{res.get('n_boot')} bootstrap resamples, 95% percentile intervals; Huber "
+                  f"delta {res.get('delta')} on log loss.", res)
     lines.append(f"\n{h}# Fits: L = E + A/N^alpha + B/D^beta\n")
     lines.append("| group | law | E | A | alpha | B | beta | points | huber | rmse (log) |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -81,22 +95,15 @@ def fit_markdown(res: dict, prefix: str = "", level: int = 1) -> str:
         for r in eff["rows"]:
             lines.append(f"| {r['group']} | {_g(r['N'])} | {_g(r['target'], 4)} | "
                          f"{_g(r['D'])}{_pair(r.get('ci'))} |")
-    if res.get("excluded"):
-        lines.append(f"\n{h}# Excluded runs ({len(res['excluded'])})\n")
-        lines += [f"- `{e['run']}`: {e['reason']}" for e in res["excluded"]]
-    lines.append(f"\n{h}# Plots\n")
-    lines += _images(res.get("plots", {}), prefix)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _tail(h, res, prefix)) + "\n"
 
 
 def optimal_markdown(res: dict, prefix: str = "", level: int = 1) -> str:
     h = "#" * level
-    lines = [f"{h} Optimal encoder per LLM (NaViL rule)\n",
-             f"Source: `{res.get('source')}`; rule: the smallest encoder whose loss is within "
-             f"{100 * res.get('tol', 0.01):g}% (of the smallest encoder's loss) of the next "
-             f"larger encoder.\n"]
-    if res.get("error"):
-        lines.append(f"**Error:** {res['error']}\n")
+    lines = _head(h, "Optimal encoder per LLM (NaViL rule)",
+                  f"rule: the smallest encoder whose loss is within "
+                  f"{100 * res.get('tol', 0.01):g}% (of the smallest encoder's loss) of the "
+                  f"next larger encoder.", res)
     lines.append("| LLM | encoders | losses | optimal encoder | rule met |")
     lines.append("|---|---|---|---|---|")
     for r in res.get("per_llm", []):
@@ -109,12 +116,7 @@ def optimal_markdown(res: dict, prefix: str = "", level: int = 1) -> str:
     if "b" in line:
         lines.append(f"\nFit: log V* = a + b log N_LLM, a = {line['a']:.3f}{_ci(line.get('ci'), 'a')}, "
                      f"b = {line['b']:.3f}{_ci(line.get('ci'), 'b')} ({line['n_points']} LLM sizes).\n")
-    if res.get("excluded"):
-        lines.append(f"\n{h}# Excluded runs ({len(res['excluded'])})\n")
-        lines += [f"- `{e['run']}`: {e['reason']}" for e in res["excluded"]]
-    lines.append(f"\n{h}# Plots\n")
-    lines += _images(res.get("plots", {}), prefix)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _tail(h, res, prefix)) + "\n"
 
 
 def combined_markdown(sections: list[tuple[str, str, dict]]) -> str:
