@@ -6,6 +6,7 @@ Llama family checkpoints used by the two studies (hyper-parameters of their rele
 from __future__ import annotations
 
 from configs import common
+from configs.models import lookup
 
 _LLAMA = dict(vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0, qkv_bias=False,
               tie_embeddings=False, max_len=4096, bos_id=1, eos_id=2, pad_id=0)
@@ -46,10 +47,5 @@ PUBLISHED = {
 
 
 def get(name: str):
-    """`common.llm_config()` with the overrides of size `name`."""
-    if name not in SIZES:
-        raise ValueError(f"unknown LLM size {name!r}; known: {sorted(SIZES)} "
-                         "(configs/models/llm.py)")
-    c = common.llm_config()
-    c.update(SIZES[name])
-    return c
+    """`common.llm_config()` with the overrides of LLM size `name`."""
+    return lookup(SIZES, name, common.llm_config(), "configs/models/llm.py")

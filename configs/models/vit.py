@@ -8,6 +8,7 @@ and tests (32 px, patch 8: 16 patch tokens).
 from __future__ import annotations
 
 from configs import common
+from configs.models import lookup
 
 _CLIP = dict(variant="clip", class_token=True, pre_norm=True, norm_eps=1e-5)
 
@@ -38,10 +39,5 @@ PUBLISHED = {"B16": 86e6, "L14": 304e6, "L14_336": 304e6, "H14": 632e6, "g14": 1
 
 
 def get(name: str):
-    """`common.vit_config()` with the overrides of size `name`."""
-    if name not in SIZES:
-        raise ValueError(f"unknown ViT size {name!r}; known: {sorted(SIZES)} "
-                         "(configs/models/vit.py)")
-    c = common.vit_config()
-    c.update(SIZES[name])
-    return c
+    """`common.vit_config()` with the overrides of ViT size `name`."""
+    return lookup(SIZES, name, common.vit_config(), "configs/models/vit.py")

@@ -48,14 +48,6 @@ def _np_dtype(dtype):
     return None if dtype in (None, "", "auto") else np.dtype(L.dtype_of(dtype))
 
 
-def _shapes(module, *args) -> dict[str, tuple[int, ...]]:
-    tree = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
-    tree = jax.tree.map(lambda x: x, tree)
-    import flax.linen as nn
-    tree = nn.meta.unbox(tree)
-    return {k: tuple(v.shape) for k, v in M.flatten(tree).items()}
-
-
 def _llm_module(overrides: dict, scan_layers: bool, param_dtype=None):
     from vlm_jax.models.llm import LLM
     cfg = common.llm_config()
@@ -72,14 +64,6 @@ def _vit_module(overrides: dict, scan_layers: bool, param_dtype=None):
     return cfg, ViT(cfg, param_dtype=param_dtype or jnp.float32)
 
 
-def _llm_args(cfg):
-    return (jax.ShapeDtypeStruct((1, 2), jnp.int32),)
-
-
-def _vit_args(cfg):
-    return (jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32),)
-
-
 # --------------------------------------------------------------------------- readers
 def convert_llm(path: str, dtype=None, scan_layers: bool = True):
     """transformers dir -> (config overrides, params, meta)."""
@@ -88,8 +72,10 @@ def convert_llm(path: str, dtype=None, scan_layers: bool = True):
     over = hf_llm.config_overrides(hf, os.path.join(path, "config.json"))
     reader = st.Reader(path)
     prefix, head = hf_llm.detect_layout(reader, arch)
-    cfg, mod = _llm_module(over, scan_layers)
-    params = M.load(reader, hf_llm.entries(cfg, arch, prefix, head), _shapes(mod, *_llm_args(cfg)),
+    cfg, _ = _llm_module(over, scan_layers)
+    from vlm_jax.models.llm import param_shapes
+    shapes = param_shapes(cfg)
+    params = M.load(reader, hf_llm.entries(cfg, arch, prefix, head), shapes,
                     scan_layers, _np_dtype(dtype),
                     hf_llm.ignore_fn(prefix, head, cfg.tie_embeddings), what=f"{arch} LLM")
     meta = dict(part="llm", arch=arch, config=over, hf_config=hf, prefix=prefix, head_key=head,
@@ -104,7 +90,7 @@ def convert_vision(path: str, dtype=None, scan_layers: bool = True, **overrides)
         reader = hf_vision.open_reader(oc)
         cfg_json = os.path.join(os.path.dirname(oc), "open_clip_config.json")
         over = hf_vision.openclip_overrides(reader, cfg_json, **overrides)
-        cfg, mod = _vit_module(over, scan_layers)
+        cfg, _ = _vit_module(over, scan_layers)
         entries, ignore, hf, prefix, arch = (hf_vision.openclip_entries(cfg),
                                              hf_vision.openclip_ignore, {}, "visual.", "openclip")
     else:
@@ -113,9 +99,11 @@ def convert_vision(path: str, dtype=None, scan_layers: bool = True, **overrides)
         over.update(overrides)
         reader = st.Reader(path)
         prefix = hf_vision.detect_prefix(reader)
-        cfg, mod = _vit_module(over, scan_layers)
+        cfg, _ = _vit_module(over, scan_layers)
         entries, ignore, arch = hf_vision.hf_entries(cfg, prefix), hf_vision.hf_ignore(prefix), "clip"
-    params = M.load(reader, entries, _shapes(mod, *_vit_args(cfg)), scan_layers,
+    from vlm_jax.models.vit import param_shapes
+    shapes = param_shapes(cfg)
+    params = M.load(reader, entries, shapes, scan_layers,
                     _np_dtype(dtype), ignore, what=f"{arch} vision")
     meta = dict(part="vision", arch=arch, config=over, hf_config=hf, prefix=prefix,
                 source=os.path.abspath(path))

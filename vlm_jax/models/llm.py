@@ -183,3 +183,32 @@ class LLM(nn.Module):
             self.embed(input_ids)
         h = self.decode(inputs_embeds, positions, segment_ids, visual_mask)
         return self.logits(h)
+
+
+def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """"/"-joined param path -> shape, without tracing the model (conversion uses it to
+    validate checkpoints; a test checks it against `jax.eval_shape` of `LLM.init`)."""
+    if cfg.experts:
+        raise ValueError("param_shapes: modality experts are not part of pretrained checkpoints")
+    d, hd, h, kv, m = cfg.width, head_dim(cfg), cfg.heads, cfg.kv_heads, cfg.mlp_dim
+    layer = {"attn/q/kernel": (d, h, hd), "attn/k/kernel": (d, kv, hd),
+             "attn/v/kernel": (d, kv, hd), "attn/o/kernel": (h, hd, d),
+             "mlp/gate/kernel": (d, m), "mlp/up/kernel": (d, m), "mlp/down/kernel": (m, d),
+             "attn_norm/scale": (d,), "mlp_norm/scale": (d,)}
+    if cfg.qkv_bias:
+        layer.update({"attn/q/bias": (h, hd), "attn/k/bias": (kv, hd), "attn/v/bias": (kv, hd)})
+    top = {"embedding": (cfg.vocab_size, d), "final_norm/scale": (d,)}
+    if not cfg.tie_embeddings:
+        top["lm_head"] = (d, cfg.vocab_size)
+    return with_layers(top, layer, cfg.depth, cfg.scan_layers)
+
+
+def with_layers(top: dict, layer: dict, depth: int, scanned: bool) -> dict:
+    """Adds per-layer shapes as `layers/...` [depth, ...] or `layers_{i}/...`."""
+    out = dict(top)
+    for k, s in layer.items():
+        if scanned:
+            out[f"layers/{k}"] = (depth,) + tuple(s)
+        else:
+            out.update({f"layers_{i}/{k}": tuple(s) for i in range(depth)})
+    return out

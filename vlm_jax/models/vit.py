@@ -290,3 +290,24 @@ def num_feature_tokens(cfg) -> int:
     if cfg.class_token and cfg.feature_select == "cls_patch":
         n += 1
     return n
+
+
+def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """"/"-joined param path -> shape, without tracing (checked against `jax.eval_shape`)."""
+    from vlm_jax.models.llm import with_layers
+    d, h, m, p = cfg.width, cfg.heads, cfg.mlp_dim, cfg.patch_size
+    hd = d // h
+    top = {"patch_embed/kernel": (p, p, 3, d),
+           "pos_embed": (num_patches(cfg) + int(cfg.class_token), d),
+           "ln_post/scale": (d,), "ln_post/bias": (d,)}
+    if cfg.class_token:
+        top["class_embed"] = (d,)
+    if cfg.pre_norm:
+        top.update({"ln_pre/scale": (d,), "ln_pre/bias": (d,)})
+    layer = {"ln1/scale": (d,), "ln1/bias": (d,), "ln2/scale": (d,), "ln2/bias": (d,),
+             "attn/o/kernel": (h, hd, d), "attn/o/bias": (d,),
+             "mlp/fc1/kernel": (d, m), "mlp/fc1/bias": (m,), "mlp/fc2/kernel": (m, d),
+             "mlp/fc2/bias": (d,)}
+    for n in "qkv":
+        layer.update({f"attn/{n}/kernel": (d, h, hd), f"attn/{n}/bias": (h, hd)})
+    return with_layers(top, layer, cfg.depth, cfg.scan_layers)
