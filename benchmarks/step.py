@@ -194,7 +194,7 @@ def reference(c, steps: int) -> dict:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(out.loss)
+        return float(out.loss.detach())
 
     step()  # warm-up
     times = []
