@@ -170,7 +170,7 @@ def _wqkv(key: str, o: str, heads: int, kv_heads: int, hd: int) -> M.Entry:
         w = w.reshape(kv_heads, g + 2, hd, d)
         q = w[:, :g].reshape(heads, hd, d)
         k, v = w[:, g], w[:, g + 1]
-        return tuple(np.ascontiguousarray(x.transpose(2, 0, 1)) for x in (q, k, v))
+        return tuple(x.transpose(2, 0, 1) for x in (q, k, v))
 
     def back(q, k, v):
         d = q.shape[0]

@@ -35,18 +35,19 @@ def one(hf: str, ours: str, to_ours=None, to_hf=None) -> Entry:
     return Entry((hf,), (ours,), lambda a: (f(a),), lambda a: (g(a),))
 
 
-# Common transforms (checkpoint [out, in] torch layout -> ours [in, ...out]).
+# Common transforms (checkpoint [out, in] torch layout -> ours [in, ...out]). They return
+# views where they can: `load` copies each result once, straight into its destination.
 def t(a):
-    return np.ascontiguousarray(a.T)
+    return a.T
 
 
 def heads_in(n: int):
     """[n*h, d] -> [d, n, h] (q/k/v kernels) and back."""
     def fwd(a):
-        return np.ascontiguousarray(a.T.reshape(a.shape[1], n, -1))
+        return a.T.reshape(a.shape[1], n, -1)
 
     def back(a):
-        return np.ascontiguousarray(a.reshape(a.shape[0], -1).T)
+        return a.reshape(a.shape[0], -1).T
     return fwd, back
 
 
@@ -57,10 +58,10 @@ def heads_bias(n: int):
 def heads_out(n: int):
     """[d, n*h] -> [n, h, d] (output projection) and back."""
     def fwd(a):
-        return np.ascontiguousarray(a.T.reshape(n, -1, a.shape[0]))
+        return a.T.reshape(n, -1, a.shape[0])
 
     def back(a):
-        return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+        return a.reshape(-1, a.shape[-1]).T
     return fwd, back
 
 
