@@ -49,7 +49,13 @@ def make_batch(c, b=2, seed=0):
 
 def init(c, batch):
     m = models.build_model(c.model)
-    return m, nn.meta.unbox(m.init(jax.random.key(0), batch))["params"]
+    return m, nn.meta.unbox(jax.jit(m.init)(jax.random.key(0), batch))["params"]
+
+
+def run(m, params, batch, method=None):
+    """Jitted apply (eager flax scans are slow)."""
+    f = jax.jit(lambda p, b: m.apply({"params": p}, b, method=method))
+    return f(params, batch)
 
 
 def test_registry_kinds_and_errors():
@@ -67,9 +73,9 @@ def test_vlm_loss_counts_caption_tokens_only():
     batch = make_batch(c)
     m, params = init(c, batch)
     assert set(params) == {"vision", "projector", "llm"}
-    out = m.apply({"params": params}, batch)
+    out = run(m, params, batch)
     assert out["num_tokens"] == batch["loss_mask"].sum()
-    logits = m.apply({"params": params}, batch, method=m.logits)
+    logits = run(m, params, batch, method="logits")
     assert logits.shape == batch["tokens"].shape + (c.model.llm.vocab_size,)
     lse = jax.nn.logsumexp(logits, -1)
     picked = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
@@ -77,7 +83,7 @@ def test_vlm_loss_counts_caption_tokens_only():
     np.testing.assert_allclose(out["loss_sum"], ref, rtol=1e-5)
     # A padding example (valid = 0) contributes nothing.
     b2 = dict(batch, valid=np.array([1, 0], np.float32))
-    out2 = m.apply({"params": params}, b2)
+    out2 = run(m, params, b2)
     assert out2["num_tokens"] == batch["loss_mask"][0].sum()
 
 
@@ -90,8 +96,8 @@ def test_vlm_features_path_equals_pixels_path():
     assert feats.shape == (2, 16, 32)
     b2 = {k: v for k, v in batch.items() if k != "pixels"}
     b2["features"] = feats
-    a = m.apply({"params": params}, batch)
-    b = m.apply({"params": params}, b2)
+    a = run(m, params, batch)
+    b = run(m, params, b2)
     np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-6)
 
 
@@ -112,13 +118,13 @@ def test_scanned_equals_unscanned_and_remat(kind):
     c = tiny_config(kind, scan=True)
     batch = make_batch(c)
     m, params = init(c, batch)
-    ref = m.apply({"params": params}, batch, method=m.logits)
+    ref = run(m, params, batch, method="logits")
     cu = tiny_config(kind, scan=False)
     mu = models.build_model(cu.model)
     pu = unstack_layers(params)
     _, init_u = init(cu, batch)
     assert jax.tree.map(jnp.shape, pu) == jax.tree.map(jnp.shape, init_u)
-    got = mu.apply({"params": pu}, batch, method=mu.logits)
+    got = run(mu, pu, batch, method="logits")
     np.testing.assert_allclose(got, ref, atol=1e-5)
     back = stack_layers(pu)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, params))
@@ -133,10 +139,10 @@ def test_chunked_loss_matches_naive():
     c = tiny_config("vlm")
     batch = make_batch(c)
     m, params = init(c, batch)
-    a = m.apply({"params": params}, batch)
+    a = run(m, params, batch)
     c.model.llm.loss_chunk = 5
     m2 = models.build_model(c.model)
-    b = m2.apply({"params": params}, batch)
+    b = run(m2, params, batch)
     np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-5)
     c.model.llm.tie_embeddings = True
     _, pt = init(c, batch)
