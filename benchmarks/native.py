@@ -145,7 +145,7 @@ def main(argv=None):
     ap.add_argument("--examples", type=int, default=96)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     a = ap.parse_args(argv)
     if a.quick:
