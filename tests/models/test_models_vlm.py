@@ -81,6 +81,14 @@ def test_vlm_loss_counts_caption_tokens_only():
     picked = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
     ref = jnp.sum((lse - picked) * batch["loss_mask"])
     np.testing.assert_allclose(out["loss_sum"], ref, rtol=1e-5)
+    # The loss only unembeds the T-K+1 positions that can carry loss: still exact when
+    # all of them do (every text position and the last image position).
+    full = np.ones_like(batch["loss_mask"])
+    full[:, 1:batch["visual_mask"][0].sum()] = 0  # image positions but the last
+    assert full.sum(1).max() == batch["tokens"].shape[1] - batch["visual_mask"][0].sum() + 1
+    out_full = run(m, params, dict(batch, loss_mask=full))
+    np.testing.assert_allclose(out_full["loss_sum"], jnp.sum((lse - picked) * full), rtol=1e-5)
+    assert out_full["num_tokens"] == full.sum()
     # A padding example (valid = 0) contributes nothing.
     b2 = dict(batch, valid=np.array([1, 0], np.float32))
     out2 = run(m, params, b2)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import common
 from tests.train import tiny
 from vlm_jax.train import checkpoint as ckpt
 from vlm_jax.train import optim, step as step_lib, trainer
@@ -138,3 +139,19 @@ def test_nonfinite_guard_skips_and_stops(tmp_path):
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [l["train/skipped_steps"] for l in lines] == [0, 0, 0, 0, 1, 2]
     assert not os.path.exists(tmp_path / "result.json")
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "wsd"])
+@pytest.mark.parametrize("warm", [0, 7])
+def test_runtime_schedule_equals_compiled_schedule(kind, warm):
+    """The trainer passes the schedule as numbers (one XLA program serves every run of the
+    same shapes); its values must be those of the optax schedule at every step."""
+    c = common.base_config().optim
+    c.update(schedule=kind, lr=3e-3, warmup_steps=warm, warmup_frac=0.0, min_lr_ratio=0.1,
+             decay_frac=0.2)
+    total = 53
+    ref = optim.make_schedule(c, total)
+    hp = optim.schedule_params(c, total)
+    f = jax.jit(lambda s, h: optim.traced_schedule(s, h))
+    for s in range(total + 3):
+        assert float(f(s, hp)) == pytest.approx(float(ref(s)), rel=1e-5, abs=1e-9), s

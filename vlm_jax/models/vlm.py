@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from vlm_jax.models import layers as L
 from vlm_jax.models.llm import LLM
-from vlm_jax.models.lm import compute_dtypes, loss_outputs
+from vlm_jax.models.lm import compute_dtypes, loss_mask_of, loss_outputs
 from vlm_jax.models.projector import Projector, num_output_tokens
 from vlm_jax.models.vit import ViT, num_feature_tokens
 
@@ -73,4 +73,24 @@ class VLM(nn.Module):
 
     def __call__(self, batch, deterministic: bool = True):
         del deterministic  # no dropout
-        return loss_outputs(self.llm, self.hidden(batch), batch)
+        hidden = self.hidden(batch)
+        k = num_image_tokens(self.cfg)
+        t = hidden.shape[1]
+        if 0 < k < t:
+            # Only caption positions (and the last image position, which predicts the first
+            # caption token) can carry loss: unembed just those T-K+1 positions instead of
+            # all T. With a 14x14-patch image and 32 caption tokens that is 29 of 228
+            # positions, so the vocabulary matmul and its backward shrink 8x.
+            keep = loss_positions(loss_mask_of(batch), t - k + 1)
+            hidden = jnp.take_along_axis(hidden, keep[..., None], axis=1)
+            batch = {"targets": jnp.take_along_axis(batch["targets"], keep, axis=1),
+                     "loss_mask": jnp.take_along_axis(loss_mask_of(batch), keep, axis=1)}
+        return loss_outputs(self.llm, hidden, batch)
+
+
+def loss_positions(loss_mask, n: int):
+    """Indices [B, n] of the positions that carry loss (loss_mask > 0), in order, padded
+    with loss-free positions. Exact as long as no row has more than n loss positions, which
+    holds when each row has K image positions (the data contract): at most T - K + 1."""
+    order = jnp.argsort(jnp.where(loss_mask > 0, 0, 1), axis=1, stable=True)
+    return order[:, :n]

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -52,19 +53,57 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                           optax.Schedule]:
-    """AdamW with global-norm clipping (clip_norm <= 0 disables it)."""
+_KINDS = ("cosine", "linear", "constant", "wsd")
+
+
+def schedule_params(optim_cfg, total_steps: int) -> np.ndarray:
+    """The schedule as runtime numbers [lr, end_lr, warmup, total, decay_steps, kind] for
+    `traced_schedule`. Passing them to the train step as an argument (instead of baking the
+    schedule into it) gives every run of the same shapes the same XLA program, so the
+    persistent compilation cache serves all the data sizes of a grid from one compile."""
+    make_schedule(optim_cfg, total_steps)  # validates
+    lr = float(optim_cfg.lr)
+    total = max(int(total_steps), 1)
+    warm = min(warmup_steps(optim_cfg, total), total)
+    decay = max(int(round(float(optim_cfg.decay_frac) * total)), 1)
+    return np.array([lr, lr * float(optim_cfg.min_lr_ratio), warm, total, decay,
+                     _KINDS.index(optim_cfg.schedule)], np.float32)
+
+
+def traced_schedule(count, hp) -> jax.Array:
+    """`make_schedule`'s value at step `count` from `schedule_params` (traceable)."""
+    lr, end, warm, total, decay, kind = (hp[i] for i in range(6))
+    c = jnp.asarray(count, jnp.float32)
+    rest = jnp.maximum(total - warm, 1.0)
+    cm = jnp.clip(c - warm, 0.0, rest)                      # steps into the main phase
+    cosine = end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * cm / rest))
+    linear = lr + (end - lr) * cm / rest
+    stable = jnp.maximum(rest - decay, 0.0)
+    wsd = lr + (end - lr) * jnp.clip(cm - stable, 0.0, decay) / decay
+    main = jnp.select([kind == 0, kind == 1, kind == 2], [cosine, linear, lr], wsd)
+    ramp = lr * jnp.minimum(c, warm) / jnp.maximum(warm, 1.0)
+    return jnp.where(c < warm, ramp, main)
+
+
+def make_optimizer(optim_cfg, total_steps: int, runtime_lr: bool = False
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
+    """AdamW with global-norm clipping (clip_norm <= 0 disables it).
+
+    runtime_lr=True: the transformation uses learning rate 1 and the train step scales its
+    updates by `traced_schedule(step, hp)` (AdamW's update is linear in the learning rate,
+    weight decay included); returns (tx, None)."""
     if optim_cfg.name != "adamw":
         raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' is supported")
     sched = make_schedule(optim_cfg, total_steps)
+    if runtime_lr:
+        sched = 1.0
     parts = []
     if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
     parts.append(optax.adamw(sched, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
                              eps=float(optim_cfg.eps),
                              weight_decay=float(optim_cfg.weight_decay)))
-    return optax.chain(*parts), sched
+    return optax.chain(*parts), (None if runtime_lr else sched)
 
 
 # --------------------------------------------------------------------------- freeze masks

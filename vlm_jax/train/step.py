@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlm_jax.train.optim import merge_params
+from vlm_jax.train.optim import merge_params, traced_schedule
 
 
 def model_inputs(batch: dict) -> dict:
@@ -47,9 +47,12 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
+def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable | None,
                     grad_accum: int = 1) -> Callable:
-    """Returns `train_step(state, frozen, batch) -> (state, metrics)`.
+    """Returns `train_step(state, frozen, batch) -> (state, metrics)`; with schedule=None
+    (a `make_optimizer(..., runtime_lr=True)` transformation) it is
+    `train_step(state, frozen, batch, hp)` and the learning rate is
+    `optim.traced_schedule(step, hp)`, a runtime input rather than a compiled constant.
 
     With grad_accum = A, the global batch [B, ...] is split into A micro-batches
     (example i goes to micro-batch i % A, so each stays spread over the data axes) and
@@ -63,8 +66,10 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
 
     grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
 
-    def train_step(state, frozen, batch):
+    def train_step(state, frozen, batch, hp=None):
         params = state["params"]
+        lr = schedule(state["step"]) if schedule is not None else \
+            traced_schedule(state["step"], hp)
         batch = model_inputs(batch)
         if grad_accum == 1:
             (loss_sum, out), grads = grad_fn(params, frozen, batch)
@@ -92,6 +97,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
         loss = loss_sum / denom
         finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
+        if schedule is None:
+            updates = jax.tree.map(lambda u: (u * lr).astype(u.dtype), updates)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = dict(
@@ -106,7 +113,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
                         jnp.asarray(batch["tokens"].size if "tokens" in batch else 0))
         metrics = dict(loss=loss, loss_sum=loss_sum, num_tokens=num_tokens,
                        input_tokens=input_tokens.astype(jnp.int32),
-                       grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]),
+                       grad_norm=optax.tree.norm(grads), lr=jnp.asarray(lr, jnp.float32),
                        finite=finite, nonfinite=new_state["nonfinite"],
                        skipped=new_state["skipped"], **extras)
         return new_state, metrics

@@ -306,7 +306,9 @@ class Run:
 
     def init_state(self, trainable):
         cfg = self.config
-        self.tx, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+        self.tx, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.steps,
+                                                      runtime_lr=True)
+        self.schedule_hp = optim.schedule_params(cfg.optim, cfg.train.steps)
         p_sh = jax.tree.map(lambda x: x.sharding, trainable)
         abstract_opt = jax.eval_shape(self.tx.init, trainable)
         repl = sharding.replicated(self.mesh)
@@ -331,12 +333,17 @@ class Run:
         b_train = self._abstract_batch(self.batch_spec)
         b_eval = self._abstract_batch(self.eval_spec)
         repl = sharding.replicated(self.mesh)
+        hp = jax.device_put(self.schedule_hp, repl)
         with self.ctx():
             jitted = jax.jit(fn, in_shardings=(self.state_shardings, f_sh,
-                                               {k: v.sharding for k, v in b_train.items()}),
+                                               {k: v.sharding for k, v in b_train.items()},
+                                               repl),
                              out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
-            self.train_step = jitted.lower(ckpt.abstract_like(state),
-                                           ckpt.abstract_like(frozen), b_train).compile()
+            compiled = jitted.lower(ckpt.abstract_like(state), ckpt.abstract_like(frozen),
+                                    b_train, ckpt.abstract_like(hp)).compile()
+            # The schedule is an input, so runs that differ only in steps/lr share this
+            # program (and the persistent compilation cache entry).
+            self.train_step = _WithSchedule(compiled, hp)
             if not with_eval:
                 return self.train_step, None
             ev = jax.jit(step_lib.make_eval_step(self.model),
@@ -547,6 +554,21 @@ class Run:
         if self.is_main:
             metrics_lib.atomic_write_json(result_path, result)
         return result
+
+
+class _WithSchedule:
+    """The compiled train step with this run's schedule numbers bound:
+    `step(state, frozen, batch)`; other attributes (cost_analysis, memory_analysis, ...)
+    are the compiled executable's."""
+
+    def __init__(self, compiled, hp):
+        self.compiled, self.hp = compiled, hp
+
+    def __call__(self, state, frozen, batch):
+        return self.compiled(state, frozen, batch, self.hp)
+
+    def __getattr__(self, name):
+        return getattr(self.compiled, name)
 
 
 def run(config, workdir: str, **kw) -> dict:
