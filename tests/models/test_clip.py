@@ -68,15 +68,16 @@ def test_padding_examples_do_not_change_the_loss(loss):
     c = _config(loss)
     model = clip.CLIPModel(c.model)
     b = _batch(4)
-    params = model.init(jax.random.key(0), b)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), b)["params"]
     assert set(params) == {"vision", "text", "head"}
-    out = model.apply({"params": params}, b)
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x))  # eager flax scans are slow
+    out = apply(params, b)
     # Append two padding examples (valid = 0): per-example losses of the real ones and
     # the sums must not move.
     pad = _batch(2, seed=7)
     pad["valid"] = np.zeros(2, np.float32)
     both = {k: np.concatenate([b[k], pad[k]]) for k in b}
-    out2 = model.apply({"params": params}, both)
+    out2 = apply(params, both)
     assert float(out2["num_tokens"]) == 4.0
     np.testing.assert_allclose(out2["loss_sum"], out["loss_sum"], rtol=1e-5)
     np.testing.assert_allclose(out2["accuracy"], out["accuracy"], rtol=1e-6)
@@ -109,7 +110,7 @@ def test_training_learns_the_pairing(loss, class_token):
     tokens[:, 0], tokens[:, 1] = ids, 1
     batch = {"pixels": pixels, "tokens": tokens, "segment_ids": seg,
              "valid": np.ones(b, np.float32)}
-    params = model.init(jax.random.key(0), batch)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
     tx = optax.adamw(1e-3, weight_decay=0.0)
     opt = tx.init(params)
 
