@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.models import layers as L
-from vlm_jax.models.vit import ViT
+from vlm_jax.models.vit import Attention, ViT
 
 
 class TextBlock(nn.Module):
-    width: int
+    """CLIP text layer: pre-LN residual block over the ViT's biased attention."""
     heads: int
     mlp_dim: int
     dtype: L.Dtype = jnp.float32
@@ -30,13 +30,8 @@ class TextBlock(nn.Module):
     @nn.compact
     def __call__(self, x, mask):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        hd = self.width // self.heads
         h = L.LayerNorm(name="ln_1", **kw)(x)
-        q, k, v = (L.Linear((self.heads, hd), (L.EMBED, L.HEADS, L.KV), use_bias=True, name=n,
-                            **kw)(h) for n in ("q", "k", "v"))
-        a = L.dot_product_attention(q, k, v, mask=mask)
-        x = x + L.Linear(self.width, (L.HEADS, L.KV, L.EMBED), in_axes=2, use_bias=True,
-                         name="o", **kw)(a)
+        x = x + Attention(self.heads, name="attn", **kw)(h, mask)
         h = L.LayerNorm(name="ln_2", **kw)(x)
         return x + L.GeluMLP(self.mlp_dim, act="gelu", name="mlp", **kw)(h)
 
@@ -65,7 +60,7 @@ class TextEncoder(nn.Module):
         x = L.constrain(x, (L.BATCH, L.LENGTH, L.EMBED))
         mask = L.attention_mask(segment_ids, causal=True, q_len=t)
         for i in range(self.depth):
-            x = TextBlock(self.width, self.heads, 4 * self.width, dtype=self.dtype,
+            x = TextBlock(self.heads, 4 * self.width, dtype=self.dtype,
                           param_dtype=self.param_dtype, name=f"layers_{i}")(x, mask)
         x = L.LayerNorm(name="ln_final", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         last = jnp.maximum(jnp.sum(segment_ids > 0, axis=1) - 1, 0)

@@ -81,10 +81,11 @@ class VLM(nn.Module):
             # caption token) can carry loss: unembed just those T-K+1 positions instead of
             # all T. With a 14x14-patch image and 32 caption tokens that is 29 of 228
             # positions, so the vocabulary matmul and its backward shrink 8x.
-            keep = loss_positions(loss_mask_of(batch), t - k + 1)
+            mask = loss_mask_of(batch)
+            keep = loss_positions(mask, t - k + 1)
             hidden = jnp.take_along_axis(hidden, keep[..., None], axis=1)
             batch = {"targets": jnp.take_along_axis(batch["targets"], keep, axis=1),
-                     "loss_mask": jnp.take_along_axis(loss_mask_of(batch), keep, axis=1)}
+                     "loss_mask": jnp.take_along_axis(mask, keep, axis=1)}
         return loss_outputs(self.llm, hidden, batch)
 
 
