@@ -2,8 +2,6 @@
 round trip, and bad-input errors."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -96,29 +94,56 @@ def assert_same_tensors(a, b):
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
 
 
-def test_cli_round_trip_bf16_bit_exact(tmp_path):
+def cli(capsys, *args):
+    """`python -m vlm_jax.convert ARGS` in this process (same entry point, no re-import)."""
+    from vlm_jax.convert.__main__ import main
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_round_trip_bf16_bit_exact_sharded(tmp_path, capsys):
     from transformers import LlamaForCausalLM
     m = hf_tiny.llama(tmp_path / "hf")
     m.to(torch.bfloat16).save_pretrained(tmp_path / "hf16")
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    run = lambda *a: subprocess.run([sys.executable, "-m", "vlm_jax.convert", *a], env=env,
-                                    capture_output=True, text=True, timeout=600)
-    r = run("--hf", str(tmp_path / "hf16"), "--out", str(tmp_path / "ck"))
-    assert r.returncode == 0, r.stderr
-    info = json.loads(r.stdout.strip().splitlines()[-1])
+    rc, out, err = cli(capsys, "--hf", tmp_path / "hf16", "--out", tmp_path / "ck")
+    assert rc == 0, err
+    info = json.loads(out.strip().splitlines()[-1])
     assert info["part"] == "llm" and info["arch"] == "llama"
     assert os.path.exists(tmp_path / "ck" / "vlm_jax_convert.json")
     # Existing output is never clobbered without --force.
-    r = run("--hf", str(tmp_path / "hf16"), "--out", str(tmp_path / "ck"))
-    assert r.returncode == 2 and "--force" in r.stderr
-    r = run("--to-hf", str(tmp_path / "ck"), "--out", str(tmp_path / "back"))
-    assert r.returncode == 0, r.stderr
+    rc, _, err = cli(capsys, "--hf", tmp_path / "hf16", "--out", tmp_path / "ck")
+    assert rc == 2 and "--force" in err
+    # A bad shard size fails before anything is written.
+    rc, _, err = cli(capsys, "--to-hf", tmp_path / "ck", "--out", tmp_path / "x",
+                     "--max-shard-size", "5XB")
+    assert rc == 2 and "--max-shard-size" in err and not os.path.exists(tmp_path / "x")
+    # Export in shards of <= 60 KB (the 192 KB embedding gets a shard of its own).
+    rc, _, err = cli(capsys, "--to-hf", tmp_path / "ck", "--out", tmp_path / "back",
+                     "--max-shard-size", "60KB")
+    assert rc == 0, err
+    index = json.load(open(tmp_path / "back" / st.INDEX))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert sorted(os.listdir(tmp_path / "back")) == sorted(shards + [st.INDEX, "config.json"])
+    for f in shards:
+        h = st.read_header(str(tmp_path / "back" / f))
+        size = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in h.values())
+        assert size <= 60_000 or len(h) == 1, (f, size)
+    assert index["metadata"]["total_size"] == sum(
+        st.Reader(str(tmp_path / "hf16")).read(k).nbytes for k in index["weight_map"])
     assert_same_tensors(tmp_path / "hf16", tmp_path / "back")
     again = LlamaForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
     ref = LlamaForCausalLM.from_pretrained(tmp_path / "hf16", dtype=torch.float32)
     with torch.no_grad():
         np.testing.assert_array_equal(again(torch.tensor(IDS)).logits.numpy(),
                                       ref(torch.tensor(IDS)).logits.numpy())
+    # --dtype casts on export (one file: below the default 5GB).
+    convert.export_hf(str(tmp_path / "ck"), str(tmp_path / "f32"), dtype="float32")
+    assert os.listdir(tmp_path / "f32") != [] and not os.path.exists(tmp_path / "f32" / st.INDEX)
+    r16, r32 = st.Reader(str(tmp_path / "hf16")), st.Reader(str(tmp_path / "f32"))
+    for k in r16.keys():
+        np.testing.assert_array_equal(r32.read(k), r16.read(k).astype(np.float32))
     # load_pretrained reads the converted dir (dtype cast) and the HF dir alike.
     over, p1 = convert.load_pretrained("llm", str(tmp_path / "ck"), dtype="float32")
     over2, p2 = convert.load_pretrained("llm", str(tmp_path / "hf16"), dtype="float32")
@@ -126,6 +151,18 @@ def test_cli_round_trip_bf16_bit_exact(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, p1, p2)
     with pytest.raises(convert.ConversionError, match="converted 'llm'"):
         convert.load_pretrained("vision", str(tmp_path / "ck"))
+
+
+def test_shard_plan_and_sizes():
+    assert st.parse_size("5GB") == 5 * 10 ** 9 and st.parse_size("2MiB") == 2 * 2 ** 20
+    assert st.parse_size(" 1.5 kb ") == 1500 and st.parse_size(123) == 123
+    for bad in ("5XB", "GB", "-1", 0):
+        with pytest.raises(convert.ConversionError, match="max_shard_size"):
+            st.parse_size(bad)
+    f32 = np.dtype(np.float32)
+    specs = [("a", (10,), f32), ("b", (10,), f32), ("c", (30,), f32), ("d", (5,), f32)]
+    plan = st.plan_shards(specs, 80)   # 40 + 40 bytes fit; c (120) alone; d (20) next
+    assert [[s[0] for s in sh] for sh in plan] == [["a", "b"], ["c"], ["d"]]
 
 
 def _edit_config(path, **kw):

@@ -3,6 +3,7 @@
   python -m vlm_jax.convert --hf path/to/hf_model --out ckpt/ [--part llm|vision] [--dtype bf16]
   python -m vlm_jax.convert --openclip open_clip_model.safetensors --out ckpt/
   python -m vlm_jax.convert --to-hf --src ckpt/ --out hf_dir/    (or: --to-hf ckpt/ --out hf_dir/)
+      [--max-shard-size 5GB] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="target dtype (float32, bfloat16, ...); "
                     "default: the checkpoint's")
     ap.add_argument("--force", action="store_true", help="replace an existing --out")
+    ap.add_argument("--max-shard-size", default="5GB",
+                    help="--to-hf: largest safetensors file (transformers' rule: 5GB = 5e9 "
+                    "bytes, also MB/KB/GiB/MiB); above it, shards + model.safetensors.index.json")
     a = ap.parse_args(argv)
 
     from vlm_jax import convert as C
@@ -34,7 +38,7 @@ def main(argv=None) -> int:
             src = a.to_hf or a.src
             if not src:
                 ap.error("--to-hf needs the converted dir (--to-hf SRC or --src SRC)")
-            out = C.export_hf(src, a.out, a.dtype, a.force)
+            out = C.export_hf(src, a.out, a.dtype, a.force, a.max_shard_size)
             info = {"exported": out}
         else:
             src = a.hf or a.openclip

@@ -9,6 +9,7 @@ else inferred from the tensor shapes).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -204,6 +205,11 @@ class TorchReader:
 
     def shape(self, k):
         return tuple(self._sd[k].shape)
+
+    @contextlib.contextmanager
+    def mapped(self, k):
+        """`Reader.mapped`'s interface (the state dict is already memory-mapped by torch)."""
+        yield self.read(k)
 
     def read(self, k):
         import torch

@@ -9,12 +9,14 @@ is bit-exact.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from vlm_jax.convert.arrays import copy_into
 from vlm_jax.convert.safetensors_io import ConversionError, Reader
 
 _LAYER = re.compile(r"^layers_(\d+)$")
@@ -118,37 +120,39 @@ def load(reader: Reader, entries: list[Entry], shapes: dict[str, tuple[int, ...]
                 raise ConversionError(f"{reader.file_of(k)}: missing tensor {k!r} needed by the "
                                       f"{what} config (is it the right checkpoint?)")
     leaves: dict[str, np.ndarray] = {}
-    filled: dict[str, int] = {}
     for e in entries:
-        arrays = e.to_ours(*[reader.read(k) for k in e.hf])
-        for path, a in zip(e.ours, arrays):
-            leaf, layer = _locate(path, scanned)
-            if leaf not in shapes:
-                raise ConversionError(f"{reader.file_of(e.hf[0])}: tensor {e.hf[0]!r} maps to "
-                                      f"param {leaf!r}, which the {what} config does not have")
-            full = tuple(shapes[leaf])
-            want = full[1:] if layer is not None else full
-            if tuple(a.shape) != want:
-                raise ConversionError(
-                    f"{reader.file_of(e.hf[0])}: tensor {e.hf[0]!r} of shape "
-                    f"{reader.shape(e.hf[0])} gives param {path!r} of shape {tuple(a.shape)}, "
-                    f"but the {what} config expects {want}")
-            if leaf not in leaves:
-                leaves[leaf] = np.empty(full, dtype or a.dtype)
-            if layer is None:
-                leaves[leaf][...] = a
-            else:
-                leaves[leaf][layer] = a
-            filled[leaf] = filled.get(leaf, 0) + 1
+        with contextlib.ExitStack() as views:
+            arrays = e.to_ours(*[views.enter_context(reader.mapped(k)) for k in e.hf])
+            _fill(reader, e, arrays, leaves, shapes, scanned, dtype, what)
     for leaf, shape in shapes.items():
         if leaf not in leaves:
             raise ConversionError(f"{reader.source}: no tensor provides param {leaf!r}")
     return unflatten(leaves)
 
 
-def export(params: dict, entries: list[Entry], scanned: bool, dtype=None
+def _fill(reader, e, arrays, leaves, shapes, scanned, dtype, what):
+    """Copies one entry's arrays into their (preallocated on first use) leaves."""
+    for path, a in zip(e.ours, arrays):
+        leaf, layer = _locate(path, scanned)
+        if leaf not in shapes:
+            raise ConversionError(f"{reader.file_of(e.hf[0])}: tensor {e.hf[0]!r} maps to "
+                                  f"param {leaf!r}, which the {what} config does not have")
+        full = tuple(shapes[leaf])
+        want = full[1:] if layer is not None else full
+        if tuple(a.shape) != want:
+            raise ConversionError(
+                f"{reader.file_of(e.hf[0])}: tensor {e.hf[0]!r} of shape "
+                f"{reader.shape(e.hf[0])} gives param {path!r} of shape {tuple(a.shape)}, "
+                f"but the {what} config expects {want}")
+        if leaf not in leaves:
+            leaves[leaf] = np.empty(full, dtype or a.dtype)
+        copy_into(leaves[leaf] if layer is None else leaves[leaf][layer], a)
+
+
+def export(params: dict, entries: list[Entry], scanned: bool
            ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (checkpoint key, array) for every entry from a params tree."""
+    """Yields (checkpoint key, array) for every entry from a params tree, lazily; arrays
+    are views where the transforms allow (the writer makes each contiguous in turn)."""
     flat = flatten(params)
     for e in entries:
         arrays = []
@@ -158,5 +162,4 @@ def export(params: dict, entries: list[Entry], scanned: bool, dtype=None
                 raise ConversionError(f"params have no {leaf!r} (needed for {e.hf[0]!r})")
             a = flat[leaf] if layer is None else flat[leaf][layer]
             arrays.append(np.asarray(a))
-        for k, a in zip(e.hf, e.to_hf(*arrays)):
-            yield k, (a if dtype is None else a.astype(dtype))
+        yield from zip(e.hf, e.to_hf(*arrays))

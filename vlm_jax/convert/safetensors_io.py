@@ -8,13 +8,18 @@ optional "__metadata__"), then the raw little-endian tensor bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
+import re
 import struct
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
+
+from vlm_jax.convert.arrays import contiguous
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -91,8 +96,7 @@ class Reader:
         except KeyError:
             raise ConversionError(f"{self.source}: missing tensor {key!r}") from None
 
-    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
-        """The tensor `key` in its stored dtype (read into `out` when given)."""
+    def _locate(self, key: str):
         f, info = self._where.get(key, (None, None))
         if f is None:
             raise ConversionError(f"{self.source}: missing tensor {key!r}")
@@ -101,6 +105,37 @@ class Reader:
         start, end = info["data_offsets"]
         if end - start != dt.itemsize * int(np.prod(shape)):
             raise ConversionError(f"{f}: tensor {key!r} byte size does not match its shape")
+        return f, info, dt, shape
+
+    @contextlib.contextmanager
+    def mapped(self, key: str) -> Iterator[np.ndarray]:
+        """A read-only view of the tensor `key` straight from the file's pages (mmap of
+        just this tensor, unmapped on exit: the process holds no copy of it afterwards).
+        Copy what you need out of it inside the `with`."""
+        f, info, dt, shape = self._locate(key)
+        start = info["base"] + info["data_offsets"][0]
+        n = info["data_offsets"][1] - info["data_offsets"][0]
+        with open(f, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size < start + n:
+                raise ConversionError(f"{f}: file truncated inside tensor {key!r}")
+            if n == 0:
+                yield np.empty(shape, dt)
+                return
+            off = start - start % mmap.ALLOCATIONGRANULARITY
+            mm = mmap.mmap(fh.fileno(), n + start - off, offset=off, access=mmap.ACCESS_READ)
+        try:
+            mm.madvise(mmap.MADV_WILLNEED)  # read ahead while the caller starts copying
+            yield np.frombuffer(mm, dt, int(np.prod(shape)), start - off).reshape(shape)
+        finally:
+            try:
+                mm.close()
+            except BufferError:  # the caller kept a view: unmapped when it is freed
+                pass
+
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor `key` in its stored dtype (read into `out` when given)."""
+        f, info, dt, shape = self._locate(key)
+        start, end = info["data_offsets"]
         if out is None:
             out = np.empty(shape, dt)
         elif out.shape != shape or out.dtype != dt or not out.flags.c_contiguous:
@@ -145,19 +180,31 @@ def _files(path: str) -> list[str]:
 
 def write(path: str, tensors: Iterable[tuple[str, np.ndarray]] | dict,
           metadata: dict | None = None) -> None:
-    """Writes a safetensors file, streaming tensor by tensor, atomically (temp + rename).
-
-    `tensors` may be a dict or an iterable of (name, array); an iterable is consumed twice
-    only through its shapes (a first pass needs names, dtypes and shapes), so pass a
-    callable-free dict of lazily computed arrays only when memory allows."""
+    """Writes one safetensors file of `tensors` (a dict or (name, array) pairs), tensor by
+    tensor, atomically (temp + rename)."""
     items = list(tensors.items()) if isinstance(tensors, dict) else list(tensors)
+    specs = [(n, tuple(a.shape), np.dtype(a.dtype)) for n, a in items]
+    _write_file(path, specs, (a for _, a in items), metadata)
+
+
+Spec = tuple[str, tuple[int, ...], np.dtype]
+
+
+def _nbytes(spec: Spec) -> int:
+    return int(np.prod(spec[1])) * spec[2].itemsize
+
+
+def _write_file(path: str, specs: list[Spec], arrays: Iterable[np.ndarray],
+                metadata: dict | None) -> None:
+    """A safetensors file with a header for `specs`, then `arrays` (one per spec, in order;
+    each cast/made contiguous only while it is written), atomically (temp + rename)."""
     header, off = {}, 0
-    for name, a in items:
-        dt = NAMES.get(np.dtype(a.dtype))
-        if dt is None:
-            raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
-        n = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
-        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + n]}
+    for name, shape, dt in specs:
+        code = NAMES.get(dt)
+        if code is None:
+            raise ValueError(f"tensor {name!r}: dtype {dt} cannot be stored in safetensors")
+        n = _nbytes((name, shape, dt))
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -168,12 +215,93 @@ def write(path: str, tensors: Iterable[tuple[str, np.ndarray]] | dict,
         with open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(raw)))
             fh.write(raw)
-            for _, a in items:
-                fh.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+            for (name, shape, dt), a in zip(specs, arrays, strict=True):
+                if tuple(a.shape) != shape:
+                    raise ValueError(f"tensor {name!r}: shape {a.shape} != planned {shape}")
+                fh.write(contiguous(a, dt).reshape(-1).view(np.uint8).data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def parse_size(size: int | str, what: str = "max_shard_size") -> int:
+    """Bytes of `size`: an int, or a string like transformers' max_shard_size ("5GB" =
+    5e9 bytes, "500MiB" = 500 * 2**20, "60KB")."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        n = int(size)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+        unit = m and m.group(2).upper()
+        if not m or unit not in _UNITS:
+            raise ConversionError(f"{what}: cannot read {size!r} as a size; give bytes or a "
+                                  "number with a unit (KB, MB, GB, KiB, MiB, GiB), e.g. 5GB")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ConversionError(f"{what}: must be positive, got {size!r}")
+    return n
+
+
+def plan_shards(specs: list[Spec], max_bytes: int) -> list[list[Spec]]:
+    """transformers' rule: tensors in order, a new shard whenever the next tensor would push
+    the current one past `max_bytes` (a tensor larger than that gets a shard of its own)."""
+    shards: list[list[Spec]] = [[]]
+    size = 0
+    for spec in specs:
+        n = _nbytes(spec)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += n
+    return shards
+
+
+def write_checkpoint(out_dir: str, make_items: Callable[[], Iterable[tuple[str, np.ndarray]]],
+                     max_shard_size: int | str = "5GB", dtype=None,
+                     metadata: dict | None = None) -> list[str]:
+    """The tensors of `make_items()` (called twice: once for names/shapes, once to write;
+    arrays may be views, computed lazily) as `model.safetensors`, or, above
+    `max_shard_size`, as `model-0000i-of-0000n.safetensors` shards plus
+    `model.safetensors.index.json`. One tensor is made contiguous (and cast to `dtype`) at
+    a time; each file is written atomically. Returns the file names written."""
+    limit = parse_size(max_shard_size)
+    dt = None if dtype is None else np.dtype(dtype)
+    specs = [(n, tuple(a.shape), dt or np.dtype(a.dtype)) for n, a in make_items()]
+    names = [s[0] for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate tensor names in {out_dir}")
+    shards = plan_shards(specs, limit)
+    arrays = _in_order(make_items(), names)
+    if len(shards) == 1:
+        _write_file(os.path.join(out_dir, SINGLE), specs, arrays, metadata)
+        return [SINGLE]
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        f = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_file(os.path.join(out_dir, f), shard,
+                    (next(arrays) for _ in shard), metadata)
+        weight_map.update({s[0]: f for s in shard})
+        files.append(f)
+    index = {"metadata": {"total_size": sum(map(_nbytes, specs)),
+                          "total_parameters": sum(int(np.prod(s[1])) for s in specs)},
+             "weight_map": weight_map}
+    tmp = os.path.join(out_dir, f"{INDEX}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(index, fh, indent=2)
+    os.replace(tmp, os.path.join(out_dir, INDEX))
+    return files + [INDEX]
+
+
+def _in_order(items: Iterable[tuple[str, np.ndarray]], names: list[str]) -> Iterator[np.ndarray]:
+    for (name, a), want in zip(items, names, strict=True):
+        if name != want:
+            raise ValueError(f"tensor order changed between passes: {name!r} != {want!r}")
+        yield a
 
 
 def iter_tensors(reader: Reader) -> Iterator[tuple[str, np.ndarray]]:
