@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tests.grid.conftest import FAKE_GRID, REPO
+from tests.grid.conftest import TINY_GRID, REPO
 from vlm_jax.grid import expand
 from vlm_jax.grid.launchers import make_jobs
 
@@ -11,18 +11,21 @@ DEMO = os.path.join(REPO, "configs", "demo.py")
 COMP = os.path.join(REPO, "configs", "compositional.py")
 
 
-def test_fake_grid_counts_names_deps():
-    g = expand.load_grid(FAKE_GRID)
+TWO = TINY_GRID + ":grid,seeds=1|2"
+
+
+def test_tiny_grid_counts_names_deps():
+    g = expand.load_grid(TWO)
     assert len(g.runs) == 2 + 2 * 3
     names = [r.name for r in g.runs]
     assert names[:3] == ["pre/a=1", "pre/a=2", "main/a=1,b=x"]
     r = g.by_name()["main/a=2,b=y"]
     assert r.deps == ("pre/a=2",)
-    assert r.overrides == (("model.init_from", "pre/a=2"),)
+    assert r.overrides == (("model.llm.init_from", "pre/a=2"),)
     assert r.workdir == "runs/main/a-2_b-y"
-    assert r.arg == "run,sleep=0.0,broken=False,a=2,b=y"
+    assert r.arg == "run,steps=3,broken=False,a=2,b=y"
     # stable: a second expansion gives the same names and workdirs
-    assert [x.to_json() for x in expand.load_grid(FAKE_GRID).runs] == [x.to_json() for x in g.runs]
+    assert [x.to_json() for x in expand.load_grid(TWO).runs] == [x.to_json() for x in g.runs]
     # pretraining stages come before the runs that need them
     pos = {n: i for i, n in enumerate(names)}
     assert all(pos[d] < pos[x.name] for x in g.runs for d in x.deps)
@@ -64,15 +67,15 @@ def test_compositional_grid():
 
 
 def test_selection_keeps_dependencies():
-    g = expand.load_grid(FAKE_GRID, select={"b": ["y"], "a": ["2"]})
+    g = expand.load_grid(TWO, select={"b": ["y"], "a": ["2"]})
     assert [r.name for r in g.runs] == ["pre/a=2", "main/a=2,b=y"]
 
 
 def test_unknown_axis_and_value_list_valid_ones():
     with pytest.raises(expand.GridError, match=r"unknown grid axis 'c'.*valid axes: \['a', 'b'\]"):
-        expand.load_grid(FAKE_GRID, select={"c": ["1"]})
+        expand.load_grid(TINY_GRID, select={"c": ["1"]})
     with pytest.raises(expand.GridError, match=r"unknown value\(s\) \['z'\].*'b'.*\['x', 'y', 'bad'\]"):
-        expand.load_grid(FAKE_GRID, select={"b": ["z"]})
+        expand.load_grid(TINY_GRID, select={"b": ["z"]})
     with pytest.raises(expand.GridError, match="AXIS=V1"):
         expand.parse_selection(["b"])
 
@@ -80,26 +83,71 @@ def test_unknown_axis_and_value_list_valid_ones():
 def test_bad_grids_are_reported():
     base = dict(name="s", arg="run", axes={"a": [1]})
     with pytest.raises(expand.GridError, match="unknown field.*'axis'"):
-        expand.expand({"stages": [dict(base, axis={})]}, FAKE_GRID)
+        expand.expand({"stages": [dict(base, axis={})]}, TINY_GRID)
     with pytest.raises(expand.GridError, match="not a run of an earlier stage"):
-        expand.expand({"stages": [dict(base, needs={"model.init_from": "pre/a={a}"})]}, FAKE_GRID)
+        expand.expand({"stages": [dict(base, needs={"model.init_from": "pre/a={a}"})]}, TINY_GRID)
     with pytest.raises(expand.GridError, match="unknown axis"):
         expand.expand({"stages": [base, dict(base, name="t", needs={"x.y": "s/a={zz}"})]},
-                      FAKE_GRID)
+                      TINY_GRID)
     with pytest.raises(expand.GridError, match="distinct values"):
-        expand.expand({"stages": [dict(base, axes={"a": [1, 1]})]}, FAKE_GRID)
+        expand.expand({"stages": [dict(base, axes={"a": [1, 1]})]}, TINY_GRID)
     with pytest.raises(expand.GridError, match="sweep_axis 'n' is not an axis"):
-        expand.expand({"stages": [dict(base, sweep="wsd")]}, FAKE_GRID)
+        expand.expand({"stages": [dict(base, sweep="wsd")]}, TINY_GRID)
     with pytest.raises(expand.GridError, match="without ','"):
-        expand.expand({"stages": [dict(base, axes={"a": ["x,y"]})]}, FAKE_GRID)
+        expand.expand({"stages": [dict(base, axes={"a": ["x,y"]})]}, TINY_GRID)
     with pytest.raises(expand.GridError, match="without a `grid` field"):
-        expand.load_grid(FAKE_GRID + ":run")
+        expand.load_grid(TINY_GRID + ":run")
     with pytest.raises(expand.GridError, match="FILE.py"):
         expand.load_grid("configs/demo")
 
 
 def test_config_that_fails_to_build_is_reported_before_launch():
     g = expand.expand({"stages": [dict(name="s", arg="run,broken=True", axes={"a": [1, 2]})]},
-                      FAKE_GRID)
+                      TINY_GRID)
     errors = expand.validate_runs(g)
     assert len(errors) == 2 and "broken=True: this config does not build" in errors[0]
+
+
+def _reordered(grid: dict, stage: str, order) -> dict:
+    out = dict(grid, stages=[dict(s) for s in grid["stages"]])
+    for s in out["stages"]:
+        if s["name"] == stage:
+            s["axes"] = {k: s["axes"][k] for k in order}
+    return out
+
+
+def test_root_refuses_a_changed_grid_definition(tmp_path):
+    """A root records its grid's stage definitions; another axis order (which renames every
+    run), another arg, needs or sweep is refused with what differs, writing nothing;
+    added axis values, left-out values and new stages are fine."""
+    from vlm_jax.grid import registry
+    root = str(tmp_path)
+    _, grid = expand.load_grid_spec(TWO)
+    g = expand.expand(grid, TINY_GRID, spec="v1")
+    registry.check_root(root, g)
+    registry.record_grid(root, g)
+    before = open(os.path.join(root, "grid.json")).read()
+    swapped = expand.expand(_reordered(grid, "main", ["b", "a"]), TINY_GRID, spec="v2")
+    with pytest.raises(expand.GridError) as e:
+        registry.check_root(root, swapped)
+    msg = str(e.value)
+    assert "stage 'main': axis order ['a', 'b'] -> ['b', 'a']" in msg
+    assert "new --root" in msg and "--allow-grid-change" in msg and "'v1'" in msg
+    assert open(os.path.join(root, "grid.json")).read() == before
+    wsd = dict(grid, stages=[dict(s) for s in grid["stages"]])
+    wsd["stages"][1] = dict(wsd["stages"][1], arg="run,steps=4,broken=False")
+    with pytest.raises(expand.GridError, match="arg 'run,steps=3,broken=False' -> "
+                       "'run,steps=4,broken=False'"):
+        registry.check_root(root, expand.expand(wsd, TINY_GRID))
+    # compatible: more values, fewer values, a selection, an added stage
+    for spec in (TINY_GRID + ":grid,seeds=1|2|3", TINY_GRID + ":grid,seeds=1,values=x",
+                 TINY_GRID + ":grid,seeds=1|2,post=True"):
+        registry.check_root(root, expand.load_grid(spec))
+    registry.check_root(root, expand.load_grid(TWO, select={"b": ["y"]}))
+    # --allow-grid-change: accepted, the old definition is kept in grid.json
+    registry.check_root(root, swapped, allow_change=True)
+    registry.record_grid(root, swapped)
+    data = registry.read_json(os.path.join(root, "grid.json"))
+    assert data["previous_stages"][0][1]["axes"][0][0] == "a"
+    assert len(data["runs"]) == 2 + 6 + 6   # the old runs are still known
+    registry.check_root(root, swapped)       # the new definition is the recorded one

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.grid.conftest import FAKE_GRID, PY, REPO, cli_env
+from tests.grid.conftest import TINY_GRID, PY, REPO, cli_env
 from vlm_jax.grid import expand, launchers, runner
 from vlm_jax.grid.launchers import CloudOptions, make_jobs
 
@@ -18,7 +18,7 @@ def _grid():
     return expand.expand({"name": "fake", "stages": [
         dict(name="pre", arg="run", axes={"a": [1]}),
         dict(name="main", arg="run", axes={"a": [1], "b": [HOSTILE]},
-             needs={"model.init_from": "pre/a={a}"})]}, FAKE_GRID, spec="inline")
+             needs={"model.init_from": "pre/a={a}"})]}, TINY_GRID, spec="inline")
 
 
 def _dry(launcher, root):
@@ -35,7 +35,7 @@ def test_local_dry_run_is_exact_and_quoted(tmp_path):
     assert env["JAX_COMPILATION_CACHE_DIR"] == os.path.join(root, ".cache", "jax")
     rest = argv[len(env):]
     assert rest[1:3] == ["-m", "vlm_jax.main"]
-    assert rest[rest.index("--config") + 1] == f"{FAKE_GRID}:run,a=1,b={HOSTILE}"
+    assert rest[rest.index("--config") + 1] == f"{TINY_GRID}:run,a=1,b={HOSTILE}"
     assert rest[rest.index("--workdir") + 1] == os.path.join(root, "runs/main/a-1_b-x-y-touch-tmp-pwned")
     assert rest[-1] == f"--config.model.init_from={os.path.join(root, 'runs/pre/a-1')}"
     assert not os.path.exists(os.path.join(root, "runs"))  # a dry run writes no workdirs
@@ -77,7 +77,7 @@ def test_tpu_commands(tmp_path):
     assert remote[:2] == ["env", "JAX_COMPILATION_CACHE_DIR=gs://b/demo/.cache/jax"]
     remote = remote[2:]
     assert remote[:3] == [".venv/bin/python", "-m", "vlm_jax.main"]
-    assert remote[remote.index("--config") + 1] == f"tests/grid/fake_grid.py:run,a=1,b={HOSTILE}"
+    assert remote[remote.index("--config") + 1] == f"tests/grid/tiny_grid.py:run,a=1,b={HOSTILE}"
     assert remote[remote.index("--workdir") + 1] == "gs://b/demo/runs/main/a-1_b-x-y-touch-tmp-pwned"
     assert remote[-1] == "--config.model.init_from=gs://b/demo/runs/pre/a-1"
     fetch = steps[1][0]
@@ -119,7 +119,7 @@ def test_xpk_commands(tmp_path):
     inner = shlex.split(_remote_cmd(create))
     assert inner[inner.index("env") + 1] == "JAX_COMPILATION_CACHE_DIR=gs://b/x/.cache/jax"
     assert inner[-1] == "--config.mesh.dcn_shape=(2, 1, 1)"
-    assert f"tests/grid/fake_grid.py:run,a=1,b={HOSTILE}" in inner
+    assert f"tests/grid/tiny_grid.py:run,a=1,b={HOSTILE}" in inner
     assert wait[:3] == ["xpk", "workload", "list"] and f"--wait-for-job-completion={name}" in wait
 
 
@@ -135,13 +135,13 @@ def test_cli_dry_run_prints_commands_and_runs_nothing(tmp_path):
     root = str(tmp_path / "r")
     env = cli_env()
     env.update(PROJECT="p", ZONE="z", REMOTE_ROOT="gs://b/r", TPU_NAME="vm")
-    p = subprocess.run([PY, "-m", "vlm_jax.grid", "run", FAKE_GRID, "--root", root,
+    p = subprocess.run([PY, "-m", "vlm_jax.grid", "run", TINY_GRID, "--root", root,
                         "--launcher", "tpu", "--dry-run", "--select", "b=x"], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0].startswith("# grid fake: 4 runs, 0 done, 4 to run; launcher tpu")
-    assert sum("tpu-vm ssh vm" in ln and "vlm_jax.main" in ln for ln in lines) == 4
+    assert lines[0].startswith("# grid tiny: 2 runs, 0 done, 2 to run; launcher tpu")
+    assert sum("tpu-vm ssh vm" in ln and "vlm_jax.main" in ln for ln in lines) == 2
     assert not os.path.exists(root) or not os.listdir(root)
 
 

@@ -36,6 +36,9 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-retry-failed", action="store_true",
                    help="leave runs that failed before alone (default: retry, resuming)")
     p.add_argument("--no-analysis", action="store_true", help="skip the analysis entries")
+    p.add_argument("--allow-grid-change", action="store_true",
+                   help="run on a root whose grid was defined differently (e.g. another "
+                        "axis order): record the new definition, keep the done runs")
     p.add_argument("--no-validate", action="store_true",
                    help="do not build every run's config before launching")
     g = p.add_argument_group("gpu")
@@ -89,12 +92,14 @@ def cmd_run(args) -> int:
                                  executor=args.executor, gpus_per_run=args.gpus_per_run,
                                  install_cuda=args.install_cuda, opts=opts)
         if args.dry_run:
-            registry.check_root(os.path.abspath(args.root), grid)
+            registry.check_root(os.path.abspath(args.root), grid,
+                                allow_change=args.allow_grid_change)
             runner.dry_run(grid, args.root, launcher)
             return 0
         summary = runner.run_grid(grid, args.root, launcher,
                                   retry_failed=not args.no_retry_failed,
-                                  analysis=not args.no_analysis)
+                                  analysis=not args.no_analysis,
+                                  allow_grid_change=args.allow_grid_change)
     except expand.GridError as e:
         print(f"[grid] error: {e}", file=sys.stderr)
         return 2

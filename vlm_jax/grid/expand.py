@@ -133,12 +133,16 @@ class Grid:
     runs: tuple[Run, ...]
     analysis: tuple[Analysis, ...]
     axes: tuple[str, ...]          # every axis name, in first-seen order
+    # The grid's definition before any --select: one dict per stage (`stage_definition`);
+    # a root records it and refuses a grid whose stages are defined differently.
+    stages: tuple[dict, ...] = ()
 
     def by_name(self) -> dict[str, Run]:
         return {r.name: r for r in self.runs}
 
     def to_json(self) -> dict:
         return {"name": self.name, "spec": self.spec, "axes": list(self.axes),
+                "stages": [dict(s) for s in self.stages],
                 "runs": [r.to_json() for r in self.runs],
                 "analysis": [a.to_json() for a in self.analysis]}
 
@@ -223,6 +227,16 @@ def run_workdir(stage: str, point: Sequence[tuple[str, str]]) -> str:
     return f"runs/{stage}/{leaf}"
 
 
+def stage_definition(name: str, config_file: str, arg: str, axes: Sequence[tuple[str, list]],
+                     needs: Mapping[str, str], sweep: str, sweep_axis: str) -> dict:
+    """What defines a stage's runs (JSON-able; config file by base name so a moved
+    checkout is the same grid): the root compares it with the one it recorded."""
+    return {"name": name, "config": os.path.basename(config_file), "arg": arg,
+            "axes": [[k, list(v)] for k, v in axes],
+            "needs": {str(k): str(v) for k, v in needs.items()},
+            "sweep": sweep, "sweep_axis": sweep_axis}
+
+
 def _check_keys(d: Mapping, allowed: set, where: str):
     extra = sorted(set(d) - allowed)
     if extra:
@@ -265,6 +279,7 @@ def expand(grid: Mapping, config_path: str, spec: str = "",
     workdirs: dict[str, str] = {}
     stage_names: list[str] = []
     axis_values: dict[str, list[str]] = {}
+    definitions: list[dict] = []
     for i, stage in enumerate(stages):
         w = f"{where}: grid.stages[{i}]"
         if not isinstance(stage, Mapping):
@@ -312,6 +327,9 @@ def expand(grid: Mapping, config_path: str, spec: str = "",
         for key in needs:
             if not _KEY_RE.match(str(key)):
                 raise GridError(f"{w}: needs key {key!r} must be a dotted config field")
+        definitions.append(stage_definition(
+            sname, cfg, arg, [(lst[0][0], [v for _, v in lst]) for lst in axis_lists], needs,
+            sweep, sweep_axis))
         for point in itertools.product(*axis_lists):
             name = run_name(sname, point)
             fmt = dict(point)
@@ -360,7 +378,7 @@ def expand(grid: Mapping, config_path: str, spec: str = "",
         analysis.append(Analysis(cmd=cmd, stage=st, out=out, args=tuple(args)))
     full = Grid(name=str(grid.get("name") or os.path.splitext(os.path.basename(config_path))[0]),
                 spec=spec, runs=tuple(runs), analysis=tuple(analysis),
-                axes=tuple(axis_values))
+                axes=tuple(axis_values), stages=tuple(definitions))
     if select:
         full = apply_selection(full, select, axis_values)
     return full

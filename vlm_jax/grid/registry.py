@@ -217,11 +217,46 @@ def _fingerprint(run_json: Mapping) -> tuple:
             tuple(sorted((run_json.get("overrides") or {}).items())))
 
 
-def check_root(root: str, grid: Grid) -> list[str]:
-    """Refuses a root that holds a different grid; returns the names of known runs.
+_STAGE_FIELDS = (("config", "config file"), ("arg", "arg"), ("needs", "needs"),
+                 ("sweep", "sweep"), ("sweep_axis", "sweep_axis"))
 
-    Same grid = same grid name and, for every run name both know, the same config file
-    name, arg and `needs`. New runs (a grid extended by axis values) are fine.
+
+def definition_changes(old_stages: list[dict], new_stages: list[dict]) -> list[str]:
+    """How the stages a root recorded differ from a grid's, in words; [] = compatible.
+
+    Compatible: the same stages with the same config file, arg, axes (names and order),
+    needs and sweep; stages and axis values may be added or left out (an extension or a
+    narrowing: no run changes its name or its config). Anything else would rename runs
+    (axis order) or change what a run of the same name computes.
+    """
+    old_by = {s.get("name"): s for s in old_stages}
+    out = []
+    for new in new_stages:
+        old = old_by.get(new["name"])
+        if old is None:
+            continue
+        w = f"stage {new['name']!r}"
+        old_axes = [a for a, _ in old.get("axes", [])]
+        new_axes = [a for a, _ in new["axes"]]
+        if old_axes != new_axes:
+            what = ("axis order" if sorted(old_axes) == sorted(new_axes) else "axes")
+            out.append(f"{w}: {what} {old_axes} -> {new_axes} (run names would change, so "
+                       "every run would start again)")
+        for key, label in _STAGE_FIELDS:
+            if old.get(key, "") != new.get(key, ""):
+                out.append(f"{w}: {label} {old.get(key, '')!r} -> {new.get(key, '')!r}")
+    return out
+
+
+def check_root(root: str, grid: Grid, allow_change: bool = False) -> list[str]:
+    """Refuses a root that holds a different grid (nothing is written); returns the
+    names of the runs it knows.
+
+    Same grid = same grid name, compatible stage definitions (`definition_changes`; a
+    root made before definitions were recorded skips this) and, for every run name both
+    know, the same config file name, arg and `needs`. `allow_change=True` accepts changed
+    stage definitions (the runs already done stay, under their old names); the grid name
+    and the per-run configs must still match.
     """
     old = read_json(os.path.join(root, GRID_JSON))
     if old is None:
@@ -232,6 +267,14 @@ def check_root(root: str, grid: Grid) -> list[str]:
     if old.get("name") != grid.name:
         raise GridError(f"root {root} holds grid {old.get('name')!r} (from "
                         f"{old.get('spec')!r}), not {grid.name!r}: use another --root")
+    changes = definition_changes(old.get("stages") or [], [dict(s) for s in grid.stages])
+    if changes and not allow_change:
+        raise GridError(
+            f"root {root} holds grid {grid.name!r} as defined by {old.get('spec')!r}, and "
+            f"{grid.spec or 'this grid'!r} defines it differently:\n  - "
+            + "\n  - ".join(changes) + "\nNothing was run or written. Use a new --root for "
+            "the new definition (or restore the old one); --allow-grid-change records the "
+            "new definition here and keeps every run already done.")
     old_runs = {r["name"]: r for r in old.get("runs", [])}
     for r in grid.runs:
         o = old_runs.get(r.name)
@@ -257,6 +300,15 @@ def record_grid(root: str, grid: Grid) -> dict:
     analysis = {json.dumps(a, sort_keys=True): a for a in old.get("analysis", [])}
     analysis.update({json.dumps(a, sort_keys=True): a for a in new["analysis"]})
     new["analysis"] = list(analysis.values())
+    # stage definitions: this grid's, plus those of stages it leaves out; a changed
+    # definition (--allow-grid-change) keeps the old one under "previous_stages"
+    mine = {s["name"] for s in new["stages"]}
+    new["stages"] = [s for s in old.get("stages", []) if s.get("name") not in mine] \
+        + new["stages"]
+    if definition_changes(old.get("stages") or [], new["stages"]):
+        new["previous_stages"] = old.get("previous_stages", []) + [old.get("stages")]
+    elif old.get("previous_stages"):
+        new["previous_stages"] = old["previous_stages"]
     atomic_write_json(os.path.join(root, GRID_JSON), new)
     return new
 
@@ -277,7 +329,8 @@ def load_recorded_grid(root: str) -> Grid:
     analysis = tuple(Analysis(cmd=a["cmd"], stage=a["stage"], out=a["out"],
                               args=tuple(a.get("args", ()))) for a in data.get("analysis", []))
     return Grid(name=data.get("name", ""), spec=data.get("spec", ""), runs=runs,
-                analysis=analysis, axes=tuple(data.get("axes", ())))
+                analysis=analysis, axes=tuple(data.get("axes", ())),
+                stages=tuple(data.get("stages", ())))
 
 
 # ----------------------------------------------------------------------------- results.csv

@@ -1,7 +1,9 @@
 """Runs an expanded grid: dependencies, resume, failure isolation, progress, results.
 
 `run_grid(grid, root, launcher)`:
-1. refuses a root that holds a different grid, records the grid in ROOT/grid.json;
+1. refuses a root that holds a different grid (another name, a stage defined differently:
+   axis order, arg, needs, sweep; `registry.check_root` says what differs), records the
+   grid in ROOT/grid.json;
 2. skips every run whose result.json says done; a started-but-unfinished run is simply
    launched again and resumes from its last checkpoint (the trainer's contract);
 3. launches jobs whose dependencies are done, up to `launcher.parallel` at a time; a job
@@ -102,13 +104,15 @@ class _Progress:
 
 def run_grid(grid: Grid, root: str, launcher: Launcher, *, retry_failed: bool = True,
              analysis: bool = True, log: Callable[[str], None] | None = None,
-             poll_s: float = 0.2) -> Summary:
-    """Runs every run of `grid` that is not done; see the module docstring."""
+             poll_s: float = 0.2, allow_grid_change: bool = False) -> Summary:
+    """Runs every run of `grid` that is not done; see the module docstring.
+    `allow_grid_change`: accept a root whose recorded stage definitions differ
+    (`registry.check_root`)."""
     log = log or (lambda s: print(s, flush=True))
     root = os.path.abspath(root)
     t0 = time.time()
     os.makedirs(root, exist_ok=True)
-    registry.check_root(root, grid)
+    registry.check_root(root, grid, allow_change=allow_grid_change)
     with registry.RootLock(root):
         return _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0)
 

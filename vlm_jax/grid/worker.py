@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -82,7 +83,15 @@ def _redirect_fds(log_path: str):
             os.close(f)
 
 
+def _setup_logging() -> None:
+    """As `python -m vlm_jax.main` logs (INFO, quiet libraries), into the job's log."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def serve() -> int:
+    _setup_logging()
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     # Our own stdout must never mix with the protocol: everything printed goes to stderr
     # until a job redirects it to its log.
@@ -116,6 +125,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.job is None:
         return serve()
+    _setup_logging()
     try:
         run_job(json.loads(args.job))
     except Exception:  # noqa: BLE001
