@@ -76,6 +76,39 @@ def test_resize_crop_and_pad():
                                rtol=1e-6)
 
 
+def test_crop_resamples_only_the_crop():
+    """"crop" resizes only the box that lands in the crop: the resize-then-crop image up to
+    rounding, for big and small, wide and tall images (incl. reducing_gap sizes)."""
+    from PIL import Image, ImageFilter
+    rng = np.random.default_rng(0)
+    for h, w in ((300, 500), (512, 257), (224, 224), (230, 700), (800, 720), (100, 60)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).filter(
+            ImageFilter.GaussianBlur(2))
+        s = 224 / min(h, w)
+        nw, nh = round(w * s), round(h * s)
+        left, top = (nw - 224) // 2, (nh - 224) // 2
+        gap = None if max(h, w) < 3 * 224 else 3.0
+        want = np.asarray(img.resize((nw, nh), Image.BICUBIC, reducing_gap=gap).crop(
+            (left, top, left + 224, top + 224))).astype(int)
+        for got in (T.resize_image(img, 224), T.resize_image(np.asarray(img), 224)):
+            assert got.shape == (224, 224, 3) and got.dtype == np.uint8
+            diff = np.abs(got.astype(int) - want)
+            assert diff.max() <= 2 and diff.mean() < 0.1, ((h, w), diff.max(), diff.mean())
+
+
+def test_model_normalises_uint8_pixels_like_clip():
+    """Batches carry uint8 pixels; the ViT normalises them on device with CLIP's mean/std
+    (float pixels pass through as already normalised)."""
+    import jax.numpy as jnp
+    from vlm_jax.models import vit
+    assert vit.PIXEL_MEAN == T.CLIP_MEAN and vit.PIXEL_STD == T.CLIP_STD
+    px = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), np.uint8)
+    np.testing.assert_allclose(np.asarray(vit.normalize_pixels(jnp.asarray(px))),
+                               T.normalize(px), rtol=1e-6, atol=1e-6)
+    f = T.normalize(px)
+    assert vit.normalize_pixels(f) is f
+
+
 # ----------------------------------------------------------------------------- parquet
 def write_parquet(path, n, hf_struct=False, start=0, row_group_size=7):
     import pyarrow as pa

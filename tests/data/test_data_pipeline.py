@@ -34,7 +34,12 @@ def test_vlm_batch_format_and_sequence_layout():
     assert k == 16  # (32 / 8)^2 patches, CLS dropped, mlp projector keeps them
     b = next(train_iterator(c))
     t = k + c.data.seq_len
-    assert b["pixels"].shape == (8, 32, 32, 3) and b["pixels"].dtype == np.float32
+    assert b["pixels"].shape == (8, 32, 32, 3) and b["pixels"].dtype == np.uint8
+    from vlm_jax.models import batch_spec  # the batch is what the model compiles for
+    spec = batch_spec(c, 8)
+    assert set(spec) == set(model_keys(b))
+    for key, sd in spec.items():
+        assert (b[key].shape, b[key].dtype) == (sd.shape, sd.dtype), key
     for key, dtype in (("tokens", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
                        ("positions", np.int32), ("segment_ids", np.int32),
                        ("visual_mask", np.bool_)):
@@ -54,8 +59,10 @@ def test_vlm_batch_format_and_sequence_layout():
         caption = tok.decode(b["targets"][r][lm])
         assert " on a " in caption and "background" in caption
         np.testing.assert_array_equal(b["positions"][r][:n], np.arange(n))
-    # Normalised pixels: CLIP mean/std.
-    assert -2.0 < b["pixels"].min() < 0 < b["pixels"].max() < 2.2
+    # Raw RGB of the records (32 px synthetic images: no resize), normalised by the ViT.
+    src = source_for(c)
+    for r in range(8):
+        np.testing.assert_array_equal(b["pixels"][r], src[int(b["_records"][r])]["image"])
 
 
 def test_chat_template_masks_the_prompt():

@@ -146,23 +146,58 @@ def test_tar_two_processes_disjoint_cover(shards):
     assert set(r0.ravel()) | set(r1.ravel()) == set(split_for(c).train_records())
 
 
-def test_remote_shards_through_fsspec(shards, capsys):
-    """URLs go through fsspec (here its in-memory filesystem): read in place, by offset."""
+def test_remote_shards_through_fsspec(shards, capsys, tmp_path, monkeypatch):
+    """URLs go through fsspec (here its in-memory filesystem): each shard is streamed once
+    into the local shard cache and indexed and read there."""
     import glob
 
     import fsspec
     pattern, want = shards
+    cache = tmp_path / "shard_cache"
+    monkeypatch.setenv("VLM_JAX_SHARD_CACHE", str(cache))
     fs = fsspec.filesystem("memory")
+    root = f"/vlm_test_shards_{os.getpid()}_{tmp_path.name}"  # xdist: one per test run
     for f in glob.glob(os.path.join(os.path.dirname(pattern), "*.tar")):
-        fs.pipe(f"/vlm_test_shards/{os.path.basename(f)}", open(f, "rb").read())
-    url = "memory://vlm_test_shards/{00000..00005}.tar"
+        fs.pipe(f"{root}/{os.path.basename(f)}", open(f, "rb").read())
+    url = f"memory://{root}/{{00000..00005}}.tar"
     out = run_cli(capsys, "stats", "--format", "tar", "--path", url)
     assert (out["samples"], out["skipped"]) == (want["samples"], want["skipped"])
-    out = run_cli(capsys, "stats", "--format", "tar", "--path", "memory://vlm_test_shards/*.tar")
-    assert out["samples"] == want["samples"]
-    c = tar_config(url.replace("{00000..00005}", "{00000..00002}"), n=12, eval_n=4)
+    cached = sorted(os.listdir(cache))
+    assert len(cached) == 6 and not [f for f in cached if f.endswith(".tmp")]
+    out = run_cli(capsys, "stats", "--format", "tar", "--path", f"memory://{root}/*.tar")
+    assert out["samples"] == want["samples"] and sorted(os.listdir(cache)) == cached
+    good = url.replace("{00000..00005}", "{00000..00002}")
+    c = tar_config(good, n=12, eval_n=4, shard_cache=str(tmp_path / "run_cache"))
     local = tar_config(pattern.replace("{00000..00005}", "{00000..00002}"), n=12, eval_n=4)
-    np.testing.assert_array_equal(next(train_iterator(c))["pixels"],
-                                  next(train_iterator(local))["pixels"])
+    it, ref = train_iterator(c), train_iterator(local)
+    # Members are read from the local copies: the remote files are no longer needed.
+    for f in fs.ls(root, detail=False):
+        fs.rm(f)
+    for _ in range(2):
+        got, want = next(it), next(ref)
+        np.testing.assert_array_equal(got["pixels"], want["pixels"])
+        np.testing.assert_array_equal(got["tokens"], want["tokens"])
     with pytest.raises(FileNotFoundError, match="memory://nowhere"):
         S.expand_pattern("memory://nowhere/{0..1}.tar")
+
+
+def test_shard_cache_is_atomic_and_refetches_partial_copies(shards, tmp_path):
+    """A file:// URL takes the remote path too. A cached copy of the wrong size (a crash
+    mid-copy from another tool, a changed shard) is fetched again; a failing fetch leaves no
+    temporary file and the shard counts as unreadable."""
+    pattern, _ = shards
+    path = pattern.replace("{00000..00005}", "00000")
+    url = "file://" + path
+    cache = str(tmp_path / "c")
+    dst = S.fetch_shard(url, cache)
+    assert open(dst, "rb").read() == open(path, "rb").read()
+    with open(dst, "r+b") as f:
+        f.truncate(100)
+    assert S.fetch_shard(url, cache) == dst and os.path.getsize(dst) == os.path.getsize(path)
+    idx = S.index_tar(url, cache)
+    assert idx.local == dst and idx.path == url and len(idx) == 10 and not idx.error
+    src = S.TarSource(url, cache_dir=cache)
+    assert src[3]["source"] == url and src[3]["text"] == b"a photo number 3"
+    bad = S.index_tar("file://" + str(tmp_path / "missing.tar"), cache)
+    assert bad.error.startswith("unreadable") and len(bad) == 0
+    assert not [f for f in os.listdir(cache) if f.endswith(".tmp")]

@@ -29,7 +29,7 @@ def _batch(b=4, seed=0, t=8):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(2, t + 1, size=b)
     seg = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
-    return {"pixels": rng.normal(size=(b, 16, 16, 3)).astype(np.float32),
+    return {"pixels": rng.integers(0, 256, size=(b, 16, 16, 3)).astype(np.uint8),  # raw RGB
             "tokens": (rng.integers(1, 50, size=(b, t)) * seg).astype(np.int32),
             "segment_ids": seg, "valid": np.ones((b,), np.float32)}
 

@@ -39,7 +39,7 @@ def make_batch(c, b=2, seed=0):
         tokens[vm] = c.model.image_token_id
         lm[:, :k] = 0                   # only caption tokens count
         batch["visual_mask"] = vm
-        batch["pixels"] = rng.normal(size=spec["pixels"].shape).astype(np.float32)
+        batch["pixels"] = rng.integers(0, 256, spec["pixels"].shape).astype(np.uint8)  # raw RGB
     batch["loss_mask"] = lm
     assert set(batch) == set(spec)
     for key, s in spec.items():

@@ -88,7 +88,8 @@ def source_for(config):
     return S.open_source(d.source, d.path, seed=d.seed, image_column=d.image_column,
                          text_column=d.text_column, image_size=size if size <= 256 else 64,
                          caption_noise=float(d.caption_noise),
-                         with_image=config.model.get("kind") != "lm")
+                         with_image=config.model.get("kind") != "lm",
+                         shard_cache=str(d.get("shard_cache", "") or ""))
 
 
 def split_for(config, source=None) -> Split:
@@ -199,16 +200,26 @@ def _blank(spec: T.SequenceSpec, image_size: int, pad_id: int) -> dict:
         ex["visual_mask"] = np.zeros((t,), bool)
     if spec.kind in ("vlm", "clip"):
         ex["image"] = np.zeros((image_size, image_size, 3), np.uint8)
+    ex["_record"] = np.int64(-1)
     return ex
 
 
 def _stack(rows: list[dict], valid: np.ndarray) -> dict:
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if not k.startswith("_")}
+    return _finish({k: np.stack([r[k] for r in rows]) for k in rows[0]
+                    if not k.startswith("_") or k == "_record"}, valid)
+
+
+def _finish(stacked: dict, valid: np.ndarray) -> dict:
+    """Stacked example fields -> a batch: `image` becomes `pixels` (uint8, normalised by
+    the model on device), `_record` becomes `_records` (record index of each row, -1 for
+    blank/padding rows, for the frozen-feature cache)."""
+    batch = {k: v for k, v in stacked.items() if not k.startswith("_")}
     if "image" in batch:
-        batch["pixels"] = T.normalize(batch.pop("image"))
+        batch["pixels"] = batch.pop("image")
     batch["valid"] = valid.astype(np.float32)
-    # Record index of each row (-1: blank/padding), for the frozen-feature cache.
-    batch["_records"] = np.asarray([r.get("_record", -1) for r in rows], np.int64)
+    records = stacked.get("_record")
+    batch["_records"] = (np.asarray(records, np.int64) if records is not None
+                         else np.full((len(valid),), -1, np.int64))
     return batch
 
 
@@ -288,12 +299,15 @@ class _AssembleIterator(grain.DatasetIterator):
         self._pos += 1
         self._seen += 1
         self._truncated += int(ex.get("_truncated", 0))
-        position = int(ex["_position"])
+        self._advance(int(ex["_position"]))
+        return ex
+
+    def _advance(self, position: int) -> None:
+        """Stream position `position` was consumed (logs when a new epoch starts)."""
         if position // self._ds.n > self._last_position // self._ds.n and position >= self._ds.n:
             log.info("data: the train subset (n=%d) is exhausted; epoch %d starts",
                      self._ds.n, position // self._ds.n + 1)
         self._last_position = max(self._last_position, position)
-        return ex
 
     def _check_bad(self) -> None:
         bad = sum(self._counts.values())
@@ -318,13 +332,36 @@ class _AssembleIterator(grain.DatasetIterator):
             used += n
         return T.pack_rows(row, length, self._ds.pad_id)
 
+    def _whole_chunk(self) -> dict | None:
+        """Fast path: when no chunk is half-read, the next chunk is read and, if it is
+        exactly one batch of good examples, returned as stacked arrays (no unpacking or
+        re-stacking: the worker's shared-memory arrays become the batch). Otherwise the
+        chunk is kept for `_take` and None returned."""
+        if self._ds.packing or self._skip or (self._chunk is not None
+                                               and self._pos < len(self._chunk)):
+            return None
+        state = self._parents[0].get_state()
+        chunk = next(self._parents[0])
+        order = chunk["order"]
+        if len(order) != self._ds.batch_size or any(isinstance(i, _Bad) for i in order):
+            self._chunk_state, self._chunk, self._pos = state, unpack_chunk(chunk), 0
+            return None
+        self._chunk, self._pos, self._chunk_state = None, 0, None
+        rows = chunk["rows"]
+        self._seen += len(order)
+        self._truncated += int(np.sum(rows["_truncated"]))
+        self._advance(int(np.max(rows["_position"])))
+        return rows
+
     def __next__(self) -> dict:
         b = self._ds.batch_size
-        if self._ds.packing:
-            rows = [self._packed_row() for _ in range(b)]
+        rows = self._whole_chunk()
+        if rows is not None:
+            batch = _finish(rows, np.ones((b,), np.float32))
+        elif self._ds.packing:
+            batch = _stack([self._packed_row() for _ in range(b)], np.ones((b,), np.float32))
         else:
-            rows = [self._take() for _ in range(b)]
-        batch = _stack(rows, np.ones((b,), np.float32))
+            batch = _stack([self._take() for _ in range(b)], np.ones((b,), np.float32))
         batch.update(metadata(self._counts, self._seen, self._truncated))
         batch["_epoch"] = np.float64((self._last_position + 1) / self._ds.n)
         return batch

@@ -10,7 +10,12 @@ the shards it needs; see `subsets.Split`).
 - `SyntheticSource`: procedural shapes (`synthetic.py`), 10^9 virtual records.
 - `TarSource`: img2dataset / webdataset shards, `{key}.jpg|jpeg|png|webp` + `{key}.txt`
   (+ `{key}.json`). Members are indexed from their headers (no data read, nothing
-  extracted, names are only keys) and read in place by offset.
+  extracted, names are only keys) and read in place by offset. A remote shard (a URL) is
+  streamed once, sequentially (one open, one pass, as a tar must be read to find its
+  headers anyway), into a local shard cache (`data.shard_cache`, else
+  $VLM_JAX_SHARD_CACHE, else ~/.cache/vlm_jax/shards; written to a temporary name and
+  renamed, so processes and workers share it safely); it is indexed and read there,
+  never by one remote range request per member.
 - `ArrayRecordSource`: files written by `convert` (record format below).
 - `ParquetSource`: an image-bytes column (binary, or a struct with a "bytes" field as in
   Hugging Face datasets) and a caption column.
@@ -25,11 +30,13 @@ import bisect
 import collections
 import dataclasses
 import glob as _glob
+import hashlib
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import struct
 import tarfile
 import threading
@@ -127,6 +134,39 @@ def path_is_dir(path: str) -> bool:
     return os.path.isdir(path)
 
 
+def is_remote(path: str) -> bool:
+    """A URL read through fsspec (gs://, s3://, http(s)://, memory://, file://, ...)."""
+    return "://" in path
+
+
+def default_shard_cache() -> str:
+    return os.environ.get("VLM_JAX_SHARD_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "vlm_jax", "shards")
+
+
+def fetch_shard(url: str, cache_dir: str = "") -> str:
+    """The local copy of a remote shard, streamed sequentially into `cache_dir` (once: a
+    complete copy of the same size is reused). Atomic: a temporary file renamed when
+    complete, so a crash or a concurrent reader never sees half a shard."""
+    cache_dir = cache_dir or default_shard_cache()
+    fs, p = fsspec.core.url_to_fs(url)
+    size = int(fs.size(p))
+    name = hashlib.sha1(url.encode()).hexdigest()[:16] + "-" + os.path.basename(p)
+    dst = os.path.join(cache_dir, name)
+    if os.path.exists(dst) and os.path.getsize(dst) == size:
+        return dst
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{dst}.{os.getpid()}-{threading.get_ident()}.tmp"
+    try:
+        with fs.open(p, "rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 22)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dst
+
+
 def file_size(path: str) -> int:
     if "://" in path:
         fs, p = fsspec.core.url_to_fs(path)
@@ -206,6 +246,7 @@ class ShardIndex:
     meta: np.ndarray         # int64 [n, 2]
     truncated: np.ndarray    # bool [n]: a member runs past the end of the file
     error: str = ""          # why indexing stopped early ("" = read to the end)
+    local: str = ""          # the local copy members are read from ("" = `path` itself)
 
     def __len__(self):
         return len(self.keys)
@@ -218,13 +259,16 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext.lower() if dot else ""
 
 
-def index_tar(path: str) -> ShardIndex:
-    """Reads the member headers of a tar shard (seeking over the data)."""
+def index_tar(path: str, cache_dir: str = "") -> ShardIndex:
+    """Reads the member headers of a tar shard (seeking over the data). A remote shard is
+    first streamed into the local shard cache (`fetch_shard`) and indexed there."""
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     error = ""
+    local = ""
     try:
-        size = file_size(path)
-        with open_binary(path) as f:
+        local = fetch_shard(path, cache_dir) if is_remote(path) else ""
+        size = file_size(local or path)
+        with open_binary(local or path) as f:
             try:
                 tf = tarfile.open(fileobj=f, mode="r:")
                 while True:
@@ -243,7 +287,7 @@ def index_tar(path: str) -> ShardIndex:
                 if not groups:
                     raise
                 error = f"truncated tar ({e})"
-    except (OSError, tarfile.TarError, EOFError) as e:
+    except (OSError, tarfile.TarError, EOFError, ValueError) as e:
         return ShardIndex(path, [], np.zeros((0, 2), np.int64), [], np.zeros((0, 2), np.int64),
                           np.zeros((0, 2), np.int64), np.zeros((0,), bool),
                           error=f"unreadable shard ({type(e).__name__}: {e})")
@@ -260,7 +304,7 @@ def index_tar(path: str) -> ShardIndex:
         trunc.append(any(o + s > size for o, s in members.values()))
     as_arr = lambda x: np.asarray(x, np.int64).reshape(-1, 2)  # noqa: E731
     return ShardIndex(path, keys, as_arr(img), img_ext, as_arr(txt), as_arr(meta),
-                      np.asarray(trunc, bool), error)
+                      np.asarray(trunc, bool), error, local)
 
 
 class TarSource:
@@ -269,8 +313,9 @@ class TarSource:
 
     order = "prefix"
 
-    def __init__(self, pattern: str, seed: int = 0, shuffle_shards: bool = True):
-        self.pattern = pattern
+    def __init__(self, pattern: str, seed: int = 0, shuffle_shards: bool = True,
+                 cache_dir: str = ""):
+        self.pattern, self.cache_dir = pattern, cache_dir
         self.paths = expand_pattern(pattern)
         perm = np.arange(len(self.paths))
         if shuffle_shards:
@@ -291,7 +336,7 @@ class TarSource:
         of records known."""
         with self._lock:
             while self._starts[-1] < count and len(self._index) < len(self.shards):
-                s = index_tar(self.shards[len(self._index)])
+                s = index_tar(self.shards[len(self._index)], self.cache_dir)
                 if s.error:
                     log.warning("%s: %s", s.path, s.error)
                 self._index.append(s)
@@ -327,8 +372,9 @@ class TarSource:
         if s.text[j, 0] < 0:
             raise BadSample("missing_caption", where)
         try:
-            image = self._files.read(s.path, int(s.image[j, 0]), int(s.image[j, 1]))
-            text = self._files.read(s.path, int(s.text[j, 0]), int(s.text[j, 1]))
+            f = s.local or s.path
+            image = self._files.read(f, int(s.image[j, 0]), int(s.image[j, 1]))
+            text = self._files.read(f, int(s.text[j, 0]), int(s.text[j, 1]))
         except OSError as e:
             raise BadSample("unreadable_shard", f"{where}: {e}") from None
         return {"image": image, "text": text, "key": key, "source": s.path}
@@ -556,14 +602,15 @@ class TFDSSource:
 def open_source(fmt: str, path: str = "", *, seed: int = 0, image_column: str = "image",
                 text_column: str = "caption", image_size: int = 64,
                 caption_noise: float = 0.0, shuffle_shards: bool = True,
-                with_image: bool = True):
+                with_image: bool = True, shard_cache: str = ""):
     """A source by format name (see FORMATS). Tar shards are taken in a seeded order
-    unless `shuffle_shards` is False (then in the order of the pattern)."""
+    unless `shuffle_shards` is False (then in the order of the pattern); remote ones are
+    streamed into `shard_cache` (see `fetch_shard`)."""
     if fmt == "synthetic":
         return SyntheticSource(seed=seed, image_size=image_size, caption_noise=caption_noise,
                                with_image=with_image)
     if fmt == "tar":
-        return TarSource(path, seed=seed, shuffle_shards=shuffle_shards)
+        return TarSource(path, seed=seed, shuffle_shards=shuffle_shards, cache_dir=shard_cache)
     if fmt == "arrayrecord":
         return ArrayRecordSource(path)
     if fmt == "parquet":

@@ -112,6 +112,10 @@ def resize_image(img, size: int, mode: str = "crop") -> np.ndarray:
 
     "crop": shorter side to `size`, then centre crop. "pad": longer side to `size`, then
     pad to a square with the CLIP mean colour (LLaVA's "pad" aspect mode).
+
+    "crop" resamples only the source box that lands in the crop (PIL's `box=`): the same
+    bicubic filter, its support clipped at the image (not the box) edges, so the output is
+    the resize-then-crop image (to +-1 of rounding) for 1/4 less work on average.
     """
     pil = img if isinstance(img, Image.Image) else None
     h, w = (pil.height, pil.width) if pil is not None else img.shape[:2]
@@ -122,12 +126,16 @@ def resize_image(img, size: int, mode: str = "crop") -> np.ndarray:
     scale = size / min(h, w) if mode == "crop" else size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     pil = pil if pil is not None else Image.fromarray(img)
-    if (nh, nw) != (h, w):
-        pil = pil.resize((nw, nh), Image.BICUBIC, reducing_gap=None if max(h, w) < 3 * size
-                         else 3.0)
+    # Big images first shrink by an integer factor (box filter) to >= 3x the target,
+    # then resample bicubically (PIL's reducing_gap; quality loss negligible).
+    gap = None if max(h, w) < 3 * size else 3.0
     if mode == "crop":
         top, left = (nh - size) // 2, (nw - size) // 2
-        return np.asarray(pil.crop((left, top, left + size, top + size)), np.uint8)
+        box = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
+        return np.asarray(pil.resize((size, size), Image.BICUBIC, box=box,
+                                     reducing_gap=gap), np.uint8)
+    if (nh, nw) != (h, w):
+        pil = pil.resize((nw, nh), Image.BICUBIC, reducing_gap=gap)
     out = np.asarray(pil, np.uint8)
     canvas = np.empty((size, size, 3), np.uint8)
     canvas[:] = np.round(np.array(CLIP_MEAN) * 255).astype(np.uint8)

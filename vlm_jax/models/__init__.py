@@ -60,7 +60,7 @@ def batch_spec(config, batch_size: int) -> dict:
         s = config.model.vision.image_size
         out = text_spec(b, config.model.clip.text_max_len, with_targets=False)
         out.pop("positions")
-        out["pixels"] = _sds((b, s, s, 3), jnp.float32)
+        out["pixels"] = _sds((b, s, s, 3), jnp.uint8)
         return out
     if kind == "lm":
         return text_spec(b, config.data.seq_len)
@@ -68,6 +68,6 @@ def batch_spec(config, batch_size: int) -> dict:
     t = num_image_tokens(config.model) + config.data.seq_len
     s = config.model.vision.image_size
     out = text_spec(b, t)
-    out["pixels"] = _sds((b, s, s, 3), jnp.float32)
+    out["pixels"] = _sds((b, s, s, 3), jnp.uint8)  # raw RGB; the ViT normalises
     out["visual_mask"] = _sds((b, t), jnp.bool_)
     return out

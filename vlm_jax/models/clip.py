@@ -135,7 +135,7 @@ def batch_spec(config, batch_size: int) -> dict:
         raise ValueError(f"data.seq_len={t} exceeds model.clip.text_max_len="
                          f"{config.model.clip.text_max_len}")
     s = jax.ShapeDtypeStruct
-    return {"pixels": s((batch_size, v.image_size, v.image_size, 3), jnp.float32),
+    return {"pixels": s((batch_size, v.image_size, v.image_size, 3), jnp.uint8),
             "tokens": s((batch_size, t), jnp.int32),
             "segment_ids": s((batch_size, t), jnp.int32),
             "valid": s((batch_size,), jnp.float32)}

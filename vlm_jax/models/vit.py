@@ -26,6 +26,21 @@ from vlm_jax.models import layers as L
 Dtype = Any
 
 
+# --------------------------------------------------------------------------- pixels
+# CLIP's per-channel RGB mean/std (vlm_jax.data.transforms.CLIP_MEAN/STD, the same values).
+PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixels(pixels):
+    """Integer RGB pixels (uint8 0..255, what the data pipeline ships) -> float32
+    (x/255 - mean) / std on device; float pixels are taken as already normalised."""
+    if not jnp.issubdtype(pixels.dtype, jnp.integer):
+        return pixels
+    scale = np.asarray(PIXEL_STD, np.float32) * 255.0
+    return (pixels.astype(jnp.float32) - np.asarray(PIXEL_MEAN, np.float32) * 255.0) / scale
+
+
 # --------------------------------------------------------------------------- helpers
 def remat_policy(name: str):
     """Maps the config's `remat` string to a `jax.checkpoint` policy (None = no remat)."""
@@ -184,7 +199,8 @@ class ViT(nn.Module):
 
     # -- pieces
     def embed(self, pixels):
-        """pixels [B, H, W, 3] -> [B, tokens, D] (patches + CLS + positions, after ln_pre)."""
+        """pixels [B, H, W, 3] (uint8, or float normalised) -> [B, tokens, D] (patches +
+        CLS + positions, after ln_pre)."""
         c = self.cfg
         b, h, w, ch = pixels.shape
         p = c.patch_size
@@ -192,7 +208,8 @@ class ViT(nn.Module):
             raise ValueError(f"pixels of shape {pixels.shape}: need [B, H, W, 3] with H, W "
                              f"multiples of patch_size {p}")
         gh, gw = h // p, w // p
-        x = pixels.astype(self.dtype).reshape(b, gh, p, gw, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        x = normalize_pixels(pixels).astype(self.dtype)
+        x = x.reshape(b, gh, p, gw, p, 3).transpose(0, 1, 3, 2, 4, 5)
         x = self.patch_embed(x).reshape(b, gh * gw, c.width)
         if c.class_token:
             cls = jnp.broadcast_to(self.class_embed.astype(self.dtype), (b, 1, c.width))

@@ -276,8 +276,8 @@ def needed_records(config) -> np.ndarray:
 
 
 def _image_batches(config, records: np.ndarray, batch: int):
-    """Yields (records, pixels [b, H, W, 3] normalised f32, bad records) per chunk, with
-    the pipeline's own loading/decoding/resizing/normalisation."""
+    """Yields (records, pixels [b, H, W, 3] uint8, bad records) per chunk, with the
+    pipeline's own loading/decoding/resizing (the ViT normalises, as in training)."""
     from vlm_jax.data import pipeline
     from vlm_jax.data import transforms as T
     cfg = pipeline._resolved(config)
@@ -297,7 +297,7 @@ def _image_batches(config, records: np.ndarray, batch: int):
             else:
                 good.append(int(r))
                 images.append(ex["image"])
-        pixels = T.normalize(np.stack(images)) if images else None
+        pixels = np.stack(images) if images else None
         yield np.asarray(good, np.int64), pixels, bad
 
 
