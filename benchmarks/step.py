@@ -84,7 +84,7 @@ def make_batch(c, seed=0) -> dict:
     loss_mask = np.concatenate([np.zeros((b, k), np.float32), np.ones((b, s), np.float32)], 1)
     size = c.model.vision.image_size
     return dict(
-        pixels=rng.normal(size=(b, size, size, 3)).astype(np.float32),
+        pixels=rng.integers(0, 256, size=(b, size, size, 3), dtype=np.uint8),
         tokens=tokens, targets=targets, loss_mask=loss_mask,
         positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
         segment_ids=np.ones((b, t), np.int32),
@@ -186,7 +186,8 @@ def reference(c, steps: int) -> dict:
     labels = torch.from_numpy(np.where(b["loss_mask"] > 0, b["targets"], -100)).long()
     # transformers shifts labels itself: give it the next-token labels un-shifted
     labels = torch.cat([torch.full_like(labels[:, :1], -100), labels[:, :-1]], 1)
-    pixels = torch.from_numpy(b["pixels"]).permute(0, 3, 1, 2).contiguous()
+    from vlm_jax.data.transforms import normalize  # transformers takes normalised pixels
+    pixels = torch.from_numpy(normalize(b["pixels"])).permute(0, 3, 1, 2).contiguous()
     model.train()
 
     def step():
