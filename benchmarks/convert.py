@@ -14,12 +14,14 @@ checkpoint bytes, including the orbax save) <= 1.5 and `time_ratio` <= 1.0, judg
 like for like: our `load_s` (weights read into memory) over transformers_materialized.
 `time_ratio_total` adds our orbax write, which transformers has no counterpart for.
 
-  PYTHONPATH=. python benchmarks/convert.py [--quick] [--dir /tmp/x]
+  PYTHONPATH=. python benchmarks/convert.py [--quick] [--dir /tmp/x]   (--dir: kept, and a
+  model already written there is reused)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -102,14 +104,17 @@ def main():
     size = "quick" if a.quick else "full"
     src, out = os.path.join(root, "hf"), os.path.join(root, "converted")
     try:
-        env = dict(os.environ, PYTHONPATH=os.getcwd())
-        code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r});"
-                f"import convert as c; print(c.write_model({src!r}, {size!r}))")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env=env, timeout=1800)
-        if r.returncode:
-            raise RuntimeError(r.stderr[-3000:])
-        n_params = int(r.stdout.strip().splitlines()[-1])
+        if not os.path.exists(os.path.join(src, "config.json")):  # --dir DIR: reused
+            env = dict(os.environ, PYTHONPATH=os.getcwd())
+            code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r});"
+                    f"import convert as c; print(c.write_model({src!r}, {size!r}))")
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               env=env, timeout=1800)
+            if r.returncode:
+                raise RuntimeError(r.stderr[-3000:])
+        from vlm_jax.convert.safetensors_io import Reader
+        reader = Reader(src)
+        n_params = sum(math.prod(reader.shape(k)) for k in reader.keys())
         ckpt = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src)
                    if f.endswith(".safetensors"))
         for f in os.listdir(src):  # every worker finds the files in the page cache

@@ -152,7 +152,9 @@ def save_params(path: str, params: dict) -> None:
     mutated during this synchronous save, so the copy is skipped, and chunks are stored
     uncompressed (random-looking float weights shrink ~20% at best; the safetensors we
     read are uncompressed too): tensorstore then writes straight from the arrays (+3%).
-    The result is a standard orbax checkpoint (`PyTreeCheckpointer().restore` reads it)."""
+    One zarr array per leaf (no OCDBT: a params tree has a few dozen leaves) writes at
+    disk speed, ~1.7x OCDBT's rate here. The result is a standard orbax checkpoint
+    (`PyTreeCheckpointer().restore` reads it)."""
     import orbax.checkpoint as ocp
     from orbax.checkpoint._src.serialization import type_handler_registry as thr
     from orbax.checkpoint._src.serialization import type_handlers as th
@@ -160,7 +162,7 @@ def save_params(path: str, params: dict) -> None:
         (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, th.ArrayHandler()))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
-                                          use_compression=False)
+                                          use_compression=False, use_ocdbt=False)
     ckptr = ocp.Checkpointer(handler)
     try:
         ckptr.save(path, args=ocp.args.PyTreeSave(params))

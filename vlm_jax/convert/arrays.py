@@ -9,20 +9,27 @@ short-stride pass then unpacks each word's elements into their rows: ~3-4x numpy
 """
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 TILE = 128
+POPULATE_MIN_BYTES = 1 << 20
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _as_2d(a: np.ndarray, k: int) -> np.ndarray | None:
-    """`a` viewed as [prod(shape[:k]), prod(shape[k:])] without a copy, or None."""
-    v = a.view()
-    try:
-        v.shape = (int(np.prod(a.shape[:k])), int(np.prod(a.shape[k:])))
-    except AttributeError:  # the axes cannot be merged without a copy
-        return None
-    return v
+    """`a` viewed as [prod(shape[:k]), prod(shape[k:])] without a copy, or None. (Setting
+    `.shape` would tell too, but numpy copies the whole array before refusing.)"""
+    dims = []
+    for lo, hi in ((0, k), (k, a.ndim)):
+        axes = [j for j in range(lo, hi) if a.shape[j] != 1]
+        for j, nxt in zip(axes, axes[1:]):
+            if a.strides[j] != a.strides[nxt] * a.shape[nxt]:
+                return None
+        dims.append((int(np.prod(a.shape[lo:hi])), a.strides[axes[-1]] if axes else a.itemsize))
+    (rows, rs), (cols, cs) = dims
+    return np.lib.stride_tricks.as_strided(a, (rows, cols), (rs, cs))
 
 
 def _raw(a: np.ndarray) -> np.ndarray:
@@ -83,6 +90,18 @@ def _packed(dst: np.ndarray, src: np.ndarray, block_bytes: int = 1 << 24) -> boo
     return True
 
 
+def empty(shape, dtype) -> np.ndarray:
+    """`np.empty`, but large arrays get their pages in one `MAP_POPULATE` mmap call instead
+    of one page fault per 4 KiB on first write (4x faster on VMs where faults are costly:
+    measured 0.28 s vs 1.28 s per 256 MiB). The mapping is freed with the array."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    if n < POPULATE_MIN_BYTES or not hasattr(mmap, "MAP_POPULATE"):
+        return np.empty(shape, dtype)
+    mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    return np.frombuffer(mm, dtype).reshape(shape)
+
+
 def contiguous(a: np.ndarray, dtype=None) -> np.ndarray:
     """`a` as a C-contiguous array of `dtype` (default its own): `a` itself when it already
     is one, else a copy."""
@@ -90,6 +109,6 @@ def contiguous(a: np.ndarray, dtype=None) -> np.ndarray:
     dtype = a.dtype if dtype is None else np.dtype(dtype)
     if a.flags.c_contiguous and a.dtype == dtype:
         return a
-    out = np.empty(a.shape, dtype)
+    out = empty(a.shape, dtype)
     copy_into(out, a)
     return out

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from vlm_jax.convert.arrays import copy_into
+from vlm_jax.convert.arrays import copy_into, empty
 from vlm_jax.convert.safetensors_io import ConversionError, Reader
 
 _LAYER = re.compile(r"^layers_(\d+)$")
@@ -145,7 +145,7 @@ def _fill(reader, e, arrays, leaves, shapes, scanned, dtype, what):
                 f"{reader.shape(e.hf[0])} gives param {path!r} of shape {tuple(a.shape)}, "
                 f"but the {what} config expects {want}")
         if leaf not in leaves:
-            leaves[leaf] = np.empty(full, dtype or a.dtype)
+            leaves[leaf] = empty(full, dtype or a.dtype)
         copy_into(leaves[leaf] if layer is None else leaves[leaf][layer], a)
 
 

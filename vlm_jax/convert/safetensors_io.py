@@ -122,9 +122,11 @@ class Reader:
                 yield np.empty(shape, dt)
                 return
             off = start - start % mmap.ALLOCATIONGRANULARITY
-            mm = mmap.mmap(fh.fileno(), n + start - off, offset=off, access=mmap.ACCESS_READ)
+            # MAP_POPULATE maps all the tensor's (cached) pages at once, not fault by fault.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(fh.fileno(), n + start - off, flags=flags, prot=mmap.PROT_READ,
+                           offset=off)
         try:
-            mm.madvise(mmap.MADV_WILLNEED)  # read ahead while the caller starts copying
             yield np.frombuffer(mm, dt, int(np.prod(shape)), start - off).reshape(shape)
         finally:
             try:
