@@ -1,15 +1,27 @@
-"""Data pipeline throughput: img2dataset tar shards of 256-512 px JPEGs -> 224 px
-normalised pixels + caption tokens (kind "vlm" batches), with 1 and 2 Grain worker
-processes, against a plain PIL decode-and-resize loop over the same files in the same run.
+"""Data pipeline throughput: img2dataset tar shards of 256-512 px JPEGs -> 224 px pixels +
+caption tokens (kind "vlm" batches), with 0/1/2 Grain worker processes, against a plain PIL
+decode-and-resize loop over the same files in the same run, and against what the demo's
+compiled train step consumes.
 
-    PYTHONPATH=. python benchmarks/data.py [--quick] [--images N] [--batch B]
+    PYTHONPATH=. python benchmarks/data.py            # default: <= 3 min on 2 idle cores
+    PYTHONPATH=. python benchmarks/data.py --quick    # smoke run, tiny sizes, no demo step
 
-Prints one JSON object. `per_core_ratio_vs_plain` = the pipeline's per-sample work vs the
-plain loop in the same thread, interleaved (the per-core efficiency, robust to a busy
-machine); `ratio_1w_vs_plain` = pipeline samples/s with one worker process
-/ plain loop samples/s (the target is >= 0.85 per worker core); `scaling_2w_vs_1w`;
-`ratio_demo_pipeline_2w_vs_demo_step` = the demo's synthetic pipeline (2 workers) / what
-the demo's projector train step consumes (demo batch / measured step time, same run).
+Prints one JSON object. Every measurement carries `load1` (the 1-minute load average when
+it ended): on a shared machine wall-clock rates fall with the load, CPU-time figures much
+less. Keys:
+- `plain`: the reference loop (open, RGB, resize shorter side to 224, centre crop, numpy).
+- `pipeline_{0,1,2}w`: `train_iterator` batches with 0 (one thread), 1, 2 worker
+  processes (one thread each), and `pipeline_0w_2threads`. `samples_per_sec` is measured in
+  steady state (the prefetch buffers filled during warm-up are drained before timing);
+  `cpu_ms_per_sample` counts the CPU of the main process and its worker processes.
+- `per_core_ratio_vs_plain`: samples per CPU-second of the pipeline's per-sample work
+  (tar read by offset, decode, resize + crop, tokenise, collate) / the plain loop's, same
+  thread, interleaved (target >= 0.85). `cpu_ratio_{1,2}w_vs_plain`: the same for the
+  whole multi-process pipeline (overheads of workers and IPC included).
+- `ratio_1w_vs_plain`, `scaling_2w_vs_1w`: wall-clock (ideal on 2 idle cores: >= 1 and ~2).
+- `demo_step`: samples/s the demo's compiled train step consumes (configs/demo.py `run`,
+  pixels through the frozen ViT + LM, projector trained: trainer.Run's own AOT step);
+  `ratio_tar224_2w_vs_demo_step` (target >= 5) and the demo's own synthetic pipeline.
 """
 from __future__ import annotations
 
@@ -27,6 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+SIZE = 224
 WORDS = ("a photo of the red blue green big small dog cat car tree house on at in with "
          "street sky water two three people").split()
 
@@ -55,189 +68,208 @@ def make_shards(root: str, n: int, per_shard: int, seed: int = 0) -> str:
     return os.path.join(root, "{00000..%05d}.tar" % (s,))
 
 
-def plain_loop(pattern: str, size: int) -> tuple[int, float]:
-    """Reference: read each JPEG from the shards, PIL decode, RGB, resize + centre crop."""
+# ----------------------------------------------------------------------------- measuring
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its live child processes (the
+    Grain workers), from /proc; this process alone where /proc is missing."""
+    total = time.process_time()
+    if not os.path.isdir("/proc"):
+        return total
+    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measured(samples: int, wall: float, cpu: float) -> dict:
+    return {"samples_per_sec": round(samples / wall, 1),
+            "cpu_ms_per_sample": round(1e3 * cpu / samples, 3), "load1": load1()}
+
+
+def plain_decode(data: bytes) -> np.ndarray:
+    """The reference: PIL open, RGB, bicubic resize of the shorter side, centre crop."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    s = SIZE / min(w, h)
+    img = img.resize((max(SIZE, round(w * s)), max(SIZE, round(h * s))), Image.BICUBIC)
+    left, top = (img.width - SIZE) // 2, (img.height - SIZE) // 2
+    return np.asarray(img.crop((left, top, left + SIZE, top + SIZE)))
+
+
+def plain_loop(pattern: str) -> dict:
+    """The plain loop over the shards: read each JPEG member, `plain_decode` it."""
     from vlm_jax.data.sources import expand_pattern
-    t0, n = time.perf_counter(), 0
+    t0, c0, n = time.perf_counter(), time.process_time(), 0
     for path in expand_pattern(pattern):
         with tarfile.open(path, "r:") as tf:
             for m in tf:
-                if not m.name.endswith(".jpg"):
-                    continue
-                img = Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB")
-                w, h = img.size
-                s = size / min(w, h)
-                img = img.resize((max(size, round(w * s)), max(size, round(h * s))),
-                                 Image.BICUBIC)
-                left, top = (img.width - size) // 2, (img.height - size) // 2
-                arr = np.asarray(img.crop((left, top, left + size, top + size)))
-                assert arr.shape == (size, size, 3)
-                n += 1
-    return n, time.perf_counter() - t0
-
-
-def per_core_ratio(pattern: str, n: int, reps: int = 3) -> tuple[float, float]:
-    """Same-thread A/B over the same n encoded images: the pipeline's per-sample work
-    (tar read by offset, decode, resize, crop, tokenise, collate: `LoadChunk`) vs the plain
-    PIL loop, interleaved, best of `reps` each. On a shared, busy machine this isolates the
-    per-core cost from scheduling noise. Returns (ratio, pipeline samples/s)."""
-    from vlm_jax.data import pipeline as P
-    from vlm_jax.data import sources as S
-    src = S.TarSource(pattern, shuffle_shards=False)
-    cfg = P._resolved(bench_config(pattern, n, 32, 0, 1))
-    chunk = P.LoadChunk(P.LoadExample(src, P.example_transforms(cfg)))
-    raw = [src[i]["image"] for i in range(n)]
-    best_plain = best_pipe = 0.0
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for data in raw:
-            img = Image.open(io.BytesIO(data)).convert("RGB")
-            w, h = img.size
-            s = 224 / min(w, h)
-            img = img.resize((max(224, round(w * s)), max(224, round(h * s))), Image.BICUBIC)
-            left, top = (img.width - 224) // 2, (img.height - 224) // 2
-            np.asarray(img.crop((left, top, left + 224, top + 224)))
-        best_plain = max(best_plain, n / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        out = chunk.map([(i, i) for i in range(n)])
-        best_pipe = max(best_pipe, n / (time.perf_counter() - t0))
-        assert out["rows"]["image"].shape == (n, 224, 224, 3)
-    return best_pipe / best_plain, best_pipe
+                if m.name.endswith(".jpg"):
+                    assert plain_decode(tf.extractfile(m).read()).shape == (SIZE, SIZE, 3)
+                    n += 1
+    return measured(n, time.perf_counter() - t0, time.process_time() - c0)
 
 
 def bench_config(pattern: str, n: int, batch: int, workers: int, threads: int):
     from configs import common
     c = common.base_config()
     c.model.kind = "vlm"
-    c.model.vision.update(image_size=224, patch_size=14)
+    c.model.vision.update(image_size=SIZE, patch_size=14)
     c.train.batch_size = batch
     c.data.update(name="", source="tar", path=pattern, n=n, eval_n=0, seq_len=32,
-                  num_workers=workers, prefetch=4)
+                  num_workers=workers, prefetch=2)
     c.data.num_threads = threads
-    c.data.prefetch = max(4, threads)
     return c
 
 
-def warmup_batches(workers: int) -> int:
-    """Batches read before timing: every worker process must have started (each one
-    imports the stack, seconds on a busy machine) and delivered."""
-    return 1 + 2 * workers
+def per_core_ratio(pattern: str, n: int, reps: int = 3) -> tuple[float, float]:
+    """Same-thread A/B over the same n encoded images: the pipeline's per-sample work
+    (`LoadChunk`: tar read by offset, decode, resize + crop, tokenise, collate) vs
+    `plain_decode`, interleaved, best CPU time of `reps` each (robust to a busy machine).
+    Returns (ratio of samples per CPU-second, pipeline samples per CPU-second)."""
+    from vlm_jax.data import pipeline as P
+    from vlm_jax.data import sources as S
+    src = S.TarSource(pattern, shuffle_shards=False)
+    cfg = P._resolved(bench_config(pattern, n, 32, 0, 1))
+    chunk = P.LoadChunk(P.LoadExample(src, P.example_transforms(cfg)))
+    raw = [src[i]["image"] for i in range(n)]
+    plain = pipe = float("inf")
+    for _ in range(reps):
+        c0 = time.process_time()
+        for data in raw:
+            plain_decode(data)
+        plain = min(plain, time.process_time() - c0)
+        c0 = time.process_time()
+        out = chunk.map([(i, i) for i in range(n)])
+        pipe = min(pipe, time.process_time() - c0)
+        assert out["rows"]["image"].shape == (n, SIZE, SIZE, 3)
+    return plain / pipe, n / pipe
 
 
-def pipeline_rate(pattern: str, n: int, batch: int, workers: int, threads: int,
-                  passes: int, windows: int = 2) -> float:
-    """Best samples/s over `windows` timed windows of `passes` epochs each (a busy,
-    shared machine makes single windows noisy)."""
+def buffered_batches(workers: int, threads: int, prefetch: int) -> int:
+    """Batches the pipeline can hold ready (per worker: its output buffer + its thread
+    prefetch; +1 in flight): drained before timing, so the rate is the steady state."""
+    per = max(2, prefetch) + max(threads, prefetch)
+    return (workers or 1) * per + 1
+
+
+def pipeline_rate(config, steps: int) -> dict:
+    """Steady-state samples/s and CPU per sample of `train_iterator(config)`."""
     from vlm_jax.data import train_iterator
-    it = train_iterator(bench_config(pattern, n, batch, workers, threads))
-    for _ in range(warmup_batches(workers)):  # start-up of the worker processes
-        b = next(it)
-    assert b["pixels"].shape == (batch, 224, 224, 3)
-    steps = max(1, passes * n // batch)
-    best = 0.0
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            next(it)
-        best = max(best, steps * batch / (time.perf_counter() - t0))
+    d = config.data
+    it = train_iterator(config)
+    b = int(config.train.batch_size)
+    first = next(it)  # worker start-up (each imports the stack)
+    assert first["pixels"].dtype == np.uint8 and first["tokens"].shape[0] == b
+    for _ in range(buffered_batches(int(d.num_workers), int(d.num_threads), int(d.prefetch))):
+        next(it)
+    t0, c0 = time.perf_counter(), tree_cpu_s()
+    for _ in range(steps):
+        next(it)
+    out = measured(steps * b, time.perf_counter() - t0, tree_cpu_s() - c0)
     if hasattr(it, "close"):
         it.close()
-    return best
-
-
-def demo_consumption() -> dict:
-    """Samples/s the demo's projector step consumes (frozen ViT + LM, gradients of the
-    projector only, as in configs/demo.py `run`), and what the demo's own synthetic
-    pipeline delivers (0 and 2 workers), measured here."""
-    import jax
-    import jax.numpy as jnp
-    from configs import demo
-    from vlm_jax.data import train_iterator
-    from vlm_jax.models import build_model
-    c = demo.get_config("run")
-    model = build_model(c.model)
-    it = train_iterator(c)
-    batch = {k: jnp.asarray(v) for k, v in next(it).items() if not k.startswith("_")}
-    params = model.init(jax.random.PRNGKey(0), batch)["params"]
-
-    @jax.jit
-    def step(proj, frozen, bt):
-        def loss(proj):
-            out = model.apply({"params": {**frozen, "projector": proj}}, bt)
-            return out["loss_sum"] / jnp.maximum(out["num_tokens"], 1)
-        return jax.value_and_grad(loss)(proj)
-
-    frozen = {k: v for k, v in params.items() if k != "projector"}
-    jax.block_until_ready(step(params["projector"], frozen, batch))
-    t0, k = time.perf_counter(), 10
-    for _ in range(k):
-        jax.block_until_ready(step(params["projector"], frozen, batch))
-    dt = (time.perf_counter() - t0) / k
-    out = {"demo_batch": int(c.train.batch_size), "demo_step_s": round(dt, 4),
-           "demo_step_samples_per_sec": round(c.train.batch_size / dt, 1)}
-    for workers in (0, 2):
-        c.data.num_workers = workers
-        it = train_iterator(c)
-        for _ in range(warmup_batches(workers)):
-            next(it)
-        t0, k = time.perf_counter(), 30
-        for _ in range(k):
-            next(it)
-        out[f"demo_pipeline_{workers}w_samples_per_sec"] = round(
-            k * c.train.batch_size / (time.perf_counter() - t0), 1)
-        if hasattr(it, "close"):
-            it.close()
     return out
 
 
+# ----------------------------------------------------------------------------- the demo
+def demo_step(steps: int = 10) -> dict:
+    """Samples/s the demo's compiled train step consumes: configs/demo.py `run` (vit M,
+    llm S, batch 32, pixels through the frozen ViT and LM, projector trained) through
+    trainer.Run's own init and AOT-compiled step, fed a batch of the demo's pipeline."""
+    import jax
+    from configs import demo
+    from vlm_jax.data import train_iterator
+    from vlm_jax.train import sharding, trainer
+    c = demo.get_config("run,feature_cache=0")
+    r = trainer.Run(c, tempfile.mkdtemp(prefix="bench_data_demo_"))
+    tr, fr = r.init_params()
+    state = r.init_state(tr)
+    r.compile(state, fr, with_eval=False)
+    gb = sharding.global_batch(next(train_iterator(c)), r.mesh)
+    state, m = r.train_step(state, fr, gb)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = r.train_step(state, fr, gb)
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t0) / steps
+    return {"batch": int(c.train.batch_size), "step_s": round(dt, 4),
+            "samples_per_sec": round(c.train.batch_size / dt, 1), "load1": load1()}
+
+
+def demo_pipeline(workers: int, steps: int = 30) -> dict:
+    from configs import demo
+    c = demo.get_config("run,feature_cache=0")
+    c.data.num_workers = workers
+    c.data.num_threads = 1
+    c.data.prefetch = 2
+    return pipeline_rate(c, steps)
+
+
+# ----------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, no demo step")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--passes", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=16, help="timed batches per pipeline")
     ap.add_argument("--no-demo", action="store_true")
     args = ap.parse_args()
-    n = 64 if args.quick else args.images
-    batch = 16 if args.quick else args.batch
-    out = {"benchmark": "data", "images": n, "batch": batch, "image_px": "256-512 -> 224",
-           "cpu_count": os.cpu_count()}
+    n, batch, steps = (64, 16, 4) if args.quick else (args.images, args.batch, args.steps)
+    t_start = time.perf_counter()
+    out = {"benchmark": "data", "images": n, "batch": batch, "timed_batches": steps,
+           "image_px": f"256-512 -> {SIZE}", "cpu_count": os.cpu_count(),
+           "load1_start": load1()}
     with tempfile.TemporaryDirectory() as root:
-        t0 = time.perf_counter()
         pattern = make_shards(root, n, per_shard=64)
-        out["make_shards_s"] = round(time.perf_counter() - t0, 2)
-        plain_loop(pattern, 224)  # warm the page cache
-
-        def plain_rate():
-            done, dt = plain_loop(pattern, 224)
-            return done / dt
-
-        plain = plain_rate()
-        r0 = pipeline_rate(pattern, n, batch, 0, 1, args.passes)
-        r1 = pipeline_rate(pattern, n, batch, 1, 1, args.passes)
-        r2 = pipeline_rate(pattern, n, batch, 2, 1, args.passes)
-        plain = max(plain, plain_rate())  # best of two, before and after the pipelines
-        ratio, rate = per_core_ratio(pattern, min(n, 64))
-        out.update(per_core_ratio_vs_plain=round(ratio, 3),
-                   per_core_pipeline_samples_per_sec=round(rate, 1))
-        out["plain_pil_samples_per_sec"] = round(plain, 1)
-        out.update(pipeline_0w_1thread_samples_per_sec=round(r0, 1),
-                   pipeline_1w_samples_per_sec=round(r1, 1),
-                   pipeline_2w_samples_per_sec=round(r2, 1),
-                   ratio_0w_vs_plain=round(r0 / plain, 3),
-                   ratio_1w_vs_plain=round(r1 / plain, 3),
-                   scaling_2w_vs_1w=round(r2 / r1, 3))
-    if not args.no_demo and not args.quick:
-        try:
-            out.update(demo_consumption())
-        except Exception as e:  # noqa: BLE001
-            out["demo_note"] = f"demo step not measured: {type(e).__name__}: {e}"
-        if "demo_step_samples_per_sec" in out:
-            step = out["demo_step_samples_per_sec"]
-            out["ratio_demo_pipeline_2w_vs_demo_step"] = round(
-                out["demo_pipeline_2w_samples_per_sec"] / step, 2)
-            out["ratio_tar224_2w_vs_demo_step"] = round(
-                out["pipeline_2w_samples_per_sec"] / step, 2)
+        plain_loop(pattern)  # warm the page cache
+        plains = [plain_loop(pattern)]
+        runs = {}
+        for name, workers, threads in (("pipeline_0w", 0, 1), ("pipeline_0w_2threads", 0, 2),
+                                       ("pipeline_1w", 1, 1), ("pipeline_2w", 2, 1)):
+            runs[name] = pipeline_rate(bench_config(pattern, n, batch, workers, threads), steps)
+        plains.append(plain_loop(pattern))  # best of two, before and after the pipelines
+        plain = max(plains, key=lambda m: m["samples_per_sec"])
+        ratio, per_cpu_s = per_core_ratio(pattern, min(n, 64))
+    out["plain"] = plain
+    out.update(runs)
+    out["per_core_ratio_vs_plain"] = round(ratio, 3)
+    out["per_core_pipeline_samples_per_cpu_sec"] = round(per_cpu_s, 1)
+    for w in (1, 2):
+        out[f"cpu_ratio_{w}w_vs_plain"] = round(
+            plain["cpu_ms_per_sample"] / runs[f"pipeline_{w}w"]["cpu_ms_per_sample"], 3)
+    rate = {k: v["samples_per_sec"] for k, v in runs.items()}
+    out["ratio_0w_vs_plain"] = round(rate["pipeline_0w"] / plain["samples_per_sec"], 3)
+    out["ratio_1w_vs_plain"] = round(rate["pipeline_1w"] / plain["samples_per_sec"], 3)
+    out["scaling_2w_vs_1w"] = round(rate["pipeline_2w"] / rate["pipeline_1w"], 3)
+    out["scaling_0w_2threads_vs_1thread"] = round(
+        rate["pipeline_0w_2threads"] / rate["pipeline_0w"], 3)
+    if not (args.no_demo or args.quick):
+        out["demo_step"] = demo_step()
+        out["demo_pipeline_2w"] = demo_pipeline(2)
+        step = out["demo_step"]["samples_per_sec"]
+        out["ratio_tar224_2w_vs_demo_step"] = round(rate["pipeline_2w"] / step, 2)
+        out["ratio_demo_pipeline_2w_vs_demo_step"] = round(
+            out["demo_pipeline_2w"]["samples_per_sec"] / step, 2)
+    out["targets"] = {
+        "per_core_ratio_vs_plain>=0.85": out["per_core_ratio_vs_plain"] >= 0.85,
+        "scaling_2w_vs_1w>1": out["scaling_2w_vs_1w"] > 1.0,
+        **({"ratio_tar224_2w_vs_demo_step>=5": out["ratio_tar224_2w_vs_demo_step"] >= 5}
+           if "demo_step" in out else {})}
+    out["load1_end"] = load1()
+    out["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(out))
 
 

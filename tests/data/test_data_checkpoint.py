@@ -9,28 +9,60 @@ from tests.data.test_data_pipeline import tiny_config
 from vlm_jax.data import train_iterator
 
 
-@pytest.mark.parametrize("workers,kind,packing", [(0, "vlm", False), (1, "lm", True)])
-def test_orbax_checkpoint_roundtrip(tmp_path, workers, kind, packing):
+def _save(it, path, step):
     import grain
     import orbax.checkpoint as ocp
-    c = tiny_config(kind=kind, n=20, packing=packing, num_workers=workers)
+    mngr = ocp.CheckpointManager(str(path))
+    mngr.save(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    return mngr
+
+
+def _restore(mngr, it, step):
+    import grain
+    import orbax.checkpoint as ocp
+    mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it)))
+
+
+def _assert_same(got, want, keys=("tokens", "segment_ids", "_seen", "_epoch")):
+    for k in keys:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("kind,packing", [("vlm", False), ("lm", True)])
+def test_orbax_checkpoint_roundtrip(tmp_path, kind, packing):
+    c = tiny_config(kind=kind, n=20, packing=packing)
     it = train_iterator(c)
     for _ in range(3):  # 24 of 20 records: into the second epoch
         next(it)
-    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
-    mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-    mngr.wait_until_finished()
+    mngr = _save(it, tmp_path / "ckpt", 3)
     want = [next(it) for _ in range(3)]
-    if hasattr(it, "close"):
-        it.close()
     fresh = train_iterator(c)
-    mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    _restore(mngr, fresh, 3)
     for w in want:
-        got = next(fresh)
-        for k in ("tokens", "segment_ids", "_seen", "_epoch"):
-            np.testing.assert_array_equal(got[k], w[k], err_msg=k)
-    if hasattr(fresh, "close"):
-        fresh.close()
+        _assert_same(next(fresh), w)
+
+
+def test_worker_processes_same_stream_and_checkpoint(tmp_path):
+    """2 worker processes give the 0-worker stream (pixels through shared memory too), and
+    their iterator state round-trips through orbax mid-epoch (workers re-seeked in place:
+    one spawn for the whole test)."""
+    c = tiny_config(n=20)
+    ref = train_iterator(c)
+    want = [next(ref) for _ in range(6)]
+    c.data.num_workers = 2
+    it = train_iterator(c)
+    try:
+        for w in want[:3]:
+            _assert_same(next(it), w, ("tokens", "pixels", "loss_mask", "_seen", "_records"))
+        mngr = _save(it, tmp_path / "ckpt", 3)
+        for w in want[3:]:
+            _assert_same(next(it), w)
+        _restore(mngr, it, 3)
+        for w in want[3:]:
+            _assert_same(next(it), w, ("tokens", "pixels", "_seen", "_epoch"))
+    finally:
+        it.close()
 
 
 def test_named_datasets_resolve(monkeypatch, tmp_path):

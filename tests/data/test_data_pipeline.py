@@ -197,23 +197,6 @@ def test_eval_batches_padded_and_sharded():
     assert sorted(rows) == sorted(want) and len(rows) == 12
 
 
-def test_worker_processes_give_the_same_stream():
-    c = tiny_config(n=24)
-    want = [next(it)["tokens"] for it in [train_iterator(c)] for _ in range(3)]
-    c.data.num_workers = 2
-    it = train_iterator(c)
-    got = [next(it)["tokens"] for _ in range(3)]
-    state = it.get_state()
-    nxt = next(it)["tokens"]
-    it.close()
-    np.testing.assert_array_equal(np.stack(want), np.stack(got))
-    c.data.num_workers = 0
-    plain = train_iterator(c)
-    [next(plain) for _ in range(3)]
-    np.testing.assert_array_equal(next(plain)["tokens"], nxt)
-    assert "parent" in state
-
-
 def test_noisy_captions_fraction():
     clean = [synthetic.caption_of(0, i, 0.0)[1] for i in range(400)]
     noisy = [synthetic.caption_of(0, i, 0.4)[1] for i in range(400)]

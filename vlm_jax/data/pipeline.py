@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 KINDS = ("vlm", "lm", "clip")
 BAD_CHECK_MIN_SEEN = 100   # judge the bad fraction only after this many samples
 _ENDLESS = 2**62
+MIN_SHM_BYTES = 1 << 16  # worker -> main: smaller arrays are pickled, not put in shm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,6 +447,10 @@ def train_iterator(config, process_index: int = 0, process_count: int = 1):
         num_threads=threads, prefetch_buffer_size=max(threads, int(d.prefetch))))
     if int(d.num_workers) > 0:
         _absl_flags_ready()
+        # Small arrays (tokens, masks) travel pickled with the chunk; only big ones (pixels)
+        # get a shared-memory segment each (create + map + unlink cost more than a copy).
+        it = grain.experimental.WithOptionsIterDataset(
+            it, grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES))
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=int(d.num_workers), per_worker_buffer_size=max(2, int(d.prefetch))))
     return iter(_Assemble(it, batch_size=b, spec=spec, pad_id=tok.pad_id,
