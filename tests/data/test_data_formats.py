@@ -183,7 +183,8 @@ def test_tfds_builder(tmp_path):
 
         def _generate_examples(self):
             for i in range(10):
-                img = np.full((12, 16, 3), i * 20, np.uint8)
+                # A PIL image: tfds encodes it with PIL (an array would load TensorFlow).
+                img = Image.fromarray(np.full((12, 16, 3), i * 20, np.uint8))
                 yield i, {"image": img, "captions": [{"text": f"tfds caption {i}"},
                                                      {"text": "second"}]}
 
