@@ -12,6 +12,7 @@ import torch
 from tests.convert import hf_tiny
 from vlm_jax import convert
 from vlm_jax.convert import safetensors_io as st
+from vlm_jax.convert.layout import unstack_layers
 
 TOL = 1e-4
 IDS = np.random.default_rng(0).integers(3, 1000, (2, 12))
@@ -37,17 +38,26 @@ def check(mod, params, m, mask=MASK):
     assert np.abs(got[valid] - ref[valid]).max() <= TOL
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_llama_gqa_odd_sizes(tmp_path, scan):
+def test_llama_gqa_odd_sizes_both_layouts(tmp_path):
     m = hf_tiny.llama(tmp_path)
-    mod, params = convert.load_hf_llm(str(tmp_path), scan_layers=scan)
+    mod, params = convert.load_hf_llm(str(tmp_path))
     assert mod.cfg.head_dim == 48 and mod.cfg.kv_heads == 1 and mod.cfg.rope_theta == 5e5
-    check(mod, params, m)
-    # Final hidden states too (transformers' last hidden state is after the final norm).
-    _, ref_h = hf_logits(m)
-    h = mod.apply({"params": params}, jnp.asarray(IDS), segment_ids=jnp.asarray(MASK),
-                  method=lambda md, i, segment_ids: md.decode(md.embed(i), None, segment_ids))
-    assert np.abs(np.asarray(h)[MASK > 0] - ref_h[MASK > 0]).max() <= TOL
+    # Logits and final hidden states (transformers' last hidden state is after the final
+    # norm) from one compiled program.
+    hidden = lambda md, i, segment_ids: md.decode(md.embed(i), None, segment_ids)
+    f = jax.jit(lambda p, i, s: (mod.apply({"params": p}, i, segment_ids=s),
+                                 mod.apply({"params": p}, i, segment_ids=s, method=hidden)))
+    logits, h = f(params, jnp.asarray(IDS), jnp.asarray(MASK, jnp.int32))
+    ref, ref_h = hf_logits(m)
+    valid = MASK > 0
+    assert np.abs(np.asarray(logits)[valid] - ref[valid]).max() <= TOL
+    assert np.abs(np.asarray(h)[valid] - ref_h[valid]).max() <= TOL
+    # The unscanned layout holds the same tensors, one subtree per layer (that the model
+    # computes the same either way is tests/models' scan == unscanned check).
+    mod_u, params_u = convert.load_hf_llm(str(tmp_path), scan_layers=False)
+    assert not mod_u.cfg.scan_layers and "layers_2" in params_u and "layers" not in params_u
+    assert jax.tree.structure(params_u) == jax.tree.structure(unstack_layers(params))
+    jax.tree.map(np.testing.assert_array_equal, params_u, unstack_layers(params))
 
 
 @pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 2.0},

@@ -11,6 +11,7 @@ import torch
 from tests.convert import hf_tiny
 from vlm_jax import convert
 from vlm_jax.convert import safetensors_io as st
+from vlm_jax.convert.layout import unstack_layers
 
 TOL = 1e-4
 
@@ -30,21 +31,27 @@ def ours(mod, params, px):
     return np.asarray(jax.jit(lambda p, x: mod.apply({"params": p}, x))(params, jnp.asarray(px)))
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_clip_hidden_states_and_features(tmp_path, scan):
+def test_clip_hidden_states_and_features_both_layouts(tmp_path):
     m = hf_tiny.clip_vision(tmp_path)
-    mod, params = convert.load_hf_vision(str(tmp_path), scan_layers=scan)
+    mod, params = convert.load_hf_vision(str(tmp_path))
     px = pixels(32)
     ref = hf_hidden(m, px)
-    got = ours(mod, params, px)
+    f = jax.jit(lambda p, x: (mod.apply({"params": p}, x),
+                              mod.apply({"params": p}, x, method=mod.features),
+                              mod.apply({"params": p}, x, method=mod.pooled)))
+    got, feats, pooled = map(np.asarray, f(params, jnp.asarray(px)))
     assert got.shape == ref.shape == (4, 2, 17, 64)
     assert np.abs(got - ref).max() <= TOL
-    feats = mod.apply({"params": params}, jnp.asarray(px), method=mod.features)
-    np.testing.assert_allclose(np.asarray(feats), ref[-2][:, 1:], atol=TOL)
-    pooled = mod.apply({"params": params}, jnp.asarray(px), method=mod.pooled)
+    np.testing.assert_allclose(feats, ref[-2][:, 1:], atol=TOL)
     with torch.no_grad():
         ref_pool = m(torch.tensor(px.transpose(0, 3, 1, 2))).pooler_output.numpy()
-    np.testing.assert_allclose(np.asarray(pooled), ref_pool, atol=TOL)
+    np.testing.assert_allclose(pooled, ref_pool, atol=TOL)
+    # Unscanned: the same tensors, one subtree per layer (tests/models checks the model
+    # computes the same in both layouts).
+    mod_u, params_u = convert.load_hf_vision(str(tmp_path), scan_layers=False)
+    assert not mod_u.cfg.scan_layers and "layers_2" in params_u and "layers" not in params_u
+    assert jax.tree.structure(params_u) == jax.tree.structure(unstack_layers(params))
+    jax.tree.map(np.testing.assert_array_equal, params_u, unstack_layers(params))
 
 
 def test_clip_gelu_other_resolution(tmp_path):

@@ -1,0 +1,115 @@
+"""Fast strided copies (arrays.py) against numpy, and the converter's peak memory."""
+import gc
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from vlm_jax import convert
+from vlm_jax.convert import arrays
+from vlm_jax.convert import mapping as M
+from vlm_jax.convert import safetensors_io as st
+
+DTYPES = (ml_dtypes.bfloat16, np.float32, np.float16, ml_dtypes.float8_e4m3fn, np.float64)
+
+
+def views(a):
+    """The strided views conversion copies: transposes, head splits, odd slices."""
+    r, c = a.shape
+    out = [a.T, a[:, ::2].T, a[1:, 3:].T]
+    if r % 4 == 0:
+        out.append(M.heads_in(4)[0](a))     # [c, 4, r/4]
+    if c % 4 == 0:
+        out.append(M.heads_out(4)[0](a))    # [4, c/4, r]
+    return out
+
+
+def test_copy_into_matches_numpy_bit_exact():
+    rng = np.random.default_rng(0)
+    for dt in DTYPES:
+        for shape in ((600, 520), (96, 160), (1000, 96), (37, 300), (300, 37), (8, 3)):
+            a = rng.standard_normal(shape).astype(dt)
+            for v in views(a):
+                d = arrays.empty(v.shape, v.dtype)
+                arrays.copy_into(d, v)
+                assert d.tobytes() == np.ascontiguousarray(v).tobytes(), (dt, shape, v.strides)
+                c = arrays.contiguous(v, np.float32)       # with a cast
+                assert c.flags.c_contiguous and c.dtype == np.float32
+                np.testing.assert_array_equal(c, v.astype(np.float32))
+    big = arrays.empty((1024, 1024), np.float32)           # a populated mmap
+    big[...] = 3
+    assert big.sum() == 3 * 2 ** 20 and arrays.contiguous(big) is big
+    with pytest.raises(ValueError, match="shape"):
+        arrays.copy_into(np.empty((3, 2)), np.empty((2, 3)))
+
+
+def test_as_2d_only_merges_without_copies():
+    a = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    for v in (a, a.T, a.transpose(1, 0, 2, 3), a[:, :1], a[..., ::2],
+              a.reshape(6, 20).T.reshape(4, 5, 6)):
+        for k in range(1, v.ndim):
+            got = arrays._as_2d(v, k)
+            w = v.reshape(int(np.prod(v.shape[:k])), -1)
+            assert (got is not None) == np.shares_memory(w, v), (v.shape, v.strides, k)
+            if got is not None:
+                np.testing.assert_array_equal(got, w)
+
+
+def write_llama(path, vocab=4096, d=512, mlp=1024, layers=8, heads=8, kv=4):
+    """A random bf16 Llama checkpoint written with numpy (~46 MB at the defaults)."""
+    rng = np.random.default_rng(0)
+    hd = d // heads
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,),
+              "lm_head.weight": (vocab, d)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (heads * hd, d),
+                       p + "self_attn.k_proj.weight": (kv * hd, d),
+                       p + "self_attn.v_proj.weight": (kv * hd, d),
+                       p + "self_attn.o_proj.weight": (d, heads * hd),
+                       p + "mlp.gate_proj.weight": (mlp, d), p + "mlp.up_proj.weight": (mlp, d),
+                       p + "mlp.down_proj.weight": (d, mlp),
+                       p + "input_layernorm.weight": (d,),
+                       p + "post_attention_layernorm.weight": (d,)})
+    tensors = {k: rng.integers(0x3c00, 0x3f80, s, dtype=np.uint16).view(ml_dtypes.bfloat16)
+               for k, s in shapes.items()}
+    os.makedirs(path)
+    st.write(os.path.join(path, st.SINGLE), tensors)
+    json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+               "vocab_size": vocab, "hidden_size": d, "intermediate_size": mlp,
+               "num_hidden_layers": layers, "num_attention_heads": heads,
+               "num_key_value_heads": kv, "max_position_embeddings": 128},
+              open(os.path.join(path, "config.json"), "w"))
+    return sum(t.nbytes for t in tensors.values())
+
+
+def _rss_kib():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                    reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
+def test_convert_peak_memory_near_one_copy(tmp_path):
+    """`convert` (read + orbax save) holds about one copy of the weights: orbax's default
+    numpy save (deep copies + compression buffers) would add ~1.8x on top."""
+    small = write_llama(tmp_path / "small", vocab=256, d=64, mlp=128, layers=2)
+    convert.convert(str(tmp_path / "small"), str(tmp_path / "warm"))   # one-time inits
+    nbytes = write_llama(tmp_path / "hf")
+    assert nbytes > 40e6 and small < 1e6
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                    # VmHWM := VmRSS
+    base, _ = _rss_kib()
+    convert.convert(str(tmp_path / "hf"), str(tmp_path / "ck"))
+    _, peak = _rss_kib()
+    extra = (peak - base) * 1024 / nbytes
+    assert extra <= 1.3, f"peak RSS grew by {extra:.2f}x the checkpoint bytes"
+    # The dir restores to the same tensors as a direct read.
+    _, params = convert.load_converted(str(tmp_path / "ck"))
+    _, direct, _ = convert.api.convert_llm(str(tmp_path / "hf"))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a.view(np.uint16),
+                                                            b.view(np.uint16)), params, direct)
