@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 KINDS = ("vlm", "lm", "clip")
 BAD_CHECK_MIN_SEEN = 100   # judge the bad fraction only after this many samples
 _ENDLESS = 2**62
-MIN_SHM_BYTES = 1 << 16  # worker -> main: smaller arrays are pickled, not put in shm
+MIN_SHM_BYTES = 1 << 18  # worker -> main: smaller arrays are pickled (cheaper than a segment)
 
 
 @dataclasses.dataclass(frozen=True)

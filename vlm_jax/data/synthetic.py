@@ -124,8 +124,10 @@ def render(scene: Scene, size: int, rng: random.Random) -> np.ndarray:
 
 
 def _caption(seed: int, index: int, scene: Scene, caption_noise: float) -> tuple[str, bool]:
+    if caption_noise <= 0:
+        return describe(scene), True  # (the noise stream below is not needed)
     nrng = _rng(seed, index, 2)
-    if caption_noise > 0 and nrng.random() < caption_noise:
+    if nrng.random() < caption_noise:
         if nrng.random() < 0.5:
             return nrng.choice(GENERIC), False
         other = describe(sample_scene(_rng(seed, nrng.getrandbits(62), 3)))

@@ -214,20 +214,19 @@ def build_sequence(caption_ids: list[int], tokenizer, spec: SequenceSpec,
     head = [tokenizer.bos_id] + before + [spec.image_token_id] * k + after
     ids = head + cap + [tokenizer.eos_id]
     n, t = len(ids), spec.length
-    pad = [tokenizer.pad_id] * (t - n)
-    ar = _arange(t)
+    tokens = np.full((t + 1,), tokenizer.pad_id, np.int32)
+    tokens[:n] = ids
     loss_mask = np.zeros((t,), np.float32)
     loss_mask[len(head) - 1:n - 1] = 1.0  # targets = caption tokens and the eos
-    out = {"tokens": np.array(ids + pad, np.int32),
-           "targets": np.array(ids[1:] + pad + [tokenizer.pad_id], np.int32),
-           "loss_mask": loss_mask,
-           "positions": np.where(ar < n, ar, 0).astype(np.int32),
-           "segment_ids": (ar < n).astype(np.int32),
+    positions = _arange(t).copy()
+    positions[n:] = 0
+    segment_ids = np.zeros((t,), np.int32)
+    segment_ids[:n] = 1
+    out = {"tokens": tokens[:t], "targets": tokens[1:], "loss_mask": loss_mask,
+           "positions": positions, "segment_ids": segment_ids,
            "_truncated": np.int32(truncated)}
-    if spec.kind == "vlm":
-        vm = np.zeros((t,), bool)
-        vm[1 + len(before):1 + len(before) + k] = True
-        out["visual_mask"] = vm
+    if spec.kind == "vlm":  # the same for every row: one shared read-only array
+        out["visual_mask"] = _visual_mask(t, 1 + len(before), k)
     return out
 
 
@@ -236,6 +235,14 @@ def _arange(t: int) -> np.ndarray:
     a = np.arange(t, dtype=np.int32)
     a.flags.writeable = False
     return a
+
+
+@functools.lru_cache(maxsize=16)
+def _visual_mask(t: int, start: int, k: int) -> np.ndarray:
+    vm = np.zeros((t,), bool)
+    vm[start:start + k] = True
+    vm.flags.writeable = False
+    return vm
 
 
 def build_clip_tokens(caption_ids: list[int], tokenizer, length: int) -> dict[str, np.ndarray]:
