@@ -136,6 +136,10 @@ def test_cli_round_trip_bf16_bit_exact_sharded(tmp_path, capsys):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert sorted(os.listdir(tmp_path / "back")) == sorted(shards + [st.INDEX, "config.json"])
+    umask = os.umask(0)
+    os.umask(umask)
+    for d in ("back", "ck"):   # outputs get the user's usual permissions, not a temp dir's
+        assert os.stat(tmp_path / d).st_mode & 0o777 == 0o777 & ~umask
     for f in shards:
         h = st.read_header(str(tmp_path / "back" / f))
         size = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in h.values())

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +132,9 @@ def _atomic_dir(out: str, force: bool):
         raise ConversionError(f"{out}: output exists; pass --force to replace it")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+    # Not tempfile.mkdtemp: its 0700 mode would end up on `out`; os.mkdir honours umask.
+    tmp = os.path.join(parent, f"{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:12]}")
+    os.mkdir(tmp)
 
     def commit():
         if os.path.exists(out):
