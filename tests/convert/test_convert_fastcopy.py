@@ -104,8 +104,10 @@ def test_convert_peak_memory_near_one_copy(tmp_path):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                                    # VmHWM := VmRSS
     base, _ = _rss_kib()
+    unclosed = st.Reader.unclosed
     convert.convert(str(tmp_path / "hf"), str(tmp_path / "ck"))
     _, peak = _rss_kib()
+    assert st.Reader.unclosed == unclosed   # every tensor's mapping was closed after use
     extra = (peak - base) * 1024 / nbytes
     assert extra <= 1.3, f"peak RSS grew by {extra:.2f}x the checkpoint bytes"
     # The dir restores to the same tensors as a direct read.

@@ -121,9 +121,10 @@ def load(reader: Reader, entries: list[Entry], shapes: dict[str, tuple[int, ...]
                                       f"{what} config (is it the right checkpoint?)")
     leaves: dict[str, np.ndarray] = {}
     for e in entries:
-        with contextlib.ExitStack() as views:
-            arrays = e.to_ours(*[views.enter_context(reader.mapped(k)) for k in e.hf])
-            _fill(reader, e, arrays, leaves, shapes, scanned, dtype, what)
+        with contextlib.ExitStack() as stack:   # the mappings close once copied from
+            views = [stack.enter_context(reader.mapped(k)) for k in e.hf]
+            _fill(reader, e, e.to_ours(*views), leaves, shapes, scanned, dtype, what)
+            del views
     for leaf, shape in shapes.items():
         if leaf not in leaves:
             raise ConversionError(f"{reader.source}: no tensor provides param {leaf!r}")

@@ -1,10 +1,12 @@
 """Streaming safetensors reader/writer (single files and sharded checkpoints).
 
-Reads one tensor at a time straight from the file into a numpy buffer (no whole-file
-load, no torch), so converting a checkpoint holds about one copy of the weights. Handles
-bf16/fp16/fp8 through `ml_dtypes` (numpy has no bfloat16). The format: 8-byte
-little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} (plus
-optional "__metadata__"), then the raw little-endian tensor bytes.
+Reads one tensor at a time (`Reader.mapped`: an mmap of just that tensor, copied from and
+unmapped; `Reader.read`: into a numpy buffer), no whole-file load and no torch, so
+converting a checkpoint holds about one copy of the weights. Writes tensor by tensor,
+one file or transformers-style shards + index (`write_checkpoint`). Handles bf16/fp16/fp8
+through `ml_dtypes` (numpy has no bfloat16). The format: 8-byte little-endian header
+length, a JSON header {name: {dtype, shape, data_offsets}} (plus optional
+"__metadata__"), then the raw little-endian tensor bytes.
 """
 from __future__ import annotations
 
@@ -63,6 +65,8 @@ class Reader:
     """All tensors of a checkpoint: one `.safetensors` file, or a directory holding
     `model.safetensors` or a sharded `model.safetensors.index.json` (any `*.safetensors`
     files otherwise)."""
+
+    unclosed = 0   # mappings left to the garbage collector (a caller kept a view)
 
     def __init__(self, path: str):
         self.path = path
@@ -132,7 +136,7 @@ class Reader:
             try:
                 mm.close()
             except BufferError:  # the caller kept a view: unmapped when it is freed
-                pass
+                Reader.unclosed += 1
 
     def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         """The tensor `key` in its stored dtype (read into `out` when given)."""
