@@ -83,6 +83,8 @@ def measure(config: str, root: str, parallel: int, select: list[str], extra: lis
         st = stage_of.get(t["runs"][0], "?")
         per_stage[st] = round(per_stage.get(st, 0.0) + t["seconds"], 2)
     done = sum(r["status"] == "done" for r in runs)
+    reused = sum(int(t.get("programs_reused", 0)) for t in timings)
+    built = sum(int(t.get("programs_built", 0)) for t in timings)
     return {
         "config": config, "select": select, "parallel": parallel, "exit_code": p.returncode,
         "wall_s": round(wall, 2), "runs": len(runs), "runs_done": done,
@@ -93,6 +95,9 @@ def measure(config: str, root: str, parallel: int, select: list[str], extra: lis
         "overhead_frac": round(1 - step_s / max(1e-9, wall * parallel), 4),
         "overhead_frac_in_jobs": round(1 - step_s / max(1e-9, job_s), 4),
         "train_steps": sum(r["steps"] for r in runs),
+        # compiled programs (init/train/eval) the warm workers reused in memory vs built
+        # (traced + compiled, or loaded from the persistent cache)
+        "programs_reused_in_memory": reused, "programs_built": built,
         "log_tail": p.stdout.strip().splitlines()[-3:],
         "per_run": runs,
     }
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
     extra = ["--no-analysis"] if args.no_analysis else []
     tmp = tempfile.mkdtemp(prefix="vlm_jax_grid_bench_")
     out = {"benchmark": "grid", "nproc": os.cpu_count(),
-           "loadavg_before": os.getloadavg()[0]}
+           "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     try:
         root = args.root or os.path.join(tmp, "fast")
         fast = measure(args.config, root, args.parallel, args.select, extra)
@@ -133,7 +138,7 @@ def main(argv=None) -> int:
             fg = fast["job_s_by_stage"].get("grid", 0.0)
             sg = slow["job_s_by_stage"].get("grid", 0.0)
             out["grid_stage_job_s_ratio"] = round(fg / max(1e-9, sg), 4)
-        out["loadavg_after"] = os.getloadavg()[0]
+        out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         if not args.per_run:
             for k in ("grid", "baseline_no_sweep_no_cache"):
                 if k in out:

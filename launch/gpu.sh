@@ -13,19 +13,11 @@
 # Extra arguments go to `python -m vlm_jax.grid run` (e.g. --select vit=L14 --dry-run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-stamp=.venv/.requirements.sha
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-  echo "$want" > "$stamp"
-fi
+. launch/_venv.sh
 extra=()
 if [ "${INSTALL_CUDA:-0}" = 1 ] && [ ! -f .venv/.cuda-installed ]; then
   extra+=(--install-cuda)
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 set +e
 .venv/bin/python -m vlm_jax.grid run "${CONFIG:-configs/demo.py}" --root "${ROOT:-runs/gpu}" \
   --launcher gpu --parallel "${PARALLEL:-1}" --gpus-per-run "${GPUS_PER_RUN:-0}" \

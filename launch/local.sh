@@ -8,15 +8,6 @@
 # Extra arguments go to `python -m vlm_jax.grid run` (e.g. --select vit=S,M --dry-run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-stamp=.venv/.requirements.sha
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[local] installing requirements.txt into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-  echo "$want" > "$stamp"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+. launch/_venv.sh
 exec .venv/bin/python -m vlm_jax.grid run "${CONFIG:-configs/demo.py}" --root "${ROOT:-runs/demo}" \
   --parallel "${PARALLEL:-2}" "$@"

@@ -45,6 +45,12 @@ def test_demo_grid_shape():
     assert len(jobs) == 3 + 2 + 12
     assert all(len(j.runs) == 4 for j in jobs if j.sweep)
     assert expand.validate_runs(g) == []
+    # the runner starts what most runs wait on first: the LMs (24 grid runs each), then
+    # the ViTs (16 each), then the grid
+    from vlm_jax.grid import runner
+    waiting = runner.dependants(g.runs)
+    assert len(waiting["lm/llm=S"]) == 24 and len(waiting["vit/vit=L"]) == 16
+    assert waiting["grid/data=clean,vit=S,llm=S,n=256"] == set()
     g0 = expand.load_grid(DEMO + ":grid,native=0,sweep=0")
     assert len(make_jobs(g0.runs)) == len(g0.runs) == 53
 

@@ -45,7 +45,8 @@ def test_real_runs_isolation_idempotence_and_root_checks(tmp_path, launcher):
     assert [r.name for r in g.runs] == ["pre/a=1", "main/a=1,b=x", "main/a=1,b=bad",
                                         "post/a=1,b=x", "post/a=1,b=bad"]
     logs = []
-    s = runner.run_grid(g, root, launcher(root), log=logs.append)
+    # one slot: the worker goes on with the next job after the diverging run failed
+    s = runner.run_grid(g, root, launcher(root, parallel=1), log=logs.append)
     out = "\n".join(logs)
     # the diverging run failed, the run that needs it was skipped, the rest finished
     assert s.failed == ["main/a=1,b=bad"], out
@@ -55,6 +56,11 @@ def test_real_runs_isolation_idempotence_and_root_checks(tmp_path, launcher):
     marker = json.load(open(os.path.join(root, "runs/main/a-1_b-bad/grid_status.json")))
     assert marker["status"] == "failed" and "exit code 1" in marker["error"]
     assert "NonFiniteError" in marker["log_tail"] and "train.max_nonfinite=1" in marker["log_tail"]
+    # the warm worker compiled the tiny programs once and reused them for the later runs
+    t = registry.read_timings(root)
+    assert [x["job"] for x in t] == ["pre/a=1", "main/a=1,b=x", "main/a=1,b=bad",
+                                     "post/a=1,b=x"]
+    assert all(x["programs_reused"] > 0 and x["programs_built"] == 0 for x in t[1:]), t
     skip = json.load(open(os.path.join(root, "runs/post/a-1_b-bad/grid_status.json")))
     assert skip["error"] == "needs main/a=1,b=bad, which failed"
     rows = _csv(root)
@@ -91,7 +97,7 @@ def test_real_runs_isolation_idempotence_and_root_checks(tmp_path, launcher):
     assert not any("[grid] start" in m for m in logs2)
     assert {p: v for p, v in _snapshot(root).items() if p.endswith("result.json")} == done_files
     # the default retries the failed run (and its dependant) only
-    s3 = runner.run_grid(g, root, launcher(root), log=lambda m: None)
+    s3 = runner.run_grid(g, root, launcher(root, parallel=1), log=lambda m: None)
     assert s3.ran == 1 and s3.failed == ["main/a=1,b=bad"] and s3.skipped == ["post/a=1,b=bad"]
 
     # a root holding another grid is refused and nothing is written
@@ -109,7 +115,7 @@ def test_real_runs_isolation_idempotence_and_root_checks(tmp_path, launcher):
     # the same grid extended by an axis value keeps every done run and runs only the new
     wider = expand.load_grid(TINY_GRID + ":grid,values=x|bad|y,post=True",
                              select={"b": ["x", "y"]})
-    s4 = runner.run_grid(wider, root, launcher(root), log=lambda m: None)
+    s4 = runner.run_grid(wider, root, launcher(root, parallel=1), log=lambda m: None)
     assert s4.ok and s4.already_done == 3 and s4.ran == 2
     assert set(_csv(root)) == {r.name for r in g.runs} | {"main/a=1,b=y", "post/a=1,b=y"}
 

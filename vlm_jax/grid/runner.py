@@ -145,7 +145,10 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
         log(f"[grid] setup: {format_command(argv)}")
         subprocess.run(argv, check=True)
     prog = _Progress(s.total, s.already_done, launcher.parallel, log)
-    pending = list(jobs)
+    # critical path first: of the jobs that can start, those more runs wait on go first
+    # (pretraining that feeds many grid runs before a leaf run); ties keep grid order
+    waiting = dependants(grid.runs)
+    pending = sorted(jobs, key=lambda j: -len(set().union(*(waiting[r.name] for r in j.runs))))
     running: dict[int, tuple[Job, object, float]] = {}   # slot -> (job, handle, start)
 
     def counts():
@@ -153,7 +156,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
                 sum(v == "failed" for v in state.values()),
                 sum(v == "skipped" for v in state.values()))
 
-    def finish(job: Job, rc: int, started: float):
+    def finish(job: Job, rc: int, started: float, info: Mapping):
         prog.finished += len(job.runs)
         log_path = _log_path(root, job)
         tail = registry.log_tail(log_path)
@@ -179,7 +182,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
         registry.write_results_csv(root, csv_grid)
         registry.append_timing(root, job=job.name, runs=[r.name for r in job.runs], rc=rc,
                                start=started, seconds=round(time.time() - started, 3),
-                               status=status.lower())
+                               status=status.lower(), **info)
 
     try:
         while pending or running:
@@ -227,7 +230,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
                 rc = handle.poll()
                 if rc is not None:
                     del running[slot]
-                    finish(job, rc, started)
+                    finish(job, rc, started, getattr(handle, "info", {}))
     except KeyboardInterrupt:
         s.interrupted = True
         log(f"[grid] interrupted: stopping {len(running)} running job(s) (they checkpoint on "
@@ -248,6 +251,25 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
         f"{len(s.skipped)} skipped, in {_fmt_s(s.wall_time_s)}; results: "
         f"{os.path.join(root, registry.RESULTS_CSV)}")
     return s
+
+
+def dependants(runs) -> dict[str, set[str]]:
+    """Run name -> the names of every run that needs it, directly or not."""
+    direct: dict[str, set[str]] = {r.name: set() for r in runs}
+    for r in runs:
+        for d in r.deps:
+            direct.setdefault(d, set()).add(r.name)
+    out: dict[str, set[str]] = {}
+
+    def visit(name):
+        if name not in out:
+            out[name] = set()
+            for child in direct.get(name, ()):
+                out[name] |= {child} | visit(child)
+        return out[name]
+    for name in direct:
+        visit(name)
+    return out
 
 
 def _dep_done(root: str, runs: Mapping[str, Run], name: str) -> bool:

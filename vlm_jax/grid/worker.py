@@ -6,7 +6,8 @@
                                                  # one reply {"job", "ok", "error"} each
 
 Serving keeps JAX imported and its caches warm across runs (the local launcher's default
-executor). While a job runs, the process's stdout/stderr (file descriptors 1 and 2, so
+executor): runs of equal shapes reuse the compiled programs of earlier runs in memory
+(`vlm_jax.train.program_cache`), so such a run skips tracing, lowering and compiling. While a job runs, the process's stdout/stderr (file descriptors 1 and 2, so
 XLA's C++ logs too) go to the job's log; replies use a private copy of the original
 stdout. A job's failure is reported, not raised: the worker goes on with the next one.
 """
@@ -90,6 +91,13 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _program_stats() -> dict:
+    """Compiled programs reused / built in this process (vlm_jax.train.program_cache)."""
+    if "vlm_jax.train.program_cache" not in sys.modules:  # nothing trained yet
+        return {"hits": 0, "misses": 0}
+    return sys.modules["vlm_jax.train.program_cache"].stats()
+
+
 def serve() -> int:
     _setup_logging()
     reply = os.fdopen(os.dup(1), "w", buffering=1)
@@ -104,6 +112,7 @@ def serve() -> int:
         ok, error = True, ""
         with _redirect_fds(log):
             t0 = time.time()
+            before = _program_stats()
             print(f"[worker pid {os.getpid()}] job {spec['name']}", flush=True)
             try:
                 run_job(spec)
@@ -112,9 +121,14 @@ def serve() -> int:
                     raise
                 ok, error = False, f"{type(e).__name__}: {e}"
                 traceback.print_exc()
+            after = _program_stats()
+            reused = after["hits"] - before["hits"]
+            built = after["misses"] - before["misses"]
             print(f"[worker] job {spec['name']} {'done' if ok else 'FAILED'} in "
-                  f"{time.time() - t0:.1f}s", flush=True)
-        reply.write(json.dumps({"job": spec["name"], "ok": ok, "error": error}) + "\n")
+                  f"{time.time() - t0:.1f}s; programs: {reused} reused in memory, {built} "
+                  "built", flush=True)
+        reply.write(json.dumps({"job": spec["name"], "ok": ok, "error": error,
+                                "programs_reused": reused, "programs_built": built}) + "\n")
     return 0
 
 

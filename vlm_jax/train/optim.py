@@ -54,6 +54,10 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 _KINDS = ("cosine", "linear", "constant", "wsd")
+# optim fields that reach the train step only through `schedule_params` (runtime inputs
+# with make_optimizer(runtime_lr=True)): runs differing only in them share one program.
+RUNTIME_FIELDS = ("lr", "schedule", "warmup_steps", "warmup_frac", "decay_frac",
+                  "min_lr_ratio")
 
 
 def schedule_params(optim_cfg, total_steps: int) -> np.ndarray:

@@ -32,7 +32,7 @@ import optax
 from vlm_jax.train import checkpoint as ckpt
 from vlm_jax.train import flops as flops_lib
 from vlm_jax.train import metrics as metrics_lib
-from vlm_jax.train import optim, sharding, step as step_lib
+from vlm_jax.train import optim, program_cache, sharding, step as step_lib
 
 log = logging.getLogger("vlm_jax.train")
 
@@ -240,6 +240,9 @@ class Run:
         self.eval_bs = int(config.train.eval_batch_size or config.train.batch_size)
         sharding.check_batch(self.eval_bs, self.mesh, self.pc, "train.eval_batch_size")
         self.rules = sharding.flax_rules(self.mesh)
+        # Compiled programs are shared in-process only for models built from the config
+        # (program_cache); a model or batch_spec passed in is not described by the config.
+        self._share_programs = model is None and batch_spec is None
         if model is None:
             from vlm_jax.models import build_model
             model = build_model(config.model)
@@ -265,6 +268,21 @@ class Run:
                 s.a.__exit__(*e)
         return _Ctx()
 
+    def _program_key(self, what: str, *args) -> str | None:
+        """program_cache key of a program of this run: everything that decides it."""
+        if not self._share_programs:
+            return None
+        model = config_to_dict(self.config.model)
+        for part in model.values():
+            if isinstance(part, dict):
+                part.pop("init_from", None)
+        opt = {k: v for k, v in config_to_dict(self.config.optim).items()
+               if k not in optim.RUNTIME_FIELDS}
+        return program_cache.make_key(
+            what, model, opt, int(self.config.train.grad_accum), list(self.mesh.device_ids.flat),
+            list(self.mesh.axis_names), list(self.mesh.devices.shape), str(self.rules),
+            [program_cache.signature(a) for a in args])
+
     # -- params
     def init_params(self):
         """(trainable, frozen) params on the mesh, with init_from applied."""
@@ -279,8 +297,11 @@ class Run:
             boxed = jax.eval_shape(init, rng)
             shard = nn.unbox(sharding.tree_shardings(boxed, self.mesh))
             # Runs once: compile it fast (XLA's optimisations cost seconds and save nothing).
-            params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shard).lower(
-                rng).compile(FAST_COMPILE)(rng)
+            init_fn = program_cache.get_or_build(
+                self._program_key("init", rng, spec, boxed),
+                lambda: jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shard).lower(
+                    rng).compile(FAST_COMPILE))
+            params = init_fn(rng)
         params = dict(params)
         for part in ("vision", "llm"):
             sub = cfg.model.get(part)
@@ -339,8 +360,10 @@ class Run:
                                                {k: v.sharding for k, v in b_train.items()},
                                                repl),
                              out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
-            compiled = jitted.lower(ckpt.abstract_like(state), ckpt.abstract_like(frozen),
-                                    b_train, ckpt.abstract_like(hp)).compile()
+            compiled = program_cache.get_or_build(
+                self._program_key("train", state, frozen, b_train, hp),
+                lambda: jitted.lower(ckpt.abstract_like(state), ckpt.abstract_like(frozen),
+                                     b_train, ckpt.abstract_like(hp)).compile())
             # The schedule is an input, so runs that differ only in steps/lr share this
             # program (and the persistent compilation cache entry).
             self.train_step = _WithSchedule(compiled, hp)
@@ -350,8 +373,10 @@ class Run:
                          in_shardings=(self.state_shardings["params"], f_sh,
                                        {k: v.sharding for k, v in b_eval.items()}),
                          out_shardings=repl)
-            self.eval_step = ev.lower(ckpt.abstract_like(state["params"]),
-                                      ckpt.abstract_like(frozen), b_eval).compile()
+            self.eval_step = program_cache.get_or_build(
+                self._program_key("eval", state["params"], frozen, b_eval),
+                lambda: ev.lower(ckpt.abstract_like(state["params"]),
+                                 ckpt.abstract_like(frozen), b_eval).compile())
         return self.train_step, self.eval_step
 
     # -- eval
