@@ -20,8 +20,11 @@ less. Keys:
   whole multi-process pipeline (overheads of workers and IPC included).
 - `ratio_1w_vs_plain`, `scaling_2w_vs_1w`: wall-clock (ideal on 2 idle cores: >= 1 and ~2).
 - `demo_step`: samples/s the demo's compiled train step consumes (configs/demo.py `run`,
-  pixels through the frozen ViT + LM, projector trained: trainer.Run's own AOT step);
-  `ratio_tar224_2w_vs_demo_step` (target >= 5) and the demo's own synthetic pipeline.
+  pixels through the frozen ViT + LM, projector trained: trainer.Run's own AOT step).
+  `demo_pipeline_2w` / `demo_pipeline_as_configured`: the demo run's own synthetic 32 px
+  pipeline; `ratio_demo_pipeline_2w_vs_demo_step` (target >= 5, wall clock) and
+  `cpu_ratio_demo_pipeline_vs_demo_step` (the step's CPU per sample / the pipeline's).
+  `ratio_tar224_2w_vs_demo_step` is for scale only (224 px JPEG decode vs a 32 px toy step).
 """
 from __future__ import annotations
 
@@ -200,21 +203,24 @@ def demo_step(steps: int = 10) -> dict:
     gb = sharding.global_batch(next(train_iterator(c)), r.mesh)
     state, m = r.train_step(state, fr, gb)
     jax.block_until_ready(m)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()  # XLA's threads are ours
     for _ in range(steps):
         state, m = r.train_step(state, fr, gb)
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
-    return {"batch": int(c.train.batch_size), "step_s": round(dt, 4),
-            "samples_per_sec": round(c.train.batch_size / dt, 1), "load1": load1()}
+    out = measured(steps * int(c.train.batch_size), dt * steps, time.process_time() - c0)
+    return {"batch": int(c.train.batch_size), "step_s": round(dt, 4), **out}
 
 
-def demo_pipeline(workers: int, steps: int = 30) -> dict:
+def demo_pipeline(workers: int | None, steps: int = 30) -> dict:
+    """The demo run's own pipeline (synthetic 32 px); `workers=None`: its config as is."""
     from configs import demo
     c = demo.get_config("run,feature_cache=0")
-    c.data.num_workers = workers
-    c.data.num_threads = 1
-    c.data.prefetch = 2
+    if workers is not None:
+        c.data.num_workers = workers
+        c.data.num_threads = 1
+        c.data.prefetch = 2
+    c.data.num_threads = int(c.data.get("num_threads", 4))
     return pipeline_rate(c, steps)
 
 
@@ -256,18 +262,25 @@ def main() -> None:
     out["scaling_2w_vs_1w"] = round(rate["pipeline_2w"] / rate["pipeline_1w"], 3)
     out["scaling_0w_2threads_vs_1thread"] = round(
         rate["pipeline_0w_2threads"] / rate["pipeline_0w"], 3)
+    targets = {"per_core_ratio_vs_plain>=0.85": out["per_core_ratio_vs_plain"] >= 0.85,
+               "scaling_2w_vs_1w>1": out["scaling_2w_vs_1w"] > 1.0}
     if not (args.no_demo or args.quick):
-        out["demo_step"] = demo_step()
-        out["demo_pipeline_2w"] = demo_pipeline(2)
-        step = out["demo_step"]["samples_per_sec"]
-        out["ratio_tar224_2w_vs_demo_step"] = round(rate["pipeline_2w"] / step, 2)
+        out["demo_step"] = step = demo_step()
+        out["demo_pipeline_as_configured"] = demo_pipeline(None)
+        out["demo_pipeline_2w"] = demo = demo_pipeline(2)
         out["ratio_demo_pipeline_2w_vs_demo_step"] = round(
-            out["demo_pipeline_2w"]["samples_per_sec"] / step, 2)
-    out["targets"] = {
-        "per_core_ratio_vs_plain>=0.85": out["per_core_ratio_vs_plain"] >= 0.85,
-        "scaling_2w_vs_1w>1": out["scaling_2w_vs_1w"] > 1.0,
-        **({"ratio_tar224_2w_vs_demo_step>=5": out["ratio_tar224_2w_vs_demo_step"] >= 5}
-           if "demo_step" in out else {})}
+            demo["samples_per_sec"] / step["samples_per_sec"], 2)
+        # Per CPU-second (robust to load; on the CPU demo the step and the pipeline share
+        # the cores, so this is also the step's CPU over the pipeline's).
+        out["cpu_ratio_demo_pipeline_vs_demo_step"] = round(
+            step["cpu_ms_per_sample"] / demo["cpu_ms_per_sample"], 2)
+        out["ratio_tar224_2w_vs_demo_step"] = round(
+            rate["pipeline_2w"] / step["samples_per_sec"], 3)  # 224 px JPEGs vs a 32 px toy
+        targets["ratio_demo_pipeline_2w_vs_demo_step>=5"] = \
+            out["ratio_demo_pipeline_2w_vs_demo_step"] >= 5
+        targets["cpu_ratio_demo_pipeline_vs_demo_step>=5"] = \
+            out["cpu_ratio_demo_pipeline_vs_demo_step"] >= 5
+    out["targets"] = targets
     out["load1_end"] = load1()
     out["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(out))
