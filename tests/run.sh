@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need into .venv (once, or when requirements change) and runs
-# the whole suite. Extra arguments go to pytest. pytest's exit code 5 (no tests
-# collected) is a failure.
+# the whole suite, on every core (pytest-xdist; TEST_WORKERS=N to choose, or pass -n
+# yourself; -n 0 runs in one process). Extra arguments go to pytest. pytest's exit
+# code 5 (no tests collected) is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,8 +19,20 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL=3
+# One persistent XLA compilation cache for the whole session: the test processes and the
+# runs they start (grid workers, killed-and-resumed trainers, multi-device workers)
+# compile the same tiny programs; each is compiled once. Fresh per invocation.
+cache=$(mktemp -d "${TMPDIR:-/tmp}/vlm_jax_test_cache.XXXXXX")
+trap 'rm -rf "$cache"' EXIT
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.2}"
+workers=$(nproc 2>/dev/null || echo 2); [ "$workers" -gt 8 ] && workers=8
+par=(-n "${TEST_WORKERS:-$workers}")
+for a in "$@"; do
+  case "$a" in -n|-n[0-9]*|--numprocesses*|-p\ no:xdist) par=() ;; esac
+done
 set +e
-.venv/bin/python -m pytest tests "$@"
+.venv/bin/python -m pytest tests "${par[@]}" "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then
