@@ -13,7 +13,8 @@ less. Keys:
 - `pipeline_{0,1,2}w`: `train_iterator` batches with 0 (one thread), 1, 2 worker
   processes (one thread each), and `pipeline_0w_2threads`. `samples_per_sec` is measured in
   steady state (the prefetch buffers filled during warm-up are drained before timing);
-  `cpu_ms_per_sample` counts the CPU of the main process and its worker processes.
+  `cpu_ms_per_sample` counts the CPU of the main process and its worker processes,
+  `main_cpu_ms_per_sample` the main process alone (the part workers cannot spread).
 - `per_core_ratio_vs_plain`: samples per CPU-second of the pipeline's per-sample work
   (tar read by offset, decode, resize + crop, tokenise, collate) / the plain loop's, same
   thread, interleaved (target >= 0.85). `cpu_ratio_{1,2}w_vs_plain`: the same for the
@@ -177,10 +178,12 @@ def pipeline_rate(config, steps: int) -> dict:
     assert first["pixels"].dtype == np.uint8 and first["tokens"].shape[0] == b
     for _ in range(buffered_batches(int(d.num_workers), int(d.num_threads), int(d.prefetch))):
         next(it)
-    t0, c0 = time.perf_counter(), tree_cpu_s()
+    t0, c0, m0 = time.perf_counter(), tree_cpu_s(), time.process_time()
     for _ in range(steps):
         next(it)
     out = measured(steps * b, time.perf_counter() - t0, tree_cpu_s() - c0)
+    # The main process's part (assembly, IPC receive): what does not scale with workers.
+    out["main_cpu_ms_per_sample"] = round(1e3 * (time.process_time() - m0) / (steps * b), 3)
     if hasattr(it, "close"):
         it.close()
     return out

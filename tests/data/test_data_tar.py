@@ -102,6 +102,35 @@ def test_tar_pipeline_skips_and_reports(shards):
     assert seen_bad > 2 and b["_epoch"] > 1
 
 
+@pytest.mark.parametrize("kind,template", [("vlm", "chat"), ("lm", "plain"),
+                                           ("clip", "plain")])
+def test_chunk_rows_equal_examples_built_one_by_one(shards, kind, template):
+    """A chunk (train path: token rows built together) holds exactly the examples that
+    LoadExample (eval path) builds one by one, bad samples marked in place; short seq_len
+    truncates some captions."""
+    from vlm_jax.data import pipeline as P
+    pattern, _ = shards
+    # Room for 5 caption tokens: "a photo number N" fits, "a key, never a path" does not.
+    seq_len = 16 if template == "chat" else 7
+    c = P._resolved(tar_config(pattern, kind=kind, template=template, seq_len=seq_len))
+    src = S.TarSource(pattern, shuffle_shards=False)
+    load = P.LoadExample(src, P.example_transforms(c), kind != "lm")
+    items = [(i, i) for i in range(26, 40)]  # the good shard's end + every bad kind
+    chunk = P.LoadChunk(load).map(items)
+    one = [load.map(item) for item in items]
+    got = P.unpack_chunk(chunk)
+    assert [isinstance(x, P._Bad) for x in got] == [isinstance(x, P._Bad) for x in one]
+    assert sum(isinstance(x, P._Bad) for x in got) == (5 if kind == "lm" else 8)  # lm: no decode
+    for g, o in zip(got, one):
+        if isinstance(o, P._Bad):
+            assert g.reason == o.reason
+            continue
+        assert set(g) == set(o)
+        for k in o:
+            np.testing.assert_array_equal(g[k], o[k], err_msg=k)
+    assert chunk["rows"]["_truncated"].any() and not chunk["rows"]["_truncated"].all()
+
+
 def test_bad_fraction_raises_with_counts(shards):
     pattern, _ = shards
     c = tar_config(pattern, n=38, eval_n=2, max_bad_fraction=0.01)

@@ -124,17 +124,25 @@ class LoadExample(grain.transforms.Map):
                  keep_key: bool = False):
         self.source, self.transforms, self.keep_key = source, transforms, keep_key
         self.keys = _EXAMPLE_KEYS | ({"image"} if with_image else set())
+        last = transforms[-1] if transforms else None
+        # A final TokenizeCaption builds token rows; `prepare` stops before that step.
+        self.tokenize = last if isinstance(last, T.TokenizeCaption) else None
 
-    def map(self, item):
+    def prepare(self, item):
+        """(position, record) -> `_Bad`, or (example without its token rows, caption ids);
+        the ids are None without a final TokenizeCaption (then the example is complete)."""
         position, record = item
         if record < 0:
             return _Bad("", position)  # padding of the eval split
         key, shard = "?", "?"
+        ids = None
         try:
             sample = self.source[record]
             key, shard = sample.get("key", "?"), sample.get("source", "?")
-            for t in self.transforms:
+            for t in (self.transforms[:-1] if self.tokenize else self.transforms):
                 sample = t.map(sample)
+            if self.tokenize:
+                sample, ids = self.tokenize.encode(sample)
         except BadSample as e:
             log.info("skipping sample %s of %s (record %d): %s", key, shard, record, e)
             return _Bad(e.reason, position)
@@ -143,27 +151,39 @@ class LoadExample(grain.transforms.Map):
         out["_record"] = record
         if self.keep_key:
             out["_key"] = key
+        return out, ids
+
+    def map(self, item):
+        prepared = self.prepare(item)
+        if isinstance(prepared, _Bad):
+            return prepared
+        out, ids = prepared
+        if ids is not None:
+            out.update({k: v[0] for k, v in self.tokenize.build([ids]).items()})
         return out
 
 
 class LoadChunk(grain.transforms.Map):
     """A list of (position, record) -> the `LoadExample` results, collated: the good
-    examples stacked key by key (a worker process then ships a few big arrays through
-    shared memory instead of one segment per array) plus the order with `_Bad` markers.
+    examples stacked key by key, their token rows built together (a worker process then
+    ships a few big arrays instead of many small ones) plus the order with `_Bad` markers.
     `unpack_chunk` restores the list."""
 
     def __init__(self, load: LoadExample):
         self.load = load
 
     def map(self, items):
-        out = [self.load.map(item) for item in items]
-        good = [ex for ex in out if not isinstance(ex, _Bad)]
+        prepared = [self.load.prepare(item) for item in items]
+        good = [p for p in prepared if not isinstance(p, _Bad)]
         order, k = [], 0
-        for ex in out:
-            order.append(ex if isinstance(ex, _Bad) else k)
-            k += not isinstance(ex, _Bad)
-        rows = {key: np.stack([np.asarray(ex[key]) for ex in good]) for key in good[0]} \
-            if good else {}
+        for p in prepared:
+            order.append(p if isinstance(p, _Bad) else k)
+            k += not isinstance(p, _Bad)
+        rows = {}
+        if good:
+            rows = {key: np.stack([np.asarray(ex[key]) for ex, _ in good]) for key in good[0][0]}
+            if self.load.tokenize:
+                rows.update(self.load.tokenize.build([ids for _, ids in good]))
         return {"rows": rows, "order": order}
 
 

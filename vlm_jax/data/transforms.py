@@ -202,6 +202,13 @@ def _prompt_ids(tokenizer, spec: SequenceSpec) -> tuple[list[int], list[int]]:
 def build_sequence(caption_ids: list[int], tokenizer, spec: SequenceSpec,
                    prompt: tuple[list[int], list[int]] | None = None) -> dict[str, np.ndarray]:
     """Token row + targets + masks for one example (numpy, unbatched)."""
+    return {k: v[0] for k, v in build_sequences([caption_ids], tokenizer, spec, prompt).items()}
+
+
+def build_sequences(caption_ids: list[list[int]], tokenizer, spec: SequenceSpec,
+                    prompt: tuple[list[int], list[int]] | None = None) -> dict[str, np.ndarray]:
+    """Token rows + targets + masks of several examples at once, stacked [n, T] (a chunk's
+    rows are built in one pass instead of per example and then stacked)."""
     before, after = prompt if prompt is not None else _prompt_ids(tokenizer, spec)
     k = spec.num_image_tokens if spec.kind == "vlm" else 0
     fixed = 1 + len(before) + len(after)  # bos + prompt
@@ -209,24 +216,32 @@ def build_sequence(caption_ids: list[int], tokenizer, spec: SequenceSpec,
     if room < 1:
         raise ValueError(f"data.seq_len={spec.seq_len} leaves no room for a caption after "
                          f"the {spec.template!r} template ({fixed} tokens); raise data.seq_len")
-    truncated = len(caption_ids) > room
-    cap = list(caption_ids[:room])
     head = [tokenizer.bos_id] + before + [spec.image_token_id] * k + after
-    ids = head + cap + [tokenizer.eos_id]
-    n, t = len(ids), spec.length
-    tokens = np.full((t + 1,), tokenizer.pad_id, np.int32)
-    tokens[:n] = ids
-    loss_mask = np.zeros((t,), np.float32)
-    loss_mask[len(head) - 1:n - 1] = 1.0  # targets = caption tokens and the eos
-    positions = _arange(t).copy()
-    positions[n:] = 0
-    segment_ids = np.zeros((t,), np.int32)
-    segment_ids[:n] = 1
-    out = {"tokens": tokens[:t], "targets": tokens[1:], "loss_mask": loss_mask,
-           "positions": positions, "segment_ids": segment_ids,
-           "_truncated": np.int32(truncated)}
-    if spec.kind == "vlm":  # the same for every row: one shared read-only array
-        out["visual_mask"] = _visual_mask(t, 1 + len(before), k)
+    rows, t, h = len(caption_ids), spec.length, len(head)
+    tokens = np.full((rows, t + 1), tokenizer.pad_id, np.int32)
+    tokens[:, :h] = head
+    lengths = np.empty((rows, 1), np.int32)
+    truncated = np.empty((rows,), np.int32)
+    for r, ids in enumerate(caption_ids):
+        cap = ids[:room]
+        end = h + len(cap)
+        tokens[r, h:end] = cap
+        tokens[r, end] = tokenizer.eos_id
+        lengths[r, 0] = end + 1
+        truncated[r] = len(ids) > room
+    ar = _arange(t)
+    valid = ar < lengths
+    out = {"tokens": np.ascontiguousarray(tokens[:, :t]),
+           "targets": np.ascontiguousarray(tokens[:, 1:]),
+           # targets = caption tokens and the eos
+           "loss_mask": ((ar >= h - 1) & (ar < lengths - 1)).astype(np.float32),
+           "positions": np.where(valid, ar, np.int32(0)),
+           "segment_ids": valid.astype(np.int32),
+           "_truncated": truncated}
+    if spec.kind == "vlm":
+        vm = np.zeros((rows, t), bool)
+        vm[:, 1 + len(before):1 + len(before) + k] = True
+        out["visual_mask"] = vm
     return out
 
 
@@ -235,14 +250,6 @@ def _arange(t: int) -> np.ndarray:
     a = np.arange(t, dtype=np.int32)
     a.flags.writeable = False
     return a
-
-
-@functools.lru_cache(maxsize=16)
-def _visual_mask(t: int, start: int, k: int) -> np.ndarray:
-    vm = np.zeros((t,), bool)
-    vm[start:start + k] = True
-    vm.flags.writeable = False
-    return vm
 
 
 def build_clip_tokens(caption_ids: list[int], tokenizer, length: int) -> dict[str, np.ndarray]:
@@ -289,22 +296,32 @@ class NormalizeImage(grain.transforms.Map):
 
 
 class TokenizeCaption(grain.transforms.Map):
-    """sample["text"] -> tokens/targets/loss_mask/positions/segment_ids(/visual_mask)."""
+    """sample["text"] -> tokens/targets/loss_mask/positions/segment_ids(/visual_mask).
+
+    `encode` (per sample; raises BadSample) and `build` (several examples at once) split
+    the work so that a chunk's rows are built together (`pipeline.LoadChunk`)."""
 
     def __init__(self, tokenizer, spec: SequenceSpec):
         self.tokenizer, self.spec = tokenizer, spec
         self._prompt = None
 
-    def map(self, sample: dict) -> dict:
-        text = caption_text(sample.get("text"))
-        ids = self.tokenizer.encode(text)
-        out = {k: v for k, v in sample.items() if k != "text"}
+    def encode(self, sample: dict) -> tuple[dict, list[int]]:
+        ids = self.tokenizer.encode(caption_text(sample.get("text")))
+        return {k: v for k, v in sample.items() if k != "text"}, ids
+
+    def build(self, caption_ids: list[list[int]]) -> dict[str, np.ndarray]:
+        """Stacked [n, T] fields of n examples."""
         if self.spec.kind == "clip":
-            out.update(build_clip_tokens(ids, self.tokenizer, self.spec.seq_len))
-            return out
+            rows = [build_clip_tokens(ids, self.tokenizer, self.spec.seq_len)
+                    for ids in caption_ids]
+            return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         if self._prompt is None:
             self._prompt = _prompt_ids(self.tokenizer, self.spec)
-        out.update(build_sequence(ids, self.tokenizer, self.spec, self._prompt))
+        return build_sequences(caption_ids, self.tokenizer, self.spec, self._prompt)
+
+    def map(self, sample: dict) -> dict:
+        out, ids = self.encode(sample)
+        out.update({k: v[0] for k, v in self.build([ids]).items()})
         return out
 
 
