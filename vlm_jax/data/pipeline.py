@@ -414,6 +414,13 @@ def _per_process(batch_size: int, process_count: int, what: str) -> int:
     return batch_size // process_count
 
 
+def _chunk_read_options(d) -> grain.ReadOptions:
+    """Threads loading chunks (one Grain element = one batch of samples) in a process."""
+    threads = max(1, int(d.get("num_threads", 4)))
+    return grain.ReadOptions(num_threads=threads,
+                             prefetch_buffer_size=max(threads, int(d.prefetch)))
+
+
 def _read_options(config, per_batch: int) -> grain.ReadOptions:
     threads = int(config.data.get("num_threads", 4))
     return grain.ReadOptions(num_threads=max(threads, 1),
@@ -462,9 +469,7 @@ def train_iterator(config, process_index: int = 0, process_count: int = 1):
     ds = grain.MapDataset.range(0, _ENDLESS).map(locate)
     ds = ds.map(LoadChunk(LoadExample(src, example_transforms(config, tok),
                                       spec.kind != "lm")))
-    threads = max(1, int(d.get("num_threads", 4)))
-    it = ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=threads, prefetch_buffer_size=max(threads, int(d.prefetch))))
+    it = ds.to_iter_dataset(_chunk_read_options(d))
     if int(d.num_workers) > 0:
         _absl_flags_ready()
         # Small arrays (tokens, masks) travel pickled with the chunk; only big ones (pixels)
@@ -506,20 +511,22 @@ class EvalBatches:
     def __iter__(self) -> Iterator[dict]:
         b, split = self.b, self.split
 
-        def locate(j: int):
-            pos = (j // b) * self.global_b + self.offset + j % b
-            return pos, (split.eval_record(pos) if pos < split.eval_n else -1)
+        def locate(step: int):  # this process's (position, record) pairs of one batch
+            first = step * self.global_b + self.offset
+            return [(p, split.eval_record(p) if p < split.eval_n else -1)
+                    for p in range(first, first + b)]
 
-        ds = grain.MapDataset.range(0, self.num_batches * b).map(locate)
-        ds = ds.map(LoadExample(self.source, example_transforms(self.config, self.tokenizer),
-                                self.spec.kind != "lm"))
-        it = iter(ds.to_iter_dataset(_read_options(self.config, b), allow_nones=True))
+        # One Grain element per batch, as in training (rows built together).
+        ds = grain.MapDataset.range(0, self.num_batches).map(locate)
+        ds = ds.map(LoadChunk(LoadExample(
+            self.source, example_transforms(self.config, self.tokenizer),
+            self.spec.kind != "lm")))
+        it = iter(ds.to_iter_dataset(_chunk_read_options(self.config.data)))
         counts: collections.Counter = collections.Counter()
         seen = 0
         for _ in range(self.num_batches):
             rows, valid = [], np.zeros((b,), np.float32)
-            for r in range(b):
-                ex = next(it)
+            for r, ex in enumerate(unpack_chunk(next(it))):
                 if isinstance(ex, _Bad):
                     if ex.reason:
                         counts[ex.reason] += 1
