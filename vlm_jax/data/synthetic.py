@@ -105,10 +105,22 @@ def _sprite(shape: str, r: float) -> np.ndarray:
     return (t >= 0) & (t <= 1) & (np.abs(xx) <= t * r)
 
 
+@functools.lru_cache(maxsize=64)
+def _background(name: str, size: int) -> np.ndarray:
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = BACKGROUNDS[name]
+    img.flags.writeable = False
+    return img
+
+
+@functools.lru_cache(maxsize=64)
+def _colour(name: str) -> np.ndarray:
+    return np.asarray(COLOURS[name], np.uint8)
+
+
 def render(scene: Scene, size: int, rng: random.Random) -> np.ndarray:
     """Draws the scene as a uint8 [size, size, 3] image (shapes centred on pixels)."""
-    img = np.empty((size, size, 3), np.uint8)
-    img[:] = BACKGROUNDS[scene.background]
+    img = _background(scene.background, size).copy()  # (cheaper than filling a new one)
     cell = size / 3.0
     for g in scene.groups:
         sprite = _sprite(g.shape, round(cell * (0.22 if g.big else 0.13), 2))
@@ -119,7 +131,7 @@ def render(scene: Scene, size: int, rng: random.Random) -> np.ndarray:
             y0, y1 = max(cy - k, 0), min(cy + k + 1, size)
             x0, x1 = max(cx - k, 0), min(cx + k + 1, size)
             m = sprite[y0 - (cy - k):y1 - (cy - k), x0 - (cx - k):x1 - (cx - k)]
-            img[y0:y1, x0:x1][m] = COLOURS[g.colour]
+            np.copyto(img[y0:y1, x0:x1], _colour(g.colour), where=m[..., None])
     return img
 
 
