@@ -233,6 +233,7 @@ def test_tokenizer_json_matches_transformers(tmp_path):
     ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
     for text in CORPUS + ["a nice red square"]:
         assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
+    assert ours.encode_batch(CORPUS) == [ours.encode(t) for t in CORPUS]
     assert ours.vocab_size == len(ref)
     import pickle
     again = pickle.loads(pickle.dumps(ours))
@@ -255,6 +256,7 @@ def test_sentencepiece_model(tmp_path):
     ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.vocab_size) == (1, 2, 3, 60)
     assert ours.encode(CORPUS[0]) == ref.encode(CORPUS[0])
+    assert ours.encode_batch(CORPUS) == [ref.encode(t) for t in CORPUS]
     assert ours.decode(ours.encode(CORPUS[2])) == CORPUS[2]
 
 

@@ -129,20 +129,20 @@ class LoadExample(grain.transforms.Map):
         self.tokenize = last if isinstance(last, T.TokenizeCaption) else None
 
     def prepare(self, item):
-        """(position, record) -> `_Bad`, or (example without its token rows, caption ids);
-        the ids are None without a final TokenizeCaption (then the example is complete)."""
+        """(position, record) -> `_Bad`, or (example without its token rows, caption);
+        the caption is None without a final TokenizeCaption (the example is complete)."""
         position, record = item
         if record < 0:
             return _Bad("", position)  # padding of the eval split
         key, shard = "?", "?"
-        ids = None
+        text = None
         try:
             sample = self.source[record]
             key, shard = sample.get("key", "?"), sample.get("source", "?")
             for t in (self.transforms[:-1] if self.tokenize else self.transforms):
                 sample = t.map(sample)
             if self.tokenize:
-                sample, ids = self.tokenize.encode(sample)
+                sample, text = self.tokenize.caption(sample)
         except BadSample as e:
             log.info("skipping sample %s of %s (record %d): %s", key, shard, record, e)
             return _Bad(e.reason, position)
@@ -151,15 +151,15 @@ class LoadExample(grain.transforms.Map):
         out["_record"] = record
         if self.keep_key:
             out["_key"] = key
-        return out, ids
+        return out, text
 
     def map(self, item):
         prepared = self.prepare(item)
         if isinstance(prepared, _Bad):
             return prepared
-        out, ids = prepared
-        if ids is not None:
-            out.update({k: v[0] for k, v in self.tokenize.build([ids]).items()})
+        out, text = prepared
+        if text is not None:
+            out.update({k: v[0] for k, v in self.tokenize.build([text]).items()})
         return out
 
 
@@ -183,7 +183,7 @@ class LoadChunk(grain.transforms.Map):
         if good:
             rows = {key: np.stack([np.asarray(ex[key]) for ex, _ in good]) for key in good[0][0]}
             if self.load.tokenize:
-                rows.update(self.load.tokenize.build([ids for _, ids in good]))
+                rows.update(self.load.tokenize.build([text for _, text in good]))
         return {"rows": rows, "order": order}
 
 

@@ -22,7 +22,8 @@ the shards it needs; see `subsets.Split`).
 - `TFDSSource`: any TFDS builder prepared in ArrayRecord format, via `tfds.data_source`.
 
 Paths are local or URLs (gs://, s3://, http(s)://, memory://, ... through fsspec: the
-protocol's package, e.g. gcsfs, must be installed) and may hold brace ranges (`shards/{00000..00099}.tar`), lists (`{a,b}`) and globs.
+protocol's package, e.g. gcsfs, must be installed) and may hold brace ranges
+(`shards/{00000..00099}.tar`), lists (`{a,b}`) and globs.
 """
 from __future__ import annotations
 

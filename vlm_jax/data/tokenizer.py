@@ -7,7 +7,8 @@
   `tokenizer_config.json` / `special_tokens_map.json` when present), or the json file;
 - a SentencePiece `*.model` file, or a directory holding `tokenizer.model`.
 
-Every tokenizer has `encode(text) -> list[int]` (no special tokens added), `decode(ids)`,
+Every tokenizer has `encode(text) -> list[int]` (no special tokens added), `encode_batch`,
+`decode(ids)`,
 `vocab_size`, `bos_id`, `eos_id`, `pad_id`. The underlying library object is loaded
 lazily and dropped when pickled, so a tokenizer crosses into Grain worker processes as
 its spec only.
@@ -49,6 +50,10 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of several texts (one library call where the library batches)."""
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -147,6 +152,10 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return list(self.impl.encode(text, add_special_tokens=False).ids)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(e.ids) for e in self.impl.encode_batch(list(texts),
+                                                            add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.impl.decode([int(i) for i in ids], skip_special_tokens=True)
 
@@ -172,6 +181,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(self.impl.encode(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.impl.encode(list(texts))]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.impl.decode([int(i) for i in ids])

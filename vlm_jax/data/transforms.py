@@ -298,19 +298,20 @@ class NormalizeImage(grain.transforms.Map):
 class TokenizeCaption(grain.transforms.Map):
     """sample["text"] -> tokens/targets/loss_mask/positions/segment_ids(/visual_mask).
 
-    `encode` (per sample; raises BadSample) and `build` (several examples at once) split
-    the work so that a chunk's rows are built together (`pipeline.LoadChunk`)."""
+    `caption` (per sample; raises BadSample) and `build` (several captions at once: one
+    tokenizer call, rows built together) split the work for `pipeline.LoadChunk`."""
 
     def __init__(self, tokenizer, spec: SequenceSpec):
         self.tokenizer, self.spec = tokenizer, spec
         self._prompt = None
 
-    def encode(self, sample: dict) -> tuple[dict, list[int]]:
-        ids = self.tokenizer.encode(caption_text(sample.get("text")))
-        return {k: v for k, v in sample.items() if k != "text"}, ids
+    def caption(self, sample: dict) -> tuple[dict, str]:
+        """(sample without "text", its checked caption)."""
+        return {k: v for k, v in sample.items() if k != "text"}, caption_text(sample.get("text"))
 
-    def build(self, caption_ids: list[list[int]]) -> dict[str, np.ndarray]:
-        """Stacked [n, T] fields of n examples."""
+    def build(self, captions: list[str]) -> dict[str, np.ndarray]:
+        """Stacked [n, T] fields of n captions."""
+        caption_ids = self.tokenizer.encode_batch(captions)
         if self.spec.kind == "clip":
             rows = [build_clip_tokens(ids, self.tokenizer, self.spec.seq_len)
                     for ids in caption_ids]
@@ -320,8 +321,8 @@ class TokenizeCaption(grain.transforms.Map):
         return build_sequences(caption_ids, self.tokenizer, self.spec, self._prompt)
 
     def map(self, sample: dict) -> dict:
-        out, ids = self.encode(sample)
-        out.update({k: v[0] for k, v in self.build([ids]).items()})
+        out, text = self.caption(sample)
+        out.update({k: v[0] for k, v in self.build([text]).items()})
         return out
 
 
