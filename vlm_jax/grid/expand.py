@@ -37,7 +37,8 @@ A grid lives in an ordinary experiment file (`get_config(arg)`, big_vision style
 
 One point of a stage's axes is one run:
 - run name: `STAGE/axis=value,axis=value` in axis order (e.g. `grid/vit=S,llm=M,n=512,
-  data=clean`); stable: it only depends on the stage name and the axis values.
+  data=clean`); stable: it only depends on the stage name and the axis values (in axis
+  order: a root records each stage's definition and refuses a grid that reorders axes).
 - workdir: `ROOT/runs/STAGE/axis-value_axis-value` (values sanitised to [A-Za-z0-9.-]).
 - its config: `FILE:ARG,axis=value,...` (the stage's `arg` plus one `axis=value` per
   axis, so every axis must be an argument of the config file's `get_config`), plus one

@@ -2,7 +2,8 @@
 
 Layout of a root (everything the runner writes; the trainer writes the workdirs):
 
-    ROOT/grid.json                  the grid this root holds (union of every run launched)
+    ROOT/grid.json                  the grid this root holds: its stage definitions (a grid
+                                    defined differently is refused) and every run launched
     ROOT/results.csv                one row per run (columns: docs/contracts.md), atomic
     ROOT/timings.jsonl              one line per finished job (wall seconds, exit code)
     ROOT/runs/STAGE/AXES/           a run's workdir (config.json, metrics.jsonl, result.json)
