@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from vlm_jax.models import layers as L
 from vlm_jax.models import losses
-from vlm_jax.models.vit import stack_blocks
+from vlm_jax.models.vit import remat_policy, stack_blocks
 
 Dtype = Any
 
@@ -50,26 +50,31 @@ def inv_freq_for(cfg, positions: jax.Array | None) -> jax.Array:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE."""
+    """Grouped-query self-attention with RoPE. With `kv` (the normed inputs of every
+    position) the queries come from `x` (a subset of the positions, e.g. those that carry
+    loss) and attend to all of `kv`; `mask` rows then belong to the query positions."""
     cfg: Any
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, inv_freq, mask, visual_mask=None):
+    def __call__(self, x, positions, inv_freq, mask, visual_mask=None, kv=None,
+                 kv_positions=None, kv_visual_mask=None):
         c = self.cfg
         hd = head_dim(c)
+        if kv is None:
+            kv, kv_positions, kv_visual_mask = x, positions, visual_mask
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, experts=c.experts,
                   expert_impl=c.expert_impl)
         q = L.Linear((c.heads, hd), (L.EMBED, L.HEADS, L.KV), use_bias=c.qkv_bias, name="q",
                      **kw)(x, visual_mask)
         k = L.Linear((c.kv_heads, hd), (L.EMBED, L.KV_HEADS, L.KV), use_bias=c.qkv_bias,
-                     name="k", **kw)(x, visual_mask)
+                     name="k", **kw)(kv, kv_visual_mask)
         v = L.Linear((c.kv_heads, hd), (L.EMBED, L.KV_HEADS, L.KV), use_bias=c.qkv_bias,
-                     name="v", **kw)(x, visual_mask)
+                     name="v", **kw)(kv, kv_visual_mask)
         q = L.apply_rope(q, positions, inv_freq)
-        k = L.apply_rope(k, positions, inv_freq)
+        k = L.apply_rope(k, kv_positions, inv_freq)
         q = L.constrain(q, (L.BATCH, L.LENGTH, L.HEADS, L.KV))
         k = L.constrain(k, (L.BATCH, L.LENGTH, L.KV_HEADS, L.KV))
         v = L.constrain(v, (L.BATCH, L.LENGTH, L.KV_HEADS, L.KV))
@@ -79,20 +84,42 @@ class Attention(nn.Module):
                         **kw)(o, visual_mask)
 
 
+def take_positions(a, keep):
+    """Rows `keep` [B, n] of a [B, T, ...] array (None stays None)."""
+    if a is None:
+        return None
+    return jnp.take_along_axis(a, keep.reshape(keep.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
 class DecoderBlock(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)); x + swiglu(norm(x)). Returns (x, None)."""
+    """Pre-norm decoder layer: x + attn(norm(x)); x + swiglu(norm(x)). Returns (x, None).
+
+    With `keep` [B, n] (position indices) it returns only those rows [B, n, D]: keys and
+    values still come from every position, but the queries, the output projection and the
+    MLP run on the n kept rows alone (the last layer of a model whose loss reads n
+    positions)."""
     cfg: Any
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, inv_freq, mask, visual_mask):
+    def __call__(self, x, positions, inv_freq, mask, visual_mask, keep=None):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = L.RMSNorm(eps=c.norm_eps, name="attn_norm", **kw)(x)
-        x = x + Attention(c, attention_impl=self.attention_impl, name="attn", **kw)(
-            h, positions, inv_freq, mask, visual_mask)
+        attn = Attention(c, attention_impl=self.attention_impl, name="attn", **kw)
+        if keep is None:
+            x = x + attn(h, positions, inv_freq, mask, visual_mask)
+        else:
+            if mask is not None:  # query rows of the mask: [B|1, 1, T, S] -> [B, 1, n, S]
+                mask = jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:])
+                mask = jnp.take_along_axis(mask, keep[:, None, :, None], axis=2)
+            vq = take_positions(visual_mask, keep)
+            x = take_positions(x, keep) + attn(
+                take_positions(h, keep), take_positions(positions, keep), inv_freq, mask, vq,
+                kv=h, kv_positions=positions, kv_visual_mask=visual_mask)
+            visual_mask = vq
         h = L.RMSNorm(eps=c.norm_eps, name="mlp_norm", **kw)(x)
         x = x + L.SwiGLU(c.mlp_dim, experts=c.experts, expert_impl=c.expert_impl, name="mlp",
                          **kw)(h, visual_mask)
@@ -138,19 +165,51 @@ class LLM(nn.Module):
         x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
         return L.constrain(x, (L.BATCH, L.LENGTH, L.EMBED))
 
-    def decode(self, x, positions=None, segment_ids=None, visual_mask=None):
-        """Runs the decoder layers and the final norm: [B, T, D] -> [B, T, D]."""
+    def decode(self, x, positions=None, segment_ids=None, visual_mask=None, keep=None):
+        """Runs the decoder layers and the final norm: [B, T, D] -> [B, T, D].
+
+        `keep` [B, n] (position indices): return only those positions [B, n, D]; the last
+        layer then computes queries, output projection and MLP for them alone (its other
+        rows cannot influence these outputs), which saves a layer's worth of work when
+        only a few positions carry loss."""
         b, t = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         inv_freq = inv_freq_for(self.cfg, positions)
         mask = L.attention_mask(segment_ids, causal=True, q_len=t)
-        if self.cfg.scan_layers:
-            x, _ = self.layers(x, positions, inv_freq, mask, visual_mask)
+        args = (positions, inv_freq, mask, visual_mask)
+        if keep is not None and self.is_initializing():  # init creates every layer as usual
+            return take_positions(self.decode(x, positions, segment_ids, visual_mask), keep)
+        if not self.cfg.scan_layers:
+            for i, blk in enumerate(self.blocks):
+                last = keep is not None and i == len(self.blocks) - 1
+                x, _ = blk(x, *args, keep) if last else blk(x, *args)
+        elif keep is None:
+            x, _ = self.layers(x, *args)
         else:
-            for blk in self.blocks:
-                x, _ = blk(x, positions, inv_freq, mask, visual_mask)
+            x = self._scan_then_keep(x, args, keep)
         return self.final_norm(x)
+
+    def _scan_then_keep(self, x, args, keep):
+        """Scanned layers with `keep`: the first depth-1 layers by `lax.scan` over their
+        slice of the stacked params, then the last one on the kept rows."""
+        c = self.cfg
+        stacked = nn.meta.unbox(self.variables["params"]["layers"])
+        block = DecoderBlock(cfg=c, dtype=self.dtype, param_dtype=self.param_dtype,
+                             attention_impl=self.attention_impl, parent=None)
+
+        def body(h, p):
+            return block.apply({"params": p}, h, *args)[0], None
+        policy = remat_policy(c.remat)
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy)
+        if c.depth > 1:
+            x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], stacked))
+        last = jax.tree.map(lambda a: a[-1], stacked)
+        if policy is not None:
+            return jax.checkpoint(lambda p, h: block.apply({"params": p}, h, *args, keep)[0],
+                                  policy=policy)(last, x)
+        return block.apply({"params": last}, x, *args, keep)[0]
 
     def unembedding(self):
         """(unembedding matrix, tied): the embedding [V, D] if tied, else lm_head [D, V]."""

@@ -61,31 +61,33 @@ class VLM(nn.Module):
                            "[b, K, Dv]")
         return self.vision.features(batch["pixels"])
 
-    def hidden(self, batch):
-        """Final LLM hidden states [B, T, D] of the spliced image+text sequence."""
+    def hidden(self, batch, keep=None):
+        """Final LLM hidden states [B, T, D] of the spliced image+text sequence (only the
+        positions `keep` [B, n], if given: see `LLM.decode`)."""
         img = self.projector(self.image_features(batch))
         x = splice(self.llm.embed(batch["tokens"]), img, batch["visual_mask"])
         return self.llm.decode(x, batch.get("positions"), batch.get("segment_ids"),
-                               batch["visual_mask"])
+                               batch["visual_mask"], keep=keep)
 
     def logits(self, batch):
         return self.llm.logits(self.hidden(batch))
 
     def __call__(self, batch, deterministic: bool = True):
         del deterministic  # no dropout
-        hidden = self.hidden(batch)
         k = num_image_tokens(self.cfg)
-        t = hidden.shape[1]
-        if 0 < k < t:
-            # Only caption positions (and the last image position, which predicts the first
-            # caption token) can carry loss: unembed just those T-K+1 positions instead of
-            # all T. With a 14x14-patch image and 32 caption tokens that is 29 of 228
-            # positions, so the vocabulary matmul and its backward shrink 8x.
-            mask = loss_mask_of(batch)
-            keep = loss_positions(mask, t - k + 1)
-            hidden = jnp.take_along_axis(hidden, keep[..., None], axis=1)
-            batch = {"targets": jnp.take_along_axis(batch["targets"], keep, axis=1),
-                     "loss_mask": jnp.take_along_axis(mask, keep, axis=1)}
+        t = batch["tokens"].shape[1]
+        if not 0 < k < t:
+            return loss_outputs(self.llm, self.hidden(batch), batch)
+        # Only caption positions (and the last image position, which predicts the first
+        # caption token) can carry loss: the last decoder layer and the unembedding run on
+        # just those T-K+1 positions instead of all T. With a 14x14-patch image and 32
+        # caption tokens that is 33 of 228 positions, so the vocabulary matmul and the last
+        # layer's queries, output projection and MLP (and their backward) shrink 8x.
+        mask = loss_mask_of(batch)
+        keep = loss_positions(mask, t - k + 1)
+        hidden = self.hidden(batch, keep)
+        batch = {"targets": jnp.take_along_axis(batch["targets"], keep, axis=1),
+                 "loss_mask": jnp.take_along_axis(mask, keep, axis=1)}
         return loss_outputs(self.llm, hidden, batch)
 
 
