@@ -1,6 +1,7 @@
 """Train-step throughput of vlm_jax vs transformers + PyTorch on CPU, measured in one run.
 
-    python benchmarks/step.py [--steps 3] [--configs llava,demo] [--feature-cache]
+    python benchmarks/step.py [--steps 4] [--configs llava,demo] [--modes pixels,features]
+    python benchmarks/step.py --quick      # the demo config only, 2 steps
 
 Configs:
 - `llava`: LLaVA-shaped tiny model: frozen CLIP ViT (6 layers x 384, 6 heads, MLP 1536,
@@ -13,10 +14,21 @@ Our step is the trainer's compiled step (`vlm_jax.train.trainer.Run`: the same
 shardings, donation and AdamW as a run); the reference is `LlavaForConditionalGeneration`
 of the same shapes with frozen towers, only the projector trained by `torch.optim.AdamW`
 (forward with loss, backward, step). Both see the same batch size and sequence layout
-(image tokens then caption tokens, loss on caption tokens).
+(image tokens then caption tokens, loss on caption tokens). Each side does what its
+library does by default: transformers unembeds all T positions (`logits_to_keep=0`) and
+runs every ViT layer (`output_hidden_states`); ours unembeds the T-K+1 positions that can
+carry loss, runs the last decoder layer only on them and stops the ViT at the feature
+layer. Neither computes weight gradients of the frozen towers.
 
-`--feature-cache`: our step reads precomputed frozen-encoder features (`batch["features"]`,
-what `train.feature_cache` feeds the step) instead of pixels; the reference is unchanged.
+Modes: `pixels` = our step from pixels (vision tower in the step); `features` = our step
+reads precomputed frozen-encoder features (`batch["features"]`, what `train.feature_cache`
+feeds the step; `vision_mentions_in_hlo` checks that nothing of the tower is compiled in);
+`--feature-cache` = `--modes features`. The reference is the same in both modes.
+
+Timing: every step is built and warmed up first, then the timed steps run interleaved
+(ours, ours with features, torch, ours, ...) and each reports its median, so a machine
+whose load changes during the run slows all of them alike; `loadavg_start/end` are
+`os.getloadavg()`. torch uses as many threads as the cores this process may run on.
 
 Memory: XLA's `compiled.memory_analysis()` peak (arguments + outputs - aliased + temps)
 against an estimate of what the step must hold: all params, the trainables' gradient and
@@ -106,7 +118,8 @@ def activation_estimate_bytes(c) -> float:
     return 4.0 * (l.depth * per_layer + proj + logits)
 
 
-def ours(c, steps: int, feature_cache: bool) -> dict:
+def ours(c, feature_cache: bool):
+    """Builds and compiles our step; returns (timed step fn, info dict)."""
     import tempfile
     from vlm_jax.train import sharding, trainer
     batch = make_batch(c)
@@ -123,17 +136,15 @@ def ours(c, steps: int, feature_cache: bool) -> dict:
             spec["features"] = jax.ShapeDtypeStruct((n,) + feats.shape[1:], feats.dtype)
     state = r.init_state(tr)
     t0 = time.perf_counter()
-    r.compile(state, fr)
+    r.compile(state, fr, with_eval=False)
     compile_s = time.perf_counter() - t0
     gb = sharding.global_batch(batch, r.mesh)
-    state, m = r.train_step(state, fr, gb)  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = r.train_step(state, fr, gb)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+    box = {"state": state}
+
+    def step():
+        box["state"], m = r.train_step(box["state"], fr, gb)
+        return float(m["loss"])  # waits for the step
+
     mem = r.train_step.memory_analysis()
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
@@ -141,12 +152,14 @@ def ours(c, steps: int, feature_cache: bool) -> dict:
     n_opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["opt_state"]))
     n_grad = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
     need = n_all + n_opt + n_grad + activation_estimate_bytes(c)
-    step_s = float(np.median(times))
-    return dict(step_s=step_s, examples_per_sec=c.train.batch_size / step_s,
-                loss=float(m["loss"]), compile_s=compile_s, peak_bytes=int(peak),
-                estimate_bytes=int(need), memory_ratio=peak / need,
+    hlo = r.train_step.as_text()
+    info = dict(compile_s=compile_s, peak_bytes=int(peak), estimate_bytes=int(need),
+                memory_ratio=peak / need, gflops=r.train_step.cost_analysis()["flops"] / 1e9,
                 params_total=r.param_counts["total"],
                 params_trainable=r.param_counts["trainable"])
+    if feature_cache:  # nothing of the vision tower may remain in the compiled step
+        info["vision_mentions_in_hlo"] = hlo.count("vision")
+    return step, info
 
 
 # --------------------------------------------------------------------------- reference
@@ -174,7 +187,8 @@ def hf_llava(c):
     return model
 
 
-def reference(c, steps: int) -> dict:
+def reference(c):
+    """Builds the transformers + torch step; returns (timed step fn, info dict)."""
     import torch
     model = hf_llava(c)
     for n, p in model.named_parameters():
@@ -197,40 +211,67 @@ def reference(c, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(out.loss.detach())
 
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times))
-    return dict(step_s=step_s, examples_per_sec=c.train.batch_size / step_s, loss=loss,
-                params_total=sum(p.numel() for p in model.parameters()),
+    info = dict(params_total=sum(p.numel() for p in model.parameters()),
                 params_trainable=sum(p.numel() for p in trainable),
                 torch_threads=torch.get_num_threads())
+    return step, info
+
+
+def measure(steps: dict, reps: int) -> dict:
+    """Interleaves the steps (A, B, C, A, B, C, ...) after one warm-up each, so that a
+    machine whose load changes affects all of them alike; returns per-step median times."""
+    times = {k: [] for k in steps}
+    loss = {}
+    for f in steps.values():
+        f()  # warm-up
+    for _ in range(reps):
+        for k, f in steps.items():
+            t0 = time.perf_counter()
+            loss[k] = f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: dict(step_s=float(np.median(v)), times_s=[round(x, 4) for x in v],
+                    loss=loss[k]) for k, v in times.items()}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps of each (median)")
     ap.add_argument("--configs", default="llava,demo")
-    ap.add_argument("--feature-cache", action="store_true",
-                    help="our step reads precomputed frozen-encoder features")
+    ap.add_argument("--modes", default="pixels,features",
+                    help="ours from pixels and/or from cached features (`features`)")
+    ap.add_argument("--feature-cache", action="store_true", help="same as --modes features")
+    ap.add_argument("--quick", action="store_true", help="tiny: --configs demo --steps 2")
     args = ap.parse_args()
+    if args.quick:
+        args.configs, args.steps = "demo", 2
+    import torch
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores XLA uses
+    modes = ["features"] if args.feature_cache else args.modes.split(",")
     makers = {"llava": llava_config, "demo": demo_config}
     out = {"benchmark": "train_step", "device": jax.devices()[0].device_kind,
-           "feature_cache": args.feature_cache, "steps": args.steps}
+           "cores": len(os.sched_getaffinity(0)), "modes": modes, "steps": args.steps,
+           "loadavg_start": os.getloadavg()}
     for name in args.configs.split(","):
         c = makers[name]()
-        a = ours(c, args.steps, args.feature_cache)
-        ref = reference(c, args.steps)
-        out[name] = dict(
-            ours=a, torch=ref,
-            speedup=a["examples_per_sec"] / ref["examples_per_sec"],
-            same_param_count=a["params_total"] == ref["params_total"],
-            batch_size=c.train.batch_size,
-            seq_len=image_tokens(c) + c.data.seq_len)
-    out["speedup"] = {k: out[k]["speedup"] for k in args.configs.split(",")}
+        steps, infos = {}, {}
+        for mode in modes:
+            key = "ours" if mode == "pixels" else "ours_feature_cache"
+            steps[key], infos[key] = ours(c, mode == "features")
+        steps["torch"], infos["torch"] = reference(c)
+        res = measure(steps, args.steps)
+        r = {k: dict(infos[k], **res[k], examples_per_sec=c.train.batch_size / res[k]["step_s"])
+             for k in steps}
+        r.update(batch_size=c.train.batch_size, seq_len=image_tokens(c) + c.data.seq_len,
+                 same_param_count=all(r[k]["params_total"] == r["torch"]["params_total"]
+                                      for k in steps))
+        for k in steps:
+            if k != "torch":
+                r["speedup" + k[len("ours"):]] = r[k]["examples_per_sec"] / \
+                    r["torch"]["examples_per_sec"]
+        out[name] = r
+    out["loadavg_end"] = os.getloadavg()
+    out["speedup"] = {f"{n}{k[len('speedup'):]}": out[n][k] for n in args.configs.split(",")
+                      for k in out[n] if k.startswith("speedup")}
     print(json.dumps(out, indent=1))
 
 
