@@ -8,6 +8,7 @@ import pytest
 from configs import common
 from vlm_jax.models import experts
 from vlm_jax.models.llm import LLM
+from vlm_jax.train.trainer import FAST_COMPILE
 
 
 def _llm_cfg(experts_on: bool, impl: str = "masked"):
@@ -28,7 +29,15 @@ def _inputs(b=2, t=24, seed=0, frac=0.5):
 
 
 def _init(cfg, ids, pos, seg, vm):
-    return nn.unbox(LLM(cfg).init(jax.random.PRNGKey(0), ids, pos, seg, visual_mask=vm)["params"])
+    init = jax.jit(lambda *a: LLM(cfg).init(jax.random.PRNGKey(0), *a[:3], visual_mask=a[3]))
+    args = (ids, pos, seg, vm)  # one cheap compile, as the trainer inits
+    return nn.unbox(init.lower(*args).compile(FAST_COMPILE)(*args)["params"])
+
+
+def _apply(cfg, params, ids, pos, seg, vm=None):
+    """The LLM's output, compiled (one program instead of op-by-op dispatch)."""
+    return jax.jit(lambda p, *a: LLM(cfg).apply({"params": p}, *a[:3], visual_mask=a[3]))(
+        params, ids, pos, seg, vm)
 
 
 def _text_part(params):
@@ -60,7 +69,7 @@ def test_text_only_ignores_visual_experts_and_equals_dense(impl):
     out = f(params, none)
     out2 = f(_perturb_visual(params), none)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
-    dense = LLM(_llm_cfg(False)).apply({"params": _text_part(params)}, ids, pos, seg)
+    dense = _apply(_llm_cfg(False), _text_part(params), ids, pos, seg)
     np.testing.assert_allclose(out, dense, atol=1e-5, rtol=1e-5)
     # With visual tokens the visual weights do matter (the test above can fail).
     _, _, _, vm = _inputs()
@@ -81,7 +90,8 @@ def test_chunked_equals_masked_forward_and_grads():
     np.testing.assert_allclose(yc, ym, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(lc, lm, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gm)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+        # fp32 sums in another order (routing groups tokens); a routing bug is O(1)
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("frac,chunk", [(0.0, 7), (1.0, 64), (0.3, 1), (0.3, 7)])
@@ -126,8 +136,8 @@ def test_visual_experts_start_from_text_weights():
     q = copied["layers"]["attn"]["q"]
     np.testing.assert_array_equal(q["visual_kernel"], q["kernel"])
     # Then a mixed input gives the dense model's outputs (both experts are the same).
-    dense = LLM(_llm_cfg(False)).apply({"params": _text_part(params)}, ids, pos, seg)
-    out = LLM(_llm_cfg(True)).apply({"params": copied}, ids, pos, seg, visual_mask=vm)
+    dense = _apply(_llm_cfg(False), _text_part(params), ids, pos, seg)
+    out = _apply(_llm_cfg(True), copied, ids, pos, seg, vm)
     np.testing.assert_allclose(out, dense, atol=1e-5)
     # A text-only pretrained tree is completed for the expert model.
     filled = experts.fill_visual_experts(_text_part(params), params)

@@ -12,6 +12,7 @@ from vlm_jax.data import native as dn
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.models import build_model, batch_spec
 from vlm_jax.models.native import NativeVLM, init_params, merge_visual, param_counts
+from vlm_jax.train.trainer import FAST_COMPILE
 
 
 def _config(impl="chunked:16"):
@@ -29,15 +30,17 @@ def setup():
     exs = list(dn.synthetic_examples(spec, tok.encode, 6, seed=3, sizes=(32, 64, 96)))
     model = NativeVLM(c.model)
     packed = dn.pack(exs, spec, rows=2)[0]
-    params = init_params(model, jax.random.PRNGKey(0), packed)
+    # one cheap compile (as the trainer inits) instead of op-by-op dispatch
+    init = jax.jit(lambda b: init_params(model, jax.random.PRNGKey(0), b))
+    base = init.lower(packed).compile(FAST_COMPILE)(packed)
     # distinct visual experts, so routing mistakes would show
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x * 1.5 if "visual_" in jax.tree_util.keystr(p) else x, params)
-    return c, spec, exs, model, params
+        lambda p, x: x * 1.5 if "visual_" in jax.tree_util.keystr(p) else x, base)
+    return c, spec, exs, model, params, base
 
 
 def test_packed_equals_unpacked_per_sample(setup):
-    c, spec, exs, model, params = setup
+    c, spec, exs, model, params, _ = setup
     packed = dn.pack(exs, spec, rows=2)
     assert len(packed) == 1 and packed[0]["segment_ids"].max() >= 2  # really packed
     padded = dn.pack(exs, dataclasses.replace(spec, packing=False), rows=len(exs))[0]
@@ -69,7 +72,7 @@ def test_visual_positions_take_connector_outputs_in_order():
 
 
 def test_registry_and_batch_spec(setup):
-    c, spec, exs, model, params = setup
+    c, spec, exs, model, params, _ = setup
     m = build_model(c.model)
     assert isinstance(m, NativeVLM)
     bs = batch_spec(c, 3)
@@ -82,11 +85,10 @@ def test_registry_and_batch_spec(setup):
 
 
 def test_train_steps_decrease_loss(setup):
-    c, spec, exs, model, _ = setup
+    c, spec, exs, model, _, params = setup  # fresh init (visual experts = text weights)
     tok = load_tokenizer("synthetic")
     exs = list(dn.synthetic_examples(spec, tok.encode, 24, seed=5, sizes=(32, 64)))
     batches = dn.pack(exs, spec, rows=4)
-    params = init_params(model, jax.random.PRNGKey(1), batches[0])
     tx = optax.adamw(3e-3, b1=0.9, b2=0.95, weight_decay=0.05)
     opt = tx.init(params)
 
@@ -104,6 +106,7 @@ def test_train_steps_decrease_loss(setup):
     for i in range(12):
         params, opt, loss = step(params, opt, batches[i % len(batches)])
         first = float(loss) if first is None else first
-    evals = [float(loss_fn(params, b)) for b in batches]
+    eval_loss = jax.jit(loss_fn)
+    evals = [float(eval_loss(params, b)) for b in batches]
     assert np.isfinite(evals).all()
     assert np.mean(evals) < first - 0.5, (first, evals)
