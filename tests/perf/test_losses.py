@@ -35,7 +35,7 @@ def test_value_and_grads_equal_naive(tied, chunk):
     def mean(fn):
         return lambda h, w: (lambda s, n: s / n)(*fn(h, w))
 
-    gn = jax.grad(mean(naive), argnums=(0, 1))(hidden, w)
+    gn = jax.jit(jax.grad(mean(naive), argnums=(0, 1)))(hidden, w)
     gc = jax.jit(jax.grad(mean(chunked), argnums=(0, 1)))(hidden, w)
     for a, b in zip(gc, gn):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -45,19 +45,20 @@ def test_value_and_grads_equal_naive(tied, chunk):
 def test_grad_only_wrt_hidden_and_masked_tokens_get_zero():
     hidden, w, targets, mask = _inputs(t=8)
     f = lambda h: losses.chunked_next_token_loss(h, w, targets, mask, 3)[0]
-    g = jax.grad(f)(hidden)
-    gn = jax.grad(lambda h: layers.next_token_loss(h @ w, targets, mask)[0])(hidden)
+    g = jax.jit(jax.grad(f))(hidden)
+    gn = jax.jit(jax.grad(lambda h: layers.next_token_loss(h @ w, targets, mask)[0]))(hidden)
     np.testing.assert_allclose(g, gn, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(g)[np.asarray(mask) == 0] == 0)
 
 
 def test_bf16_close_to_fp32():
     hidden, w, targets, mask = _inputs(t=16, v=64)
-    ref = losses.naive_next_token_loss(hidden, w, targets, mask)[0]
-    out = losses.chunked_next_token_loss(hidden.astype(jnp.bfloat16), w, targets, mask, 4)[0]
+    ref = jax.jit(losses.naive_next_token_loss)(hidden, w, targets, mask)[0]
+    out = jax.jit(lambda h: losses.chunked_next_token_loss(h, w, targets, mask, 4)[0])(
+        hidden.astype(jnp.bfloat16))
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, ref, rtol=2e-2)
-    g = jax.grad(lambda h: losses.chunked_next_token_loss(h, w, targets, mask, 4)[0])(
+    g = jax.jit(jax.grad(lambda h: losses.chunked_next_token_loss(h, w, targets, mask, 4)[0]))(
         hidden.astype(jnp.bfloat16))
     assert g.dtype == jnp.bfloat16
 
