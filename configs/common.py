@@ -134,7 +134,7 @@ def base_config() -> mlc.ConfigDict:
         param_dtype="float32",    # master weights of trainable params
         frozen_dtype="float32",   # storage dtype of frozen params (bfloat16 halves memory)
         image_token_id=0,
-        attention_impl="",        # "" = XLA; "cudnn" on GPU
+        attention_impl="",        # "": einsum on CPU, jax.nn (cuDNN) on GPU; einsum/xla/cudnn
         vision=vit_config(),
         llm=llm_config(),
         projector=projector_config(),

@@ -275,16 +275,20 @@ def dot_product_attention(q, k, v, mask=None, implementation: str | None = None)
     mask: bool, broadcastable to [B, N, T, S] with a head axis of 1 or N. -> [B, T, N, H].
 
     `implementation` (config `model.attention_impl`):
-    - "" / None / "einsum": `einsum_attention` below (heads-major einsums, fp32 softmax, a
+    - "" / None: by backend: `einsum_attention` on CPU (faster there, see below),
+      `jax.nn.dot_product_attention` elsewhere (it picks cuDNN flash attention on GPU when
+      the dtypes allow, XLA's lowering otherwise and on TPU).
+    - "einsum": `einsum_attention` below (heads-major einsums, fp32 softmax, a
       hand-written backward pass); plain XLA ops, so it runs on every backend.
-    - "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation (cuDNN
-      flash attention on GPU).
+    - "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation.
     """
     if implementation in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     if implementation not in (None, "", "einsum"):
         raise ValueError(f"unknown attention implementation {implementation!r}; use one of "
                          f"{ATTENTION_IMPLS}")
+    if not implementation and jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
     return einsum_attention(q, k, v, mask)
 
 
