@@ -26,7 +26,8 @@ def _dry(launcher, root):
     return [ln for ln in lines if not ln.startswith("#")]
 
 
-def test_local_dry_run_is_exact_and_quoted(tmp_path):
+def test_local_dry_run_is_exact_and_quoted(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # tests/run.sh sets one
     root = str(tmp_path / "r")
     cmds = _dry(launchers.LocalLauncher(root, 2, executor="process"), root)
     assert len(cmds) == 2
