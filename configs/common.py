@@ -118,8 +118,11 @@ def data_config() -> mlc.ConfigDict:
         template="plain",         # plain | chat
         seq_len=64,               # text tokens per example (images add their tokens)
         packing=False,
-        num_workers=0,
+        num_workers=0,            # Grain worker processes (0: in the main process)
+        num_threads=4,            # Grain read threads per process
         prefetch=2,
+        shard_cache="",           # local copies of remote tar shards ("" = $VLM_JAX_SHARD_CACHE
+                                  # or ~/.cache/vlm_jax/shards)
         max_bad_fraction=0.01,    # stop when more than this fraction of samples is bad
         seed=0,
     ))

@@ -41,7 +41,8 @@ log = logging.getLogger("vlm_jax.train")
 RESTART_MUTABLE = (
     "mesh", "train.progress", "train.log_every_steps", "train.checkpoint_every_steps",
     "train.checkpoint_every_secs", "train.keep_checkpoints", "train.eval_batch_size",
-    "data.num_workers", "data.prefetch", "model.attention_impl",
+    "data.num_workers", "data.num_threads", "data.prefetch", "data.shard_cache",
+    "model.attention_impl",
 )
 
 
