@@ -60,11 +60,16 @@ def run(config, workdir: str, **kw) -> dict:
     return trainer.run(config, workdir, **kw)
 
 
-def main(argv):
-    del argv
+def setup_logging() -> None:
+    """A run's logging: INFO with timestamps, libraries quiet (also the grid worker's)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv):
+    del argv
+    setup_logging()
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     if _CONFIG.value is None:

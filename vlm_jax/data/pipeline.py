@@ -414,16 +414,21 @@ def _per_process(batch_size: int, process_count: int, what: str) -> int:
     return batch_size // process_count
 
 
+def _threads(d) -> int:
+    """Grain read threads per process (`data.num_threads`)."""
+    return max(1, int(d.get("num_threads", 4)))
+
+
 def _chunk_read_options(d) -> grain.ReadOptions:
     """Threads loading chunks (one Grain element = one batch of samples) in a process."""
-    threads = max(1, int(d.get("num_threads", 4)))
+    threads = _threads(d)
     return grain.ReadOptions(num_threads=threads,
                              prefetch_buffer_size=max(threads, int(d.prefetch)))
 
 
 def _read_options(config, per_batch: int) -> grain.ReadOptions:
-    threads = int(config.data.get("num_threads", 4))
-    return grain.ReadOptions(num_threads=max(threads, 1),
+    """One Grain element per example (feature cache, native): prefetch two batches."""
+    return grain.ReadOptions(num_threads=_threads(config.data),
                              prefetch_buffer_size=max(2 * per_batch, 16))
 
 

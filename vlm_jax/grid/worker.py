@@ -7,7 +7,8 @@
 
 Serving keeps JAX imported and its caches warm across runs (the local launcher's default
 executor): runs of equal shapes reuse the compiled programs of earlier runs in memory
-(`vlm_jax.train.program_cache`), so such a run skips tracing, lowering and compiling. While a job runs, the process's stdout/stderr (file descriptors 1 and 2, so
+(`vlm_jax.train.program_cache`), so such a run skips tracing, lowering and compiling.
+While a job runs, the process's stdout/stderr (file descriptors 1 and 2, so
 XLA's C++ logs too) go to the job's log; replies use a private copy of the original
 stdout. A job's failure is reported, not raised: the worker goes on with the next one.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import time
@@ -84,18 +84,17 @@ def _redirect_fds(log_path: str):
             os.close(f)
 
 
-def _setup_logging() -> None:
-    """As `python -m vlm_jax.main` logs (INFO, quiet libraries), into the job's log."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _program_stats() -> dict:
     """Compiled programs reused / built in this process (vlm_jax.train.program_cache)."""
     if "vlm_jax.train.program_cache" not in sys.modules:  # nothing trained yet
         return {"hits": 0, "misses": 0}
     return sys.modules["vlm_jax.train.program_cache"].stats()
+
+
+def _setup_logging() -> None:
+    """As `python -m vlm_jax.main` logs (INFO, quiet libraries), into the job's log."""
+    from vlm_jax import main as train_main
+    train_main.setup_logging()
 
 
 def serve() -> int:
