@@ -224,7 +224,7 @@ def test_synthetic_images_show_their_captions():
         rec = synthetic.make_record(7, i, size=48)
         again = synthetic.make_record(7, i, size=48)
         np.testing.assert_array_equal(rec["image"], again["image"])  # a pure function
-        scene = synthetic.sample_scene(synthetic._rng(7, i, 1))
+        scene = synthetic.scene_of(7, i)
         assert rec["text"] == synthetic.describe(scene)
         pixels = rec["image"].reshape(-1, 3)
         colours, counts = np.unique(pixels, axis=0, return_counts=True)

@@ -162,17 +162,58 @@ class LoadExample(grain.transforms.Map):
             out.update({k: v[0] for k, v in self.tokenize.build([text]).items()})
         return out
 
+    def batchable(self) -> bool:
+        """Whether `prepare_batch` applies: the source reads many records in one call
+        (`get_batch`) and every transform before the tokenizer has `map_batch`."""
+        ts = self.transforms[:-1] if self.tokenize else self.transforms
+        return (hasattr(self.source, "get_batch") and self.tokenize is not None
+                and all(hasattr(t, "map_batch") for t in ts))
+
+    def prepare_batch(self, items) -> dict | None:
+        """`LoadChunk.map` of a whole chunk with array ops (see `batchable`): the rows
+        `prepare` + `build` would give, or None when a sample is bad (the per-sample path
+        then names and skips it)."""
+        positions = np.fromiter((p for p, _ in items), np.int64, len(items))
+        records = np.fromiter((r for _, r in items), np.int64, len(items))
+        good = records >= 0  # (negative: padding of the eval split)
+        try:
+            batch = self.source.get_batch(records[good])
+            for t in self.transforms[:-1]:
+                batch = t.map_batch(batch)
+            texts = [T.caption_text(x) for x in batch["text"]]
+        except BadSample:
+            return None
+        rows = {k: v for k, v in batch.items() if k in self.keys}
+        rows["_position"], rows["_record"] = positions[good], records[good]
+        if self.keep_key:
+            rows["_key"] = np.asarray(batch["key"])
+        if good.any():
+            rows.update(self.tokenize.build(texts))
+        else:
+            rows = {}
+        order, k = [], 0
+        for p, ok in zip(positions.tolist(), good.tolist()):
+            order.append(k if ok else _Bad("", p))
+            k += ok
+        return {"rows": rows, "order": order}
+
 
 class LoadChunk(grain.transforms.Map):
     """A list of (position, record) -> the `LoadExample` results, collated: the good
     examples stacked key by key, their token rows built together (a worker process then
     ships a few big arrays instead of many small ones) plus the order with `_Bad` markers.
-    `unpack_chunk` restores the list."""
+    `unpack_chunk` restores the list. Sources that read many records at once (synthetic)
+    take `LoadExample.prepare_batch`: the same chunk from a few array ops."""
 
     def __init__(self, load: LoadExample):
         self.load = load
+        self.batched = load.batchable()
 
     def map(self, items):
+        if self.batched:
+            chunk = self.load.prepare_batch(items)
+            if chunk is not None:
+                return chunk
         prepared = [self.load.prepare(item) for item in items]
         good = [p for p in prepared if not isinstance(p, _Bad)]
         order, k = [], 0

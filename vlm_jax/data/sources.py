@@ -214,7 +214,13 @@ class _Files:
 # ----------------------------------------------------------------------------- synthetic
 @dataclasses.dataclass
 class SyntheticSource:
-    """Procedural records (`synthetic.make_record`), `size` of them (default 10^9)."""
+    """Procedural records (`synthetic.make_batch`), `size` of them (default 10^9).
+
+    `get_batch(records)` renders many records in one vectorised call (the pipeline's
+    chunk path). `[i]` renders the aligned block of `BLOCK` records holding i and keeps
+    the last few blocks, so reading records in order (the feature cache, the stats CLI,
+    prefix subsets) costs a block's share each; every record is a pure function of
+    (seed, i), so a block is exactly its records read alone."""
     seed: int = 0
     image_size: int = 64
     caption_noise: float = 0.0
@@ -224,15 +230,51 @@ class SyntheticSource:
     order: str = "prefix"
     errors: tuple = ()
 
+    BLOCK = 32
+    KEEP_BLOCKS = 4
+
     def __len__(self) -> int:
         return self.size
 
+    def get_batch(self, records) -> dict:
+        """Records `records` stacked: {"image": uint8 [n, s, s, 3] (None without images),
+        "text": [n] str, "key": [n] str, "source": [n] str}."""
+        idx = np.asarray(records, np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.size):
+            raise IndexError(f"synthetic records {idx.min()}..{idx.max()} out of range "
+                             f"[0, {self.size})")
+        out = synthetic.make_batch(self.seed, idx, self.image_size, self.caption_noise,
+                                   with_image=self.with_image)
+        out.pop("clean")
+        out.setdefault("image", None)
+        return out
+
     def __getitem__(self, i: int) -> dict:
-        rec = synthetic.make_record(self.seed, int(i), self.image_size, self.caption_noise,
-                                    with_image=self.with_image)
-        rec.pop("clean")
-        rec.setdefault("image", None)
-        return rec
+        i = int(i)
+        if not 0 <= i < self.size:
+            raise IndexError(f"synthetic record {i} out of range [0, {self.size})")
+        start = i - i % self.BLOCK
+        with self._lock():
+            blocks = self.__dict__.setdefault("_blocks", collections.OrderedDict())
+            block = blocks.get(start)
+            if block is not None:
+                blocks.move_to_end(start)
+        if block is None:
+            block = self.get_batch(np.arange(start, min(start + self.BLOCK, self.size)))
+            with self._lock():
+                blocks[start] = block
+                while len(blocks) > self.KEEP_BLOCKS:
+                    blocks.popitem(last=False)
+        r = i - start
+        image = block["image"]
+        return {"image": None if image is None else image[r].copy(), "text": block["text"][r],
+                "key": block["key"][r], "source": block["source"][r]}
+
+    def _lock(self) -> threading.Lock:
+        return self.__dict__.setdefault("_mutex", threading.Lock())
+
+    def __getstate__(self):  # workers get the parameters, not the cached blocks
+        return {k: v for k, v in self.__dict__.items() if k not in ("_blocks", "_mutex")}
 
 
 # ----------------------------------------------------------------------------- tar

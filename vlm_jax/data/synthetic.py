@@ -5,16 +5,28 @@ the data set has any size. `caption_noise` replaces that fraction of captions (c
 (seed, i)) with a wrong caption (the description of another random scene) or a generic
 one, so clean vs noisy data mimics CC12M vs LAION-400M for the data-quality study.
 
+Generation is vectorised over a batch of record indices (`make_batch`): the random draws
+of record i are a counter-based hash of (seed, stream, i, draw) (`uniforms`), so a batch
+costs a few numpy calls whatever its size, and record i is the same alone or in any batch
+(`make_record(seed, i)` is row 0 of `make_batch(seed, [i])`). Shapes are stamped from
+cached sprite offsets, one vectorised assignment per shape slot (group, instance) for the
+whole batch, in the order a painter would draw them (later shapes cover earlier ones).
+
 Captions only use the words in `VOCAB`, so the word-level "synthetic" tokenizer
 (`tokenizer.synthetic_tokenizer`) covers them without unknown tokens.
+
+`GENERATOR_VERSION` names the record function: caches of anything derived from the
+records (the frozen-feature cache) must key on it.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import random
 
 import numpy as np
+
+# 2: counter-hash draws, vectorised batches (1: per-record Mersenne Twister).
+GENERATOR_VERSION = 2
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220),
@@ -32,6 +44,7 @@ PLACES = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left"
 SIZES = ("small", "big")
 GENERIC = ("a picture", "an image of something", "a photo", "a nice picture of things",
            "image", "a photo of some shapes")
+MAX_GROUPS, MAX_COUNT = 2, 3
 
 # Every word a caption (or a chat template) can use.
 _TEMPLATE_WORDS = ("user", "assistant", "describe", "the", "image", ".", ":", "\n", "?",
@@ -40,10 +53,15 @@ _CAPTION_WORDS = ("a", "an", "of", "on", "and", "at", "with", "background", "pho
                   "picture", "something", "nice", "things", "some", "shapes", "image")
 _COLOUR_NAMES = tuple(COLOURS)
 _BACKGROUND_NAMES = tuple(BACKGROUNDS)
+_PLACE_LIST = tuple(PLACES)
 VOCAB = tuple(dict.fromkeys(
     _TEMPLATE_WORDS + _CAPTION_WORDS + tuple(COLOURS) + tuple(BACKGROUNDS) + SHAPES
     + tuple(PLURAL.values()) + NUMBERS + SIZES
     + tuple(w for p in PLACES.values() for w in p.split())))
+
+# Random streams of a record: its scene, its caption noise, the scene a wrong caption
+# describes.
+SCENE, NOISE, OTHER = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,34 +80,164 @@ class Scene:
     groups: tuple[Group, ...]
 
 
-def _rng(seed: int, index: int, stream: int) -> random.Random:
-    """The generator of (seed, index, stream): Python's Mersenne Twister seeded with one
-    integer (deterministic across platforms and versions, and cheap to create)."""
-    return random.Random(((int(seed) & 0xFFFFFFFF) << 72) | ((stream & 0xFF) << 64)
-                         | (int(index) & 0xFFFFFFFFFFFFFFFF))
+# ----------------------------------------------------------------------------- draws
+_U64 = np.uint64
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+_M1, _M2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
 
 
-def sample_scene(rng: random.Random) -> Scene:
-    """One or two groups of shapes in distinct places on a background."""
-    n_groups = 1 + int(rng.random() < 0.5)
-    places = rng.sample(list(PLACES), n_groups)
-    groups = tuple(Group(shape=rng.choice(SHAPES), colour=rng.choice(_COLOUR_NAMES),
-                         count=rng.randint(1, 3), place=p, big=rng.random() < 0.5)
-                   for p in places)
-    return Scene(background=rng.choice(_BACKGROUND_NAMES), groups=groups)
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection of uint64 with full avalanche."""
+    x = x ^ (x >> _U64(30))
+    x = x * _M1
+    x = x ^ (x >> _U64(27))
+    x = x * _M2
+    return x ^ (x >> _U64(31))
+
+
+def uniforms(seed: int, indices, stream: int, k: int) -> np.ndarray:
+    """float64 [n, k] in [0, 1): draw d of record indices[r] in `stream`, a pure function
+    of (seed, stream, index, d) (53 bits of a counter hash; platform independent)."""
+    idx = np.asarray(indices, np.int64).reshape(-1).astype(np.uint64)
+    key = _mix(np.array([int(seed) & _MASK64], np.uint64)
+               ^ np.array([(stream * int(_GOLDEN)) & _MASK64], np.uint64))
+    h = _mix(idx ^ key)
+    x = _mix(h[:, None] + np.arange(1, k + 1, dtype=np.uint64)[None, :] * _GOLDEN)
+    return (x >> _U64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _below(u: np.ndarray, n: int) -> np.ndarray:
+    """Uniform integers in [0, n) from uniforms in [0, 1)."""
+    return np.minimum((u * n).astype(np.int64), n - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenes:
+    """A batch of scenes as arrays (row r = one record): `groups` [n] in {1, 2}; per
+    group slot [n, 2]: `place` (index into PLACES), `shape`, `colour`, `count` (1-3),
+    `big`; `background` [n]; `jitter` [n, 2, 3, 2]: each shape's offset from its place
+    centre in cells (y, x), in [-0.25, 0.25). Slots past `groups` hold unused draws."""
+    groups: np.ndarray
+    place: np.ndarray
+    shape: np.ndarray
+    colour: np.ndarray
+    count: np.ndarray
+    big: np.ndarray
+    background: np.ndarray
+    jitter: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def scene(self, r: int) -> Scene:
+        """Row r as a `Scene`."""
+        return Scene(background=_BACKGROUND_NAMES[self.background[r]], groups=tuple(
+            Group(shape=SHAPES[self.shape[r, g]], colour=_COLOUR_NAMES[self.colour[r, g]],
+                  count=int(self.count[r, g]), place=_PLACE_LIST[self.place[r, g]],
+                  big=bool(self.big[r, g]))
+            for g in range(int(self.groups[r]))))
+
+    def same(self, other: "Scenes") -> np.ndarray:
+        """bool [n]: row r of both describes the same scene (equal captions)."""
+        used = np.arange(MAX_GROUPS)[None, :] < self.groups[:, None]
+        eq = ((self.place == other.place) & (self.shape == other.shape)
+              & (self.colour == other.colour) & (self.count == other.count)
+              & (self.big == other.big))
+        return ((self.groups == other.groups) & (self.background == other.background)
+                & (eq | ~used).all(1))
+
+
+_SCENE_DRAWS = 1 + MAX_GROUPS + 4 * MAX_GROUPS + 1 + 2 * MAX_GROUPS * MAX_COUNT
+
+
+def sample_scenes(seed: int, indices, stream: int = SCENE) -> Scenes:
+    """The scenes of records `indices`: one or two groups of shapes in distinct places."""
+    u = uniforms(seed, indices, stream, _SCENE_DRAWS)
+    n = len(u)
+    groups = 1 + (u[:, 0] < 0.5)
+    first = _below(u[:, 1], len(PLACES))
+    second = _below(u[:, 2], len(PLACES) - 1)
+    second = second + (second >= first)  # a second distinct place, uniform
+    g = u[:, 3:3 + 4 * MAX_GROUPS].reshape(n, MAX_GROUPS, 4)
+    at = 3 + 4 * MAX_GROUPS
+    return Scenes(groups=groups.astype(np.int64), place=np.stack([first, second], 1),
+                  shape=_below(g[..., 0], len(SHAPES)),
+                  colour=_below(g[..., 1], len(COLOURS)),
+                  count=1 + _below(g[..., 2], MAX_COUNT), big=g[..., 3] < 0.5,
+                  background=_below(u[:, at], len(BACKGROUNDS)),
+                  jitter=(u[:, at + 1:].reshape(n, MAX_GROUPS, MAX_COUNT, 2) - 0.5) / 2)
+
+
+def scene_of(seed: int, index: int) -> Scene:
+    """The scene of record `index` (what its image shows and its clean caption says)."""
+    return sample_scenes(seed, [index]).scene(0)
+
+
+# ----------------------------------------------------------------------------- captions
+def _phrase(shape: str, colour: str, count: int, place, big: bool) -> str:
+    noun = shape if count == 1 else PLURAL[shape]
+    return f"{NUMBERS[count - 1]} {'big' if big else 'small'} {colour} {noun} at the {PLACES[place]}"
 
 
 def describe(scene: Scene) -> str:
     """The true caption of a scene, e.g. "two small red circles at the top left and one
     big blue square at the right on a gray background"."""
-    parts = []
-    for g in scene.groups:
-        noun = g.shape if g.count == 1 else PLURAL[g.shape]
-        size = "big" if g.big else "small"
-        parts.append(f"{NUMBERS[g.count - 1]} {size} {g.colour} {noun} at the {PLACES[g.place]}")
+    parts = [_phrase(g.shape, g.colour, g.count, g.place, g.big) for g in scene.groups]
     return " and ".join(parts) + f" on a {scene.background} background"
 
 
+@functools.lru_cache(maxsize=1)
+def _phrases() -> np.ndarray:
+    """Object array [place, shape, colour, count - 1, big] of group phrases."""
+    out = np.empty((len(PLACES), len(SHAPES), len(COLOURS), MAX_COUNT, 2), object)
+    for idx in np.ndindex(out.shape):
+        p, s, c, k, b = idx
+        out[idx] = _phrase(SHAPES[s], _COLOUR_NAMES[c], k + 1, _PLACE_LIST[p], bool(b))
+    return out
+
+
+_SUFFIX = tuple(f" on a {b} background" for b in _BACKGROUND_NAMES)
+
+
+def describe_all(scenes: Scenes, rows=None) -> list[str]:
+    """`describe` of each scene (of `rows` only, when given), from cached phrases."""
+    rows = np.arange(len(scenes)) if rows is None else np.asarray(rows, np.int64)
+    ph = _phrases()[scenes.place[rows], scenes.shape[rows], scenes.colour[rows],
+                    scenes.count[rows] - 1, scenes.big[rows].astype(np.int64)]
+    return [(a + " and " + b if g == 2 else a) + _SUFFIX[bg] for a, b, g, bg in
+            zip(ph[:, 0].tolist(), ph[:, 1].tolist(), scenes.groups[rows].tolist(),
+                scenes.background[rows].tolist())]
+
+
+def captions(seed: int, indices, scenes: Scenes,
+             caption_noise: float = 0.0) -> tuple[list[str], np.ndarray]:
+    """(captions, clean [n] bool) of records `indices` with scenes `scenes`: a fraction
+    `caption_noise` (by (seed, index)) is wrong: half generic phrases, half the caption
+    of another random scene (a generic phrase if that happens to be the same caption)."""
+    texts = describe_all(scenes)
+    if caption_noise <= 0:
+        return texts, np.ones((len(texts),), bool)
+    u = uniforms(seed, indices, NOISE, 3)
+    noisy = u[:, 0] < caption_noise
+    generic = noisy & (u[:, 1] < 0.5)
+    wrong = np.flatnonzero(noisy & ~generic)
+    other = sample_scenes(seed, indices, OTHER)
+    same = other.same(scenes)
+    for r in np.flatnonzero(generic):
+        texts[r] = GENERIC[_below(u[r, 2], len(GENERIC))]
+    for r, text in zip(wrong.tolist(), describe_all(other, wrong)):
+        texts[r] = GENERIC[0] if same[r] else text
+    return texts, ~noisy
+
+
+def caption_of(seed: int, index: int, caption_noise: float = 0.0) -> tuple[str, bool]:
+    """Caption of record `index` and whether it is clean (the scene's true description)."""
+    texts, clean = captions(seed, [index], sample_scenes(seed, [index]), caption_noise)
+    return texts[0], bool(clean[0])
+
+
+# ----------------------------------------------------------------------------- images
 @functools.lru_cache(maxsize=256)
 def _sprite(shape: str, r: float) -> np.ndarray:
     """Boolean mask of a shape of radius r centred in a (2k+1)^2 box, k = ceil(r)."""
@@ -105,63 +253,97 @@ def _sprite(shape: str, r: float) -> np.ndarray:
     return (t >= 0) & (t <= 1) & (np.abs(xx) <= t * r)
 
 
-@functools.lru_cache(maxsize=64)
-def _background(name: str, size: int) -> np.ndarray:
-    img = np.empty((size, size, 3), np.uint8)
-    img[:] = BACKGROUNDS[name]
-    img.flags.writeable = False
-    return img
+_COLOUR_RGB = np.asarray(list(COLOURS.values()), np.uint8)
 
 
-@functools.lru_cache(maxsize=64)
-def _colour(name: str) -> np.ndarray:
-    return np.asarray(COLOURS[name], np.uint8)
-
-
-def render(scene: Scene, size: int, rng: random.Random) -> np.ndarray:
-    """Draws the scene as a uint8 [size, size, 3] image (shapes centred on pixels)."""
-    img = _background(scene.background, size).copy()  # (cheaper than filling a new one)
+@functools.lru_cache(maxsize=32)
+def _sprites(size: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(k, keep, paint): every sprite at image size `size` centred in one (2k+1)^2 box,
+    as uint8 [shape, big, 2k+1, 2k+1, 3] `keep` (0 inside the shape, 255 outside) and
+    [colour, shape, big, 2k+1, 2k+1, 3] `paint` (the colour inside, 0 outside): painting
+    a box is `box & keep | paint` (read-only)."""
     cell = size / 3.0
-    for g in scene.groups:
-        sprite = _sprite(g.shape, round(cell * (0.22 if g.big else 0.13), 2))
-        k = sprite.shape[0] // 2
-        for _ in range(g.count):
-            cy = int((g.place[0] + 0.5 + rng.uniform(-0.25, 0.25)) * cell)
-            cx = int((g.place[1] + 0.5 + rng.uniform(-0.25, 0.25)) * cell)
-            y0, y1 = max(cy - k, 0), min(cy + k + 1, size)
-            x0, x1 = max(cx - k, 0), min(cx + k + 1, size)
-            m = sprite[y0 - (cy - k):y1 - (cy - k), x0 - (cx - k):x1 - (cx - k)]
-            np.copyto(img[y0:y1, x0:x1], _colour(g.colour), where=m[..., None])
-    return img
+    masks = [[_sprite(s, round(cell * (0.22 if big else 0.13), 2)) for big in (0, 1)]
+             for s in SHAPES]
+    k = max(m.shape[0] // 2 for row in masks for m in row)
+    inside = np.zeros((len(SHAPES), 2, 2 * k + 1, 2 * k + 1, 1), bool)
+    for s, row in enumerate(masks):
+        for b, m in enumerate(row):
+            h = m.shape[0] // 2
+            inside[s, b, k - h:k + h + 1, k - h:k + h + 1, 0] = m
+    keep = np.where(inside, np.uint8(0), np.uint8(255)).repeat(3, -1)
+    paint = np.where(inside[None], _COLOUR_RGB[:, None, None, None, None, :], np.uint8(0))
+    for a in (keep, paint):
+        a.flags.writeable = False
+    return k, keep, paint
 
 
-def _caption(seed: int, index: int, scene: Scene, caption_noise: float) -> tuple[str, bool]:
-    if caption_noise <= 0:
-        return describe(scene), True  # (the noise stream below is not needed)
-    nrng = _rng(seed, index, 2)
-    if nrng.random() < caption_noise:
-        if nrng.random() < 0.5:
-            return nrng.choice(GENERIC), False
-        other = describe(sample_scene(_rng(seed, nrng.getrandbits(62), 3)))
-        return (other if other != describe(scene) else GENERIC[0]), False
-    return describe(scene), True
+@functools.lru_cache(maxsize=32)
+def _canvases(size: int, pad: int) -> np.ndarray:
+    """uint8 [background, size + 2 pad, size + 2 pad, 3]: empty canvases (read-only)."""
+    out = np.empty((len(BACKGROUNDS), size + 2 * pad, size + 2 * pad, 3), np.uint8)
+    for b, rgb in enumerate(BACKGROUNDS.values()):
+        out[b] = rgb
+    out.flags.writeable = False
+    return out
 
 
-def caption_of(seed: int, index: int, caption_noise: float = 0.0) -> tuple[str, bool]:
-    """Caption of record `index` and whether it is clean (the scene's true description)."""
-    return _caption(seed, index, sample_scene(_rng(seed, index, 1)), caption_noise)
+def render_batch(scenes: Scenes, size: int) -> np.ndarray:
+    """Draws the scenes as uint8 [n, size, size, 3] images: shapes centred on pixels and
+    clipped at the borders, painted slot by slot (group, instance) in drawing order.
+
+    Each slot is a few numpy calls for the whole batch: on a canvas padded by the sprite
+    half-width k, the (2k+1)^2 box of every image's shape is one element of a writable
+    strided view [n, size, size, 2k+1, 2k+1, 3] (the box centred on each pixel); the
+    boxes of one slot lie in different images, so they are gathered, painted with
+    bitwise ops against cached sprite arrays (no broadcasting over small axes, which
+    numpy runs slowly) and scattered back at once."""
+    n = len(scenes)
+    k, keep, paint = _sprites(size)
+    w = 2 * k + 1
+    canvas = _canvases(size, k)[scenes.background]  # a gather: a new, writable array
+    sn, sy, sx, sc = canvas.strides
+    boxes = np.lib.stride_tricks.as_strided(canvas, (n, size, size, w, w, 3),
+                                            (sn, sy, sx, sy, sx, sc), writeable=True)
+    place = np.asarray(_PLACE_LIST, np.int64)[scenes.place]
+    # Centres as int() of the jittered position (positive: truncation = floor) [n, G, C, 2].
+    centre = ((place[:, :, None, :] + 0.5 + scenes.jitter) * (size / 3.0)).astype(np.int64)
+    big = scenes.big.astype(np.int64)
+    for g in range(MAX_GROUPS):
+        has = g < scenes.groups
+        for j in range(MAX_COUNT):
+            rows = np.flatnonzero(has & (j < scenes.count[:, g]))
+            if not len(rows):
+                continue
+            at = (rows, centre[rows, g, j, 0], centre[rows, g, j, 1])
+            sprite = (scenes.shape[rows, g], big[rows, g])
+            box = boxes[at]
+            box &= keep[sprite]
+            box |= paint[(scenes.colour[rows, g],) + sprite]
+            boxes[at] = box
+    return np.ascontiguousarray(canvas[:, k:k + size, k:k + size])
+
+
+# ----------------------------------------------------------------------------- records
+def make_batch(seed: int, indices, size: int = 64, caption_noise: float = 0.0,
+               with_image: bool = True) -> dict:
+    """Records `indices` stacked: {"image": uint8 [n, size, size, 3] (with_image), "text":
+    [n] str, "key": [n] str, "source": [n] str, "clean": bool [n]}.
+
+    The images depend only on (seed, index), never on `caption_noise`."""
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    scenes = sample_scenes(seed, idx)
+    texts, clean = captions(seed, idx, scenes, caption_noise)
+    out = {"text": texts, "key": list(map("{:012d}".format, idx.tolist())),
+           "source": [f"synthetic:{seed}"] * len(idx), "clean": clean}
+    if with_image:
+        out["image"] = render_batch(scenes, size)
+    return out
 
 
 def make_record(seed: int, index: int, size: int = 64, caption_noise: float = 0.0,
                 with_image: bool = True) -> dict:
-    """Sample `index`: {"image": uint8 [size,size,3], "text", "key", "source", "clean"}.
-
-    The image depends only on (seed, index), never on `caption_noise`."""
-    rng = _rng(seed, index, 1)
-    scene = sample_scene(rng)
-    text, clean = _caption(seed, index, scene, caption_noise)
-    rec = {"text": text, "key": f"{index:012d}", "source": f"synthetic:{seed}",
-           "clean": clean}
-    if with_image:
-        rec["image"] = render(scene, size, rng)
-    return rec
+    """Sample `index`: {"image": uint8 [size,size,3], "text", "key", "source", "clean"}
+    (row 0 of `make_batch(seed, [index])`)."""
+    batch = make_batch(seed, [index], size, caption_noise, with_image)
+    return {k: (bool(v[0]) if k == "clean" else v[0]) for k, v in batch.items()}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import itertools
 from typing import Any
 
 import grain
@@ -205,10 +206,11 @@ def build_sequence(caption_ids: list[int], tokenizer, spec: SequenceSpec,
     return {k: v[0] for k, v in build_sequences([caption_ids], tokenizer, spec, prompt).items()}
 
 
-def build_sequences(caption_ids: list[list[int]], tokenizer, spec: SequenceSpec,
+def build_sequences(caption_ids, tokenizer, spec: SequenceSpec,
                     prompt: tuple[list[int], list[int]] | None = None) -> dict[str, np.ndarray]:
-    """Token rows + targets + masks of several examples at once, stacked [n, T] (a chunk's
-    rows are built in one pass instead of per example and then stacked)."""
+    """Token rows + targets + masks of several examples at once, stacked [n, T], built
+    with whole-array ops (no per-row loop). `caption_ids`: a list of id lists, or
+    (flat ids, lengths) as `Tokenizer.encode_flat` returns them."""
     before, after = prompt if prompt is not None else _prompt_ids(tokenizer, spec)
     k = spec.num_image_tokens if spec.kind == "vlm" else 0
     fixed = 1 + len(before) + len(after)  # bos + prompt
@@ -216,20 +218,22 @@ def build_sequences(caption_ids: list[list[int]], tokenizer, spec: SequenceSpec,
     if room < 1:
         raise ValueError(f"data.seq_len={spec.seq_len} leaves no room for a caption after "
                          f"the {spec.template!r} template ({fixed} tokens); raise data.seq_len")
+    flat, lens = (caption_ids if isinstance(caption_ids, tuple)
+                  else flatten_ids(caption_ids))
     head = [tokenizer.bos_id] + before + [spec.image_token_id] * k + after
-    rows, t, h = len(caption_ids), spec.length, len(head)
+    rows, t, h = len(lens), spec.length, len(head)
+    cap = np.minimum(lens, room)
+    if (cap < lens).any():  # drop the ids past `room` of each caption
+        flat = flat[np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+                    < np.repeat(cap, lens)]
     tokens = np.full((rows, t + 1), tokenizer.pad_id, np.int32)
     tokens[:, :h] = head
-    lengths = np.empty((rows, 1), np.int32)
-    truncated = np.empty((rows,), np.int32)
-    for r, ids in enumerate(caption_ids):
-        cap = ids[:room]
-        end = h + len(cap)
-        tokens[r, h:end] = cap
-        tokens[r, end] = tokenizer.eos_id
-        lengths[r, 0] = end + 1
-        truncated[r] = len(ids) > room
-    ar = _arange(t)
+    ar1 = _arange(t + 1)
+    tokens[(ar1 >= h) & (ar1 < (h + cap)[:, None])] = flat  # row-major: row by row
+    ends = h + cap
+    tokens[np.arange(rows), ends] = tokenizer.eos_id
+    lengths = (ends + 1)[:, None]
+    ar = ar1[:t]
     valid = ar < lengths
     out = {"tokens": np.ascontiguousarray(tokens[:, :t]),
            "targets": np.ascontiguousarray(tokens[:, 1:]),
@@ -237,12 +241,19 @@ def build_sequences(caption_ids: list[list[int]], tokenizer, spec: SequenceSpec,
            "loss_mask": ((ar >= h - 1) & (ar < lengths - 1)).astype(np.float32),
            "positions": np.where(valid, ar, np.int32(0)),
            "segment_ids": valid.astype(np.int32),
-           "_truncated": truncated}
+           "_truncated": (lens > room).astype(np.int32)}
     if spec.kind == "vlm":
         vm = np.zeros((rows, t), bool)
         vm[:, 1 + len(before):1 + len(before) + k] = True
         out["visual_mask"] = vm
     return out
+
+
+def flatten_ids(caption_ids) -> tuple[np.ndarray, np.ndarray]:
+    """A list of id lists -> (int32 flat ids, int64 lengths)."""
+    lens = np.fromiter(map(len, caption_ids), np.int64, len(caption_ids))
+    flat = np.fromiter(itertools.chain.from_iterable(caption_ids), np.int32, int(lens.sum()))
+    return flat, lens
 
 
 @functools.lru_cache(maxsize=16)
@@ -274,6 +285,15 @@ class DecodeImage(grain.transforms.Map):
         return {**sample, "image": decode_image(sample.get("image"), self.draft_size,
                                                 self.as_pil)}
 
+    def map_batch(self, batch: dict) -> dict:
+        """`map` of stacked samples (batch["image"]: [n, H, W, C] array or a list)."""
+        images = batch.get("image")
+        if not (isinstance(images, np.ndarray) and images.ndim == 4
+                and images.dtype == np.uint8 and images.shape[-1] == 3):
+            images = [decode_image(im, self.draft_size, self.as_pil) for im in
+                      (images if images is not None else [None] * len(batch["text"]))]
+        return {**batch, "image": images}
+
 
 class ResizeImage(grain.transforms.Map):
     def __init__(self, size: int, mode: str = "crop"):
@@ -281,6 +301,14 @@ class ResizeImage(grain.transforms.Map):
 
     def map(self, sample: dict) -> dict:
         return {**sample, "image": resize_image(sample["image"], self.size, self.mode)}
+
+    def map_batch(self, batch: dict) -> dict:
+        """`map` of stacked samples: uint8 [n, size, size, 3] out."""
+        images = batch["image"]
+        if isinstance(images, np.ndarray) and images.shape[1:3] == (self.size, self.size):
+            return batch
+        return {**batch, "image": np.stack([resize_image(im, self.size, self.mode)
+                                            for im in images])}
 
 
 class NormalizeImage(grain.transforms.Map):
@@ -311,14 +339,14 @@ class TokenizeCaption(grain.transforms.Map):
 
     def build(self, captions: list[str]) -> dict[str, np.ndarray]:
         """Stacked [n, T] fields of n captions."""
-        caption_ids = self.tokenizer.encode_batch(captions)
         if self.spec.kind == "clip":
             rows = [build_clip_tokens(ids, self.tokenizer, self.spec.seq_len)
-                    for ids in caption_ids]
+                    for ids in self.tokenizer.encode_batch(captions)]
             return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         if self._prompt is None:
             self._prompt = _prompt_ids(self.tokenizer, self.spec)
-        return build_sequences(caption_ids, self.tokenizer, self.spec, self._prompt)
+        return build_sequences(self.tokenizer.encode_flat(captions), self.tokenizer,
+                               self.spec, self._prompt)
 
     def map(self, sample: dict) -> dict:
         out, text = self.caption(sample)
