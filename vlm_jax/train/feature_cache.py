@@ -114,6 +114,9 @@ def key_fields(config) -> dict:
     init = path_identity(src) if src else f"random:train.seed={int(config.train.seed)}"
     d = _data_config(config)
     data = {k: d.get(k, None) for k in _DATA_FIELDS}
+    if d.get("source") == "synthetic":  # procedural records: the generator decides them
+        from vlm_jax.data import synthetic
+        data["generator"] = synthetic.GENERATOR_VERSION
     return {"version": FORMAT_VERSION, "kind": m.kind, "vision": vision, "init_from": init,
             "dtype": m.get("dtype", "float32"), "param_dtype": m.get("param_dtype", "float32"),
             "frozen_dtype": m.get("frozen_dtype", "float32"), "data": data}
