@@ -39,11 +39,34 @@ def test_copy_into_matches_numpy_bit_exact():
                 c = arrays.contiguous(v, np.float32)       # with a cast
                 assert c.flags.c_contiguous and c.dtype == np.float32
                 np.testing.assert_array_equal(c, v.astype(np.float32))
-    big = arrays.empty((1024, 1024), np.float32)           # a populated mmap
+    big = arrays.empty((1024, 1024), np.float32)           # an anonymous mmap
     big[...] = 3
     assert big.sum() == 3 * 2 ** 20 and arrays.contiguous(big) is big
     with pytest.raises(ValueError, match="shape"):
         arrays.copy_into(np.empty((3, 2)), np.empty((2, 3)))
+
+
+def test_word_transpose_odd_tiles_offsets_and_casts():
+    """The word kernel itself (not a fallback) on shapes that leave partial tiles, on
+    views not aligned to the word size, and with a cast in the unpack pass."""
+    rng = np.random.default_rng(1)
+    for dt, shape in ((ml_dtypes.bfloat16, (600, 1032)), (np.float32, (517, 264)),
+                      (np.uint8, (300, 48)), (np.float16, (2 ** 9 + 3, 8 * 67))):
+        n = shape[0] * shape[1] * np.dtype(dt).itemsize
+        raw = rng.integers(0, 255, n + 16, dtype=np.uint8)
+        for off in (0, 1, 8):     # byte offsets: aligned and not to the 16-byte word
+            a = raw[off:off + n].view(dt).reshape(shape)
+            d = np.empty(shape[::-1], dt)
+            assert arrays._transpose_words(arrays._raw(d), arrays._raw(a.T)), (dt, shape)
+            assert d.tobytes() == np.ascontiguousarray(a.T).tobytes(), (dt, shape, off)
+            if dt is not np.uint8:
+                f = np.empty(shape[::-1], np.float64)
+                with np.errstate(invalid="ignore"):     # random bits include NaNs
+                    assert arrays._transpose_words(f, a.T)
+                    np.testing.assert_array_equal(f, a.T.astype(np.float64))
+    m = np.zeros((40, 36), np.uint16)          # rows % 8 != 0: 8-byte words; % 4: none
+    assert arrays._transpose_words(np.empty((36, 40), np.uint16), m.T)
+    assert not arrays._transpose_words(np.empty((35, 40), np.uint16), m[:, :35].T)
 
 
 def test_as_2d_only_merges_without_copies():
@@ -115,3 +138,28 @@ def test_convert_peak_memory_near_one_copy(tmp_path):
     _, direct, _ = convert.api.convert_llm(str(tmp_path / "hf"))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a.view(np.uint16),
                                                             b.view(np.uint16)), params, direct)
+
+
+def test_threaded_load_bit_exact_and_fails_before_reading(tmp_path, monkeypatch):
+    """Loading on several threads gives the single-threaded result bit for bit (shapes
+    taking the 16-byte, 8-byte and element-tile paths), and a config that does not match
+    the weights is refused before any tensor is read."""
+    write_llama(tmp_path / "hf", vocab=250, d=72, mlp=100, layers=3, heads=3, kv=1)
+    got = {}
+    for n in (1, 3):
+        monkeypatch.setattr(M, "default_threads", lambda n=n: n)
+        _, got[n], _ = convert.api.convert_llm(str(tmp_path / "hf"))
+    ref = st.Reader(str(tmp_path / "hf"))
+    want = ref.read("model.layers.2.mlp.down_proj.weight").T
+    np.testing.assert_array_equal(got[3]["layers"]["mlp"]["down"]["kernel"][2].view(np.uint16),
+                                  want.view(np.uint16))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a.view(np.uint16),
+                                                            b.view(np.uint16)), got[1], got[3])
+    cfg = json.load(open(tmp_path / "hf" / "config.json"))
+    json.dump(dict(cfg, intermediate_size=96), open(tmp_path / "hf" / "config.json", "w"))
+    mapped = []
+    orig = st.Reader.mapped
+    monkeypatch.setattr(st.Reader, "mapped", lambda self, k: mapped.append(k) or orig(self, k))
+    with pytest.raises(st.ConversionError, match=r"gate_proj.weight' of shape \(100, 72\)"):
+        convert.api.convert_llm(str(tmp_path / "hf"))
+    assert mapped == []

@@ -2,10 +2,12 @@
 
 Conversion is dominated by transposing torch-layout [out, in] matrices into our [in, out]
 kernels. numpy's plain `dst[...] = src.T` moves one element per strided access and runs at
-~130 MB/s. Here both sides are viewed as unsigned integers (bf16 is a custom numpy dtype
-with a slower copy loop), the matrix is transposed in 8-byte words (4 bf16 neighbours of
-a row move together: 4x fewer strided accesses), in tiles that stay in cache, and a cheap
-short-stride pass then unpacks each word's elements into their rows: ~3-4x numpy's speed.
+~130 MB/s. Here the matrix is transposed in 16- (else 8-) byte words: 8 bf16 neighbours of
+a source row move as one complex128 (numpy copies a same-dtype array as raw bytes, so any
+bit pattern survives), one block of source rows at a time into a small scratch that stays
+in cache; a short-stride pass then unpacks each word's elements into their destination
+rows (casting there when the dtypes differ). Every np.copyto call releases the GIL, so
+independent copies run in parallel on a thread pool (`mapping.load`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import mmap
 import numpy as np
 
 TILE = 128
-POPULATE_MIN_BYTES = 1 << 20
+BLOCK_BYTES = 1 << 18        # scratch per tile (fits L2)
+COLS = 256                   # rows of the source matrix per tile
+MMAP_MIN_BYTES = 1 << 20
+WORDS = (np.dtype(np.complex128), np.dtype(np.uint64))
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -48,57 +53,74 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     for k in range(1, src.ndim):
         s2 = _as_2d(src, k)
         if s2 is not None:
-            _tiled(_as_2d(dst, k), s2)
+            _copy_2d(_as_2d(dst, k), s2)
             return
     np.copyto(dst, src, casting="unsafe")
 
 
-def _tiled(dst: np.ndarray, src: np.ndarray) -> None:
+def _copy_2d(dst: np.ndarray, src: np.ndarray) -> None:
     rows, cols = src.shape
     if src.strides[1] == src.itemsize or rows * cols <= TILE * TILE:
         np.copyto(dst, src, casting="unsafe")  # row-contiguous or small: one pass
         return
-    if dst.dtype == src.dtype and _packed(dst, src):
+    if _transpose_words(dst, src):
         return
-    for i in range(0, rows, TILE):
+    for i in range(0, rows, TILE):             # any other strides: cache-sized tiles
         for j in range(0, cols, TILE):
             np.copyto(dst[i:i + TILE, j:j + TILE], src[i:i + TILE, j:j + TILE],
                       casting="unsafe")
 
 
-def _packed(dst: np.ndarray, src: np.ndarray, block_bytes: int = 1 << 24) -> bool:
-    """dst = src (= m.T, m row-contiguous [C, R]) moving k = 8 // itemsize neighbours of a
-    row of m as one uint64: transpose words into a temp block, then unpack them. False
-    when the layout does not allow it (the caller falls back to element tiles)."""
-    k = 8 // src.itemsize
+def _transpose_words(dst: np.ndarray, src: np.ndarray) -> bool:
+    """dst[R, C] = src (= m.T, m [C, R] with contiguous rows) in words of k = w / itemsize
+    elements of a row of m. Per block of T rows of m: words [T, R/k] -> scratch [R/k, T]
+    (one strided pass over T rows that stay in cache), then scratch [R/k, T, k] ->
+    dst[:, block] viewed as [R/k, k, T]. False when the layout allows no word size (the
+    caller falls back to element tiles)."""
     m = src.T
-    if k < 2 or m.strides[1] != m.itemsize or m.shape[1] % k or m.strides[0] % 8:
+    cols, rows = m.shape                       # dst is [rows, cols]
+    if m.strides[1] != m.itemsize:
         return False
-    try:
-        words = m.view(np.uint64).T              # [R / k, C]
-    except ValueError:
+    for wdt in WORDS:
+        k = wdt.itemsize // m.itemsize
+        if k >= 2 and rows % k == 0:
+            try:
+                words = m.view(wdt)            # [cols, rows / k]
+                break
+            except ValueError:
+                continue
+    else:
         return False
-    n, cols = words.shape
-    step = max(1, block_bytes // (cols * 8))
+    n = rows // k
+    tc = min(cols, COLS)                       # rows of m per block
+    tn = min(n, max(1, BLOCK_BYTES // (tc * wdt.itemsize)))   # words per row of m
+    scratch = np.empty((tn, tc), wdt)
     out = dst.reshape(n, k, cols)
-    for i in range(0, n, step):
-        w = words[i:i + step]
-        tmp = np.empty(w.shape, np.uint64)
-        _tiled(tmp, w)
-        np.copyto(out[i:i + step],
-                  tmp.view(dst.dtype).reshape(len(w), cols, k).transpose(0, 2, 1))
+    for j in range(0, cols, tc):
+        e = min(cols, j + tc)
+        for a in range(0, n, tn):
+            b = min(n, a + tn)
+            t = scratch[:b - a, :e - j]
+            np.copyto(t, words[j:e, a:b].T)
+            np.copyto(out[a:b, :, j:e],
+                      t.view(m.dtype).reshape(b - a, e - j, k).transpose(0, 2, 1),
+                      casting="unsafe")
     return True
 
 
 def empty(shape, dtype) -> np.ndarray:
-    """`np.empty`, but large arrays get their pages in one `MAP_POPULATE` mmap call instead
-    of one page fault per 4 KiB on first write (4x faster on VMs where faults are costly:
-    measured 0.28 s vs 1.28 s per 256 MiB). The mapping is freed with the array."""
+    """An uninitialised array like `np.empty`, but large ones (>= 1 MiB) are a private
+    anonymous mmap of 4 KiB pages: the kernel zeroes each page when it is first written,
+    i.e. inside the copy threads, in parallel. (numpy's own large arrays ask for
+    transparent huge pages, whose zeroing on this kind of VM measured 2-4x slower per
+    byte: 0.47 vs 0.11-0.15 s of system time per 256 MiB; pre-faulting with
+    MAP_POPULATE costs the same as faulting but serially, in the allocating thread.)
+    The mapping is freed with the array."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
-    if n < POPULATE_MIN_BYTES or not hasattr(mmap, "MAP_POPULATE"):
+    if n < MMAP_MIN_BYTES:
         return np.empty(shape, dtype)
-    mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return np.frombuffer(mm, dtype).reshape(shape)
 
 

@@ -55,7 +55,7 @@ def hf_config(cfg, base: dict | None = None) -> dict:
 
 
 def _patch():
-    return (lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0)),
+    return (lambda w: w.transpose(2, 3, 1, 0),   # a view: `load` copies it once
             lambda k: np.ascontiguousarray(k.transpose(3, 2, 0, 1)))
 
 
@@ -205,6 +205,9 @@ class TorchReader:
 
     def shape(self, k):
         return tuple(self._sd[k].shape)
+
+    def dtype(self, k):
+        return self.read(k).dtype   # a view of the mapped tensor: reads no data
 
     @contextlib.contextmanager
     def mapped(self, k):

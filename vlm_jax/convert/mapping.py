@@ -9,8 +9,11 @@ is bit-exact.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
+import os
 import re
 from typing import Callable, Iterator, Sequence
 
@@ -99,14 +102,27 @@ def unflatten(flat: dict[str, object]) -> dict:
     return out
 
 
+def default_threads() -> int:
+    """Copy threads for `load`: the cores this process may run on (at most 8: beyond
+    that the copies are bound by memory bandwidth)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
 def load(reader: Reader, entries: list[Entry], shapes: dict[str, tuple[int, ...]],
          scanned: bool, dtype=None, ignore: Callable[[str], bool] = lambda k: False,
-         what: str = "checkpoint") -> dict:
+         what: str = "checkpoint", threads: int | None = None) -> dict:
     """Reads `entries` from `reader` into a params tree of the given leaf `shapes`.
 
     dtype: target dtype (None = each tensor's stored dtype). Keys not covered by an entry
     and not `ignore`d are an error (an "extra key"), as are missing keys and shapes that
-    do not match the model config.
+    do not match the model config: all checked, and every leaf allocated, before any
+    weight is read. Then `threads` workers (default: the usable cores) each map one
+    entry's tensors, copy them into their leaves and unmap them (at most `threads`
+    tensors are mapped at a time; the result does not depend on `threads`).
     """
     used = {k for e in entries for k in e.hf}
     extra = sorted(k for k in reader.keys() if k not in used and not ignore(k))
@@ -120,20 +136,39 @@ def load(reader: Reader, entries: list[Entry], shapes: dict[str, tuple[int, ...]
                 raise ConversionError(f"{reader.file_of(k)}: missing tensor {k!r} needed by the "
                                       f"{what} config (is it the right checkpoint?)")
     leaves: dict[str, np.ndarray] = {}
-    for e in entries:
-        with contextlib.ExitStack() as stack:   # the mappings close once copied from
-            views = [stack.enter_context(reader.mapped(k)) for k in e.hf]
-            _fill(reader, e, e.to_ours(*views), leaves, shapes, scanned, dtype, what)
-            del views
-    for leaf, shape in shapes.items():
+    jobs = [(e, _targets(reader, e, leaves, shapes, scanned, dtype, what)) for e in entries]
+    for leaf in shapes:
         if leaf not in leaves:
             raise ConversionError(f"{reader.source}: no tensor provides param {leaf!r}")
+    run = functools.partial(_copy_entry, reader)
+    threads = default_threads() if threads is None else max(1, int(threads))
+    if threads == 1:
+        for job in jobs:
+            run(job)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(threads, "vlm_jax-convert") as pool:
+            futures = [pool.submit(run, job) for job in jobs]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     return unflatten(leaves)
 
 
-def _fill(reader, e, arrays, leaves, shapes, scanned, dtype, what):
-    """Copies one entry's arrays into their (preallocated on first use) leaves."""
-    for path, a in zip(e.ours, arrays):
+def _shadow(reader, key: str) -> np.ndarray:
+    """A stand-in for tensor `key` with its shape and dtype and no data (all strides 0):
+    the transforms give the shapes and dtypes of their results without reading a byte."""
+    return np.broadcast_to(np.zeros((), reader.dtype(key)), reader.shape(key))
+
+
+def _targets(reader, e: Entry, leaves, shapes, scanned, dtype, what) -> list[np.ndarray]:
+    """The destinations (a leaf, or one layer's slice of it) of one entry's arrays,
+    checked against the config's shapes; leaves are allocated on first use."""
+    out = []
+    for path, a in zip(e.ours, e.to_ours(*(_shadow(reader, k) for k in e.hf)), strict=True):
         leaf, layer = _locate(path, scanned)
         if leaf not in shapes:
             raise ConversionError(f"{reader.file_of(e.hf[0])}: tensor {e.hf[0]!r} maps to "
@@ -147,7 +182,20 @@ def _fill(reader, e, arrays, leaves, shapes, scanned, dtype, what):
                 f"but the {what} config expects {want}")
         if leaf not in leaves:
             leaves[leaf] = empty(full, dtype or a.dtype)
-        copy_into(leaves[leaf] if layer is None else leaves[leaf][layer], a)
+        out.append(leaves[leaf] if layer is None else leaves[leaf][layer])
+    return out
+
+
+def _copy_entry(reader, job: tuple[Entry, list[np.ndarray]]) -> None:
+    e, targets = job
+    with contextlib.ExitStack() as stack:   # the mappings close once copied from
+        _copy_all(targets, e.to_ours(*[stack.enter_context(reader.mapped(k)) for k in e.hf]))
+
+
+def _copy_all(targets, arrays) -> None:
+    """(A call of its own: no view of a mapping outlives it, so the mapping can close.)"""
+    for dst, a in zip(targets, arrays, strict=True):
+        copy_into(dst, a)
 
 
 def export(params: dict, entries: list[Entry], scanned: bool

@@ -76,8 +76,13 @@ class Reader:
         # What error messages name: the one weights file, or the shard index.
         self.source = files[0] if len(files) == 1 else index if os.path.exists(index) else path
         for f in files:
-            for name, info in read_header(f).items():
+            header = read_header(f)
+            for name, info in header.items():
                 self._where[name] = (f, info)
+            last = max(header.items(), key=lambda kv: kv[1]["data_offsets"][1], default=None)
+            if last and os.path.getsize(f) < last[1]["base"] + last[1]["data_offsets"][1]:
+                raise ConversionError(f"{f}: file truncated inside tensor {last[0]!r} "
+                                      "(an incomplete download or copy?)")
 
     def keys(self) -> list[str]:
         return list(self._where)
