@@ -235,7 +235,7 @@ class WorkerHandle(Handle):
     def __init__(self, worker: Worker, spec: dict, log_path: str):
         self.worker = worker
         self._rc: int | None = None
-        self.info: dict = {}   # the worker's reply: programs_reused, programs_built
+        self.info: dict = {}   # the worker's job counters (worker._JOB_STATS)
         worker.submit(spec, log_path)
 
     def poll(self) -> int | None:
@@ -253,7 +253,7 @@ class WorkerHandle(Handle):
             self._rc = rc if rc else 1
         else:
             self._rc = 0 if reply.get("ok") else 1
-            self.info = {k: v for k, v in reply.items() if k.startswith("programs_")}
+            self.info = {k: v for k, v in reply.items() if k not in ("job", "ok", "error")}
         return self._rc
 
     def terminate(self, grace_s: float = 20.0) -> None:

@@ -84,11 +84,22 @@ def _redirect_fds(log_path: str):
             os.close(f)
 
 
+# program_cache.stats() counters a job's timing line records (as their difference)
+_JOB_STATS = {"hits": "programs_reused", "misses": "programs_built",
+              "persistent_hits": "persistent_cache_hits",
+              "persistent_misses": "persistent_cache_misses",
+              "xla_compile_s": "xla_compile_s", "persistent_load_s": "persistent_load_s"}
+
+
 def _program_stats() -> dict:
-    """Compiled programs reused / built in this process (vlm_jax.train.program_cache)."""
-    if "vlm_jax.train.program_cache" not in sys.modules:  # nothing trained yet
-        return {"hits": 0, "misses": 0}
-    return sys.modules["vlm_jax.train.program_cache"].stats()
+    """Compiled programs reused / built in this process, persistent-cache hits / misses
+    and XLA compile seconds (vlm_jax.train.program_cache)."""
+    from vlm_jax.train import program_cache
+    return program_cache.stats()
+
+
+def _job_stats(before: dict, after: dict) -> dict:
+    return {name: round(after.get(k, 0) - before.get(k, 0), 3) for k, name in _JOB_STATS.items()}
 
 
 def _setup_logging() -> None:
@@ -120,14 +131,13 @@ def serve() -> int:
                     raise
                 ok, error = False, f"{type(e).__name__}: {e}"
                 traceback.print_exc()
-            after = _program_stats()
-            reused = after["hits"] - before["hits"]
-            built = after["misses"] - before["misses"]
+            st = _job_stats(before, _program_stats())
             print(f"[worker] job {spec['name']} {'done' if ok else 'FAILED'} in "
-                  f"{time.time() - t0:.1f}s; programs: {reused} reused in memory, {built} "
-                  "built", flush=True)
-        reply.write(json.dumps({"job": spec["name"], "ok": ok, "error": error,
-                                "programs_reused": reused, "programs_built": built}) + "\n")
+                  f"{time.time() - t0:.1f}s; programs: {st['programs_reused']} reused in "
+                  f"memory, {st['programs_built']} built; persistent cache: "
+                  f"{st['persistent_cache_hits']} hits, {st['persistent_cache_misses']} "
+                  f"misses; XLA compiling {st['xla_compile_s']:.1f}s", flush=True)
+        reply.write(json.dumps({"job": spec["name"], "ok": ok, "error": error, **st}) + "\n")
     return 0
 
 

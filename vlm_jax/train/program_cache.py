@@ -15,6 +15,11 @@ rules, and the signature (tree structure, shapes, dtypes, shardings) of every ar
 It uses the cache only for models it built from the config itself.
 
 `VLM_JAX_PROGRAM_CACHE=0` turns it off; at most `MAX_ENTRIES` programs are kept (LRU).
+
+`stats()` also counts, for every program this process compiles through jax (ours or not),
+the persistent compilation cache's hits and misses (`JAX_COMPILATION_CACHE_DIR`) and the
+seconds XLA spent compiling (`xla_compile_s`: cache misses and programs not cached), from
+jax's monitoring events; the grid worker records them per job (ROOT/timings.jsonl).
 """
 from __future__ import annotations
 
@@ -32,6 +37,32 @@ MAX_ENTRIES = 32
 _lock = threading.Lock()
 _programs: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
 _stats = {"hits": 0, "misses": 0}
+# jax monitoring events -> counters of the persistent compilation cache and XLA compiles
+_XLA_EVENTS = {"/jax/compilation_cache/cache_hits": "persistent_hits",
+               "/jax/compilation_cache/cache_misses": "persistent_misses"}
+_XLA_DURATIONS = {"/jax/core/compile/backend_compile_duration": "xla_compile_s",
+                  "/jax/compilation_cache/cache_retrieval_time_sec": "persistent_load_s"}
+_xla = {k: 0 for k in _XLA_EVENTS.values()} | {k: 0.0 for k in _XLA_DURATIONS.values()}
+
+
+def _on_event(event: str, **_) -> None:
+    name = _XLA_EVENTS.get(event)
+    if name:
+        with _lock:
+            _xla[name] += 1
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    name = _XLA_DURATIONS.get(event)
+    if name:
+        with _lock:
+            _xla[name] += float(seconds)
+
+
+from jax._src import monitoring as _monitoring  # noqa: E402 - jax's own event hooks
+
+_monitoring.register_event_listener(_on_event)
+_monitoring.register_event_duration_secs_listener(_on_duration)
 
 
 def enabled() -> bool:
@@ -70,8 +101,10 @@ def get_or_build(key: str | None, build: Callable[[], Any]) -> Any:
 
 
 def stats() -> dict:
+    """Programs reused (`hits`) / built (`misses`) here, entries kept, and the persistent
+    cache / XLA counters (module docstring)."""
     with _lock:
-        return dict(_stats, entries=len(_programs))
+        return dict(_stats, entries=len(_programs), **_xla)
 
 
 def clear() -> None:

@@ -13,6 +13,7 @@ restarted with the same command ends with the same losses as an uninterrupted on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,6 +49,28 @@ RESTART_MUTABLE = (
 
 # XLA options for functions that run once (init): optimising them only costs time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+class Phases:
+    """Wall seconds by phase of a run (`result.json` "timings"): where a run's time goes
+    besides its train steps (benchmarks/grid.py sums them per job kind)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def rounded(self) -> dict:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
 class NonFiniteError(RuntimeError):
@@ -252,6 +275,7 @@ class Run:
             from vlm_jax.models import batch_spec
         self.batch_spec = batch_spec(config, config.train.batch_size)
         self.eval_spec = batch_spec(config, self.eval_bs)
+        self.phases = Phases()
 
     # -- context for tracing: mesh + logical rules for activation constraints
     def ctx(self):
@@ -294,7 +318,7 @@ class Run:
             return self.model.init(rng, _init_batch(spec), deterministic=True)["params"]
 
         rng = jax.random.PRNGKey(int(cfg.train.seed))
-        with self.ctx():
+        with self.ctx(), self.phases("init"):
             boxed = jax.eval_shape(init, rng)
             shard = nn.unbox(sharding.tree_shardings(boxed, self.mesh))
             # Runs once: compile it fast (XLA's optimisations cost seconds and save nothing).
@@ -302,18 +326,9 @@ class Run:
                 self._program_key("init", rng, spec, boxed),
                 lambda: jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shard).lower(
                     rng).compile(FAST_COMPILE))
-            params = init_fn(rng)
-        params = dict(params)
-        for part in ("vision", "llm"):
-            sub = cfg.model.get(part)
-            src = sub.get("init_from", "") if sub is not None else ""
-            if src and part in params:
-                pdt = jax.tree.leaves(params[part])[0].dtype
-                loaded = _load_init_from(part, src, sub, pdt)
-                if part == "llm":  # NaViL: missing visual experts start as the text weights
-                    from vlm_jax.models.experts import fill_visual_experts
-                    loaded = fill_visual_experts(loaded, params[part])
-                params = _graft(params, part, loaded, src)
+            params = jax.block_until_ready(init_fn(rng))
+        with self.phases("init_from"):
+            params = self._apply_init_from(dict(params))
         trainable, frozen = optim.split_params(params, cfg.optim.trainable)
         fdt = jnp.dtype(cfg.model.get("frozen_dtype", "float32"))
         if frozen and fdt != jnp.float32:
@@ -325,6 +340,20 @@ class Run:
         self.param_counts["total"] = sum(self.param_counts.values())
         self.param_counts["trainable"] = optim.count_params(trainable)
         return trainable, frozen
+
+    def _apply_init_from(self, params: dict) -> dict:
+        """`params` with model.<part>.init_from (a workdir or pretrained dir) grafted in."""
+        for part in ("vision", "llm"):
+            sub = self.config.model.get(part)
+            src = sub.get("init_from", "") if sub is not None else ""
+            if src and part in params:
+                pdt = jax.tree.leaves(params[part])[0].dtype
+                loaded = _load_init_from(part, src, sub, pdt)
+                if part == "llm":  # NaViL: missing visual experts start as the text weights
+                    from vlm_jax.models.experts import fill_visual_experts
+                    loaded = fill_visual_experts(loaded, params[part])
+                params = _graft(params, part, loaded, src)
+        return params
 
     def init_state(self, trainable):
         cfg = self.config
@@ -406,30 +435,11 @@ class Run:
               else self.evaluate(state["params"], frozen))
         return float(rec.get("train/loss", float("nan"))), ev
 
-    # -- the loop
-    def train(self) -> dict:
-        cfg, t = self.config, self.config.train
-        total = int(t.steps)
-        result_path = os.path.join(self.workdir, "result.json")
-        if self.is_main:
-            os.makedirs(self.workdir, exist_ok=True)
-            metrics_lib.atomic_write_json(os.path.join(self.workdir, "config.json"),
-                                          config_to_dict(cfg))
-        trainable, frozen = self.init_params()
-        if t.get("feature_cache", False):  # frozen encoder: features computed once, reused
-            from vlm_jax.train import feature_cache
-            frozen = feature_cache.attach(self, frozen)
-        state = self.init_state(trainable)
-        del trainable
-        self.compile(state, frozen)
-        self.flops_per_example = flops_lib.train_per_example(cfg, self.trainable_components)
-
-        it = self.data.train_iterator(cfg, self.pi, self.pc)
-        keep_steps = tuple(int(s) for s in (t.get("checkpoint_steps", ()) or ()))
-        mgr = ckpt.make_manager(self.workdir, t.keep_checkpoints, keep_steps=keep_steps)
-        meta = dict(examples_seen=0, tokens_seen=0, wall_time_s=0.0, skipped={})
+    def _restore(self, mgr, state, it, meta):
+        """(start step, state, meta): from this run's latest checkpoint, else from
+        `train.branch_from` (WORKDIR:STEP of another run), else the fresh state at 0."""
+        t = self.config.train
         start = mgr.latest_step()
-        save_frozen = bool(t.get("save_frozen", False))
         if start is not None:
             state, meta = ckpt.restore(mgr, start, state, it)
             log.info("resumed from step %d of %s", start, self.workdir)
@@ -446,7 +456,38 @@ class Run:
             start = bstep
         else:
             start = 0
-        start = int(start)
+        return int(start), state, meta
+
+    # -- the loop
+    def train(self) -> dict:
+        cfg, t = self.config, self.config.train
+        total = int(t.steps)
+        result_path = os.path.join(self.workdir, "result.json")
+        if self.is_main:
+            os.makedirs(self.workdir, exist_ok=True)
+            metrics_lib.atomic_write_json(os.path.join(self.workdir, "config.json"),
+                                          config_to_dict(cfg))
+        ph = self.phases
+        trainable, frozen = self.init_params()
+        if t.get("feature_cache", False):  # frozen encoder: features computed once, reused
+            from vlm_jax.train import feature_cache
+            with ph("feature_cache"):
+                frozen = feature_cache.attach(self, frozen)
+        with ph("opt_init"):
+            state = self.init_state(trainable)
+        del trainable
+        with ph("compile"):
+            self.compile(state, frozen)
+        self.flops_per_example = flops_lib.train_per_example(cfg, self.trainable_components)
+
+        with ph("data_start"):
+            it = self.data.train_iterator(cfg, self.pi, self.pc)
+        keep_steps = tuple(int(s) for s in (t.get("checkpoint_steps", ()) or ()))
+        meta = dict(examples_seen=0, tokens_seen=0, wall_time_s=0.0, skipped={})
+        with ph("restore"):
+            mgr = ckpt.make_manager(self.workdir, t.keep_checkpoints, keep_steps=keep_steps)
+            start, state, meta = self._restore(mgr, state, it, meta)
+        save_frozen = bool(t.get("save_frozen", False))
         if start > total:
             raise ValueError(f"train.steps={total} is below the checkpointed step {start}")
         if os.path.exists(result_path) and start == total:
@@ -475,19 +516,24 @@ class Run:
 
         def save(s, force_wait=False):
             meta_now = dict(meta, wall_time_s=wall0 + time.time() - t_wall0, skipped=skipped)
-            ckpt.save(mgr, s, state, it, meta_now, frozen if save_frozen else None)
-            timer.saved()
-            if force_wait:
-                mgr.wait_until_finished()
+            with ph("checkpoint"):
+                ckpt.save(mgr, s, state, it, meta_now, frozen if save_frozen else None)
+                timer.saved()
+                if force_wait:
+                    mgr.wait_until_finished()
 
         try:
             with _StopFlag() as stop:
                 while step < total:
+                    t_data = time.perf_counter()
                     local = next(it)
                     _skipped_counts(local, skipped)
                     gb = sharding.global_batch(local, self.mesh)
+                    t_step = time.perf_counter()
                     state, m = self.train_step(state, frozen, gb)
                     m = jax.device_get(m)
+                    ph.add("data", t_step - t_data)
+                    ph.add("steps", time.perf_counter() - t_step)
                     step += 1
                     ntok = int(m["input_tokens"])  # non-padding tokens of the global batch
                     meta["examples_seen"] += int(t.batch_size)
@@ -533,7 +579,8 @@ class Run:
                             scalars["perf/mfu"] = u
                         window_t, window_n, window_tok = time.time(), 0, 0
                     if (eval_every and step % eval_every == 0) or step == total:
-                        last_eval = self.evaluate(state["params"], frozen)
+                        with ph("eval"):
+                            last_eval = self.evaluate(state["params"], frozen)
                         scalars.update(last_eval)
                         window_t = time.time()  # eval time is not step time
                     if scalars:
@@ -557,9 +604,10 @@ class Run:
             if step == start:  # killed after the final save, before result.json
                 last_loss, last_eval = self._logged_final(step, frozen, state)
         finally:
-            writers.close()
-            mgr.wait_until_finished()
-            mgr.close()
+            with ph("checkpoint"):
+                writers.close()
+                mgr.wait_until_finished()
+                mgr.close()
 
         result = {
             "status": "done",
@@ -574,6 +622,7 @@ class Run:
             "wall_time_s": wall0 + time.time() - t_wall0,
             "data/skipped": skipped,
             "config_name": cfg.get("name", ""),
+            "timings": ph.rounded(),   # this invocation's seconds by phase (Phases)
         }
         if meta.get("branched_from"):
             result["branched_from"] = meta["branched_from"]

@@ -1,0 +1,48 @@
+"""The persistent compilation cache shared across grids (issue 6): a second grid in a new
+root with the same JAX_COMPILATION_CACHE_DIR compiles nothing (every program of its runs
+is a persistent-cache hit), and trains exactly as the first. Each job's timing line
+records the counters (worker._JOB_STATS); each run's result.json its phase timings."""
+import json
+import os
+
+from tests.grid.conftest import TINY_GRID, cache_env
+from vlm_jax.grid import expand, registry, runner
+from vlm_jax.grid.launchers import LocalLauncher
+
+
+def _grid(root, cache):
+    g = expand.load_grid(TINY_GRID + ":grid,values=x")
+    s = runner.run_grid(g, root, LocalLauncher(root, 1, extra_env=cache_env(cache)),
+                        log=lambda _: None)
+    assert s.ok and s.done == 2, s
+    return {t["job"]: t for t in registry.read_timings(root)}
+
+
+def _losses(root, run):
+    path = os.path.join(root, "runs", run, "metrics.jsonl")
+    return [(m["step"], m["train/loss"]) for m in map(json.loads, open(path))]
+
+
+def test_second_grid_compiles_nothing(tmp_path):
+    cache = str(tmp_path / "xla")
+    cold = _grid(str(tmp_path / "a"), cache)
+    warm = _grid(str(tmp_path / "b"), cache)
+    assert list(cold) == list(warm) == ["pre/a=1", "main/a=1,b=x"]
+    first = cold["pre/a=1"]
+    assert first["persistent_cache_misses"] > 0 and first["xla_compile_s"] > 0, first
+    for job, t in warm.items():
+        # a new worker process: its programs are built again, but only loaded from disk
+        assert t["persistent_cache_misses"] == 0, (job, t)
+        assert t["persistent_cache_hits"] > 0, (job, t)
+    assert sum(t["xla_compile_s"] for t in warm.values()) < 0.5 * sum(
+        t["xla_compile_s"] for t in cold.values())
+    assert len(os.listdir(cache)) > 0
+    for run in ("pre/a-1", "main/a-1_b-x"):
+        assert _losses(str(tmp_path / "a"), run) == _losses(str(tmp_path / "b"), run)
+        res = json.load(open(os.path.join(tmp_path, "b", "runs", run, "result.json")))
+        ph = res["timings"]
+        for k in ("init", "compile", "steps", "eval", "checkpoint", "data"):
+            assert ph[k] >= 0, (k, ph)
+        assert ph["steps"] > 0 and ph["compile"] > 0
+    main = json.load(open(os.path.join(tmp_path, "b", "runs", "main/a-1_b-x", "result.json")))
+    assert main["timings"]["init_from"] > 0          # the pretrained LM was loaded
