@@ -173,14 +173,13 @@ class LoadExample(grain.transforms.Map):
         """`LoadChunk.map` of a whole chunk with array ops (see `batchable`): the rows
         `prepare` + `build` would give, or None when a sample is bad (the per-sample path
         then names and skips it)."""
-        positions = np.fromiter((p for p, _ in items), np.int64, len(items))
-        records = np.fromiter((r for _, r in items), np.int64, len(items))
+        positions, records = np.asarray(items, np.int64).reshape(-1, 2).T
         good = records >= 0  # (negative: padding of the eval split)
         try:
             batch = self.source.get_batch(records[good])
             for t in self.transforms[:-1]:
                 batch = t.map_batch(batch)
-            texts = [T.caption_text(x) for x in batch["text"]]
+            texts = T.caption_texts(batch["text"])
         except BadSample:
             return None
         rows = {k: v for k, v in batch.items() if k in self.keys}
@@ -191,6 +190,8 @@ class LoadExample(grain.transforms.Map):
             rows.update(self.tokenize.build(texts))
         else:
             rows = {}
+        if good.all():
+            return {"rows": rows, "order": list(range(len(items)))}
         order, k = [], 0
         for p, ok in zip(positions.tolist(), good.tolist()):
             order.append(k if ok else _Bad("", p))

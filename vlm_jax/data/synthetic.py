@@ -100,16 +100,27 @@ def uniforms(seed: int, indices, stream: int, k: int) -> np.ndarray:
     """float64 [n, k] in [0, 1): draw d of record indices[r] in `stream`, a pure function
     of (seed, stream, index, d) (53 bits of a counter hash; platform independent)."""
     idx = np.asarray(indices, np.int64).reshape(-1).astype(np.uint64)
-    key = _mix(np.array([int(seed) & _MASK64], np.uint64)
-               ^ np.array([(stream * int(_GOLDEN)) & _MASK64], np.uint64))
-    h = _mix(idx ^ key)
-    x = _mix(h[:, None] + np.arange(1, k + 1, dtype=np.uint64)[None, :] * _GOLDEN)
+    h = _mix(idx ^ _stream_key(int(seed) & _MASK64, int(stream)))
+    x = _mix(h[:, None] + _draw_offsets(k))
     return (x >> _U64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def _below(u: np.ndarray, n: int) -> np.ndarray:
-    """Uniform integers in [0, n) from uniforms in [0, 1)."""
-    return np.minimum((u * n).astype(np.int64), n - 1)
+@functools.lru_cache(maxsize=64)
+def _stream_key(seed: int, stream: int) -> np.uint64:
+    return _mix(np.array([seed], np.uint64)
+                ^ np.array([(stream * int(_GOLDEN)) & _MASK64], np.uint64))[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _draw_offsets(k: int) -> np.ndarray:
+    out = np.arange(1, k + 1, dtype=np.uint64)[None, :] * _GOLDEN
+    out.flags.writeable = False
+    return out
+
+
+def _below(u: np.ndarray, n) -> np.ndarray:
+    """Uniform integers in [0, n) from uniforms in [0, 1) (n broadcasts)."""
+    return np.minimum((u * n).astype(np.int64), np.asarray(n) - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,25 +159,26 @@ class Scenes:
                 & (eq | ~used).all(1))
 
 
-_SCENE_DRAWS = 1 + MAX_GROUPS + 4 * MAX_GROUPS + 1 + 2 * MAX_GROUPS * MAX_COUNT
+# Draws of a scene: two groups?, two places, per group (shape, colour, count, big), the
+# background (integers below these ranges), then the jitters (floats).
+_SCENE_RANGES = np.asarray([2, len(PLACES), len(PLACES) - 1]
+                           + [len(SHAPES), len(COLOURS), MAX_COUNT, 2] * MAX_GROUPS
+                           + [len(BACKGROUNDS)], np.int64)
+_SCENE_DRAWS = len(_SCENE_RANGES) + 2 * MAX_GROUPS * MAX_COUNT
 
 
 def sample_scenes(seed: int, indices, stream: int = SCENE) -> Scenes:
     """The scenes of records `indices`: one or two groups of shapes in distinct places."""
     u = uniforms(seed, indices, stream, _SCENE_DRAWS)
-    n = len(u)
-    groups = 1 + (u[:, 0] < 0.5)
-    first = _below(u[:, 1], len(PLACES))
-    second = _below(u[:, 2], len(PLACES) - 1)
-    second = second + (second >= first)  # a second distinct place, uniform
-    g = u[:, 3:3 + 4 * MAX_GROUPS].reshape(n, MAX_GROUPS, 4)
-    at = 3 + 4 * MAX_GROUPS
-    return Scenes(groups=groups.astype(np.int64), place=np.stack([first, second], 1),
-                  shape=_below(g[..., 0], len(SHAPES)),
-                  colour=_below(g[..., 1], len(COLOURS)),
-                  count=1 + _below(g[..., 2], MAX_COUNT), big=g[..., 3] < 0.5,
-                  background=_below(u[:, at], len(BACKGROUNDS)),
-                  jitter=(u[:, at + 1:].reshape(n, MAX_GROUPS, MAX_COUNT, 2) - 0.5) / 2)
+    n, k = len(u), len(_SCENE_RANGES)
+    ints = _below(u[:, :k], _SCENE_RANGES)
+    first, second = ints[:, 1], ints[:, 2]
+    g = ints[:, 3:k - 1].reshape(n, MAX_GROUPS, 4)
+    return Scenes(groups=1 + (ints[:, 0] == 0), place=np.stack(
+                      [first, second + (second >= first)], 1),  # distinct, uniform
+                  shape=g[..., 0], colour=g[..., 1], count=1 + g[..., 2], big=g[..., 3] == 0,
+                  background=ints[:, k - 1],
+                  jitter=(u[:, k:].reshape(n, MAX_GROUPS, MAX_COUNT, 2) - 0.5) / 2)
 
 
 def scene_of(seed: int, index: int) -> Scene:
@@ -292,7 +304,7 @@ def render_batch(scenes: Scenes, size: int) -> np.ndarray:
     """Draws the scenes as uint8 [n, size, size, 3] images: shapes centred on pixels and
     clipped at the borders, painted slot by slot (group, instance) in drawing order.
 
-    Each slot is a few numpy calls for the whole batch: on a canvas padded by the sprite
+    Each slot is four numpy calls for the whole batch: on a canvas padded by the sprite
     half-width k, the (2k+1)^2 box of every image's shape is one element of a writable
     strided view [n, size, size, 2k+1, 2k+1, 3] (the box centred on each pixel); the
     boxes of one slot lie in different images, so they are gathered, painted with
@@ -305,22 +317,24 @@ def render_batch(scenes: Scenes, size: int) -> np.ndarray:
     sn, sy, sx, sc = canvas.strides
     boxes = np.lib.stride_tricks.as_strided(canvas, (n, size, size, w, w, 3),
                                             (sn, sy, sx, sy, sx, sc), writeable=True)
-    place = np.asarray(_PLACE_LIST, np.int64)[scenes.place]
-    # Centres as int() of the jittered position (positive: truncation = floor) [n, G, C, 2].
-    centre = ((place[:, :, None, :] + 0.5 + scenes.jitter) * (size / 3.0)).astype(np.int64)
-    big = scenes.big.astype(np.int64)
-    for g in range(MAX_GROUPS):
-        has = g < scenes.groups
-        for j in range(MAX_COUNT):
-            rows = np.flatnonzero(has & (j < scenes.count[:, g]))
-            if not len(rows):
-                continue
-            at = (rows, centre[rows, g, j, 0], centre[rows, g, j, 1])
-            sprite = (scenes.shape[rows, g], big[rows, g])
-            box = boxes[at]
-            box &= keep[sprite]
-            box |= paint[(scenes.colour[rows, g],) + sprite]
-            boxes[at] = box
+    # Every live shape at once, ordered by slot (group, instance), then image.
+    live = ((np.arange(MAX_GROUPS)[:, None, None] < scenes.groups)
+            & (np.arange(MAX_COUNT)[None, :, None] < scenes.count.T[:, None, :]))
+    g, j, rows = np.nonzero(live)
+    place = np.asarray(_PLACE_LIST, np.int64)[scenes.place[rows, g]]
+    # Centres as int() of the jittered position (positive: truncation = floor) [L, 2].
+    centre = ((place + 0.5 + scenes.jitter[rows, g, j]) * (size / 3.0)).astype(np.int64)
+    sprite = (scenes.shape[rows, g], scenes.big[rows, g].astype(np.int64))
+    keeps, paints = keep[sprite], paint[(scenes.colour[rows, g],) + sprite]
+    ends = np.cumsum(live.reshape(MAX_GROUPS * MAX_COUNT, n).sum(1)).tolist()
+    for a, b in zip([0] + ends[:-1], ends):
+        if a == b:
+            continue
+        at = (rows[a:b], centre[a:b, 0], centre[a:b, 1])
+        box = boxes[at]
+        box &= keeps[a:b]
+        box |= paints[a:b]
+        boxes[at] = box
     return np.ascontiguousarray(canvas[:, k:k + size, k:k + size])
 
 

@@ -117,9 +117,9 @@ class SyntheticTokenizer(Tokenizer):
             get, unk = self._ids_sep.get, self.unk_id
             words = _WORD.findall(joined)
             ids = np.fromiter([get(w, unk) for w in words], np.int32, len(words))
-        seps = np.flatnonzero(ids < 0)
-        bounds = np.concatenate([[-1], seps, [len(words)]])
-        return np.delete(ids, seps), np.diff(bounds) - 1
+        is_sep = ids < 0
+        bounds = np.flatnonzero(np.concatenate([[True], is_sep, [True]]))
+        return ids[~is_sep], bounds[1:] - bounds[:-1] - 1
 
     def decode(self, ids: Sequence[int]) -> str:
         out = []

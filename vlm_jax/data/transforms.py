@@ -169,6 +169,15 @@ def caption_text(value: Any) -> str:
     return text
 
 
+def caption_texts(values) -> list[str]:
+    """`caption_text` of each value (one pass when all are non-blank str)."""
+    if all(type(v) is str for v in values):
+        texts = [v.strip() for v in values]
+        if all(texts):
+            return texts
+    return [caption_text(v) for v in values]
+
+
 TEMPLATES = {
     # name: (text before the image, text between the image and the caption)
     "plain": ("", ""),
