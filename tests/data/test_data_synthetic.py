@@ -233,3 +233,14 @@ def test_train_stream_unchanged_by_batch_size_of_reads():
         np.testing.assert_array_equal(one[3]["pixels"][r], src[int(rec)]["image"])
     epoch = np.concatenate([b["_records"] for b in one[:3]])
     assert sorted(epoch) == sorted(split_for(c).train_records())  # one epoch, each once
+
+
+@pytest.mark.parametrize("order,total,n,eval_n", [("prefix", 10**9, 7, 3), ("permute", 50, 7, 3),
+                                                  ("permute", 50, 1, 0), ("prefix", 9, 9, 0)])
+def test_vectorised_train_positions_equal_the_scalar_ones(order, total, n, eval_n):
+    from vlm_jax.data.subsets import Split
+    split = Split.create(total, n, eval_n, data_seed=3, train_seed=5, order=order)
+    for first, count in ((0, 5), (4, 12), (61, 3), (0, 0)):
+        want = [split.train_record_at(p) for p in range(first, first + count)]
+        got = split.train_records_at(first, count)
+        assert got.dtype == np.int64 and got.tolist() == want

@@ -170,7 +170,8 @@ class LoadExample(grain.transforms.Map):
                 and all(hasattr(t, "map_batch") for t in ts))
 
     def prepare_batch(self, items) -> dict | None:
-        """`LoadChunk.map` of a whole chunk with array ops (see `batchable`): the rows
+        """`LoadChunk.map` of a whole chunk ((position, record) pairs: a list or an int
+        array [b, 2]) with array ops (see `batchable`): the rows
         `prepare` + `build` would give, or None when a sample is bad (the per-sample path
         then names and skips it)."""
         positions, records = np.asarray(items, np.int64).reshape(-1, 2).T
@@ -508,9 +509,10 @@ def train_iterator(config, process_index: int = 0, process_count: int = 1):
     split = split_for(config, src)
     offset = process_index * b
 
-    def locate(step: int):  # this process's (position, record) pairs of one step
+    def locate(step: int):  # this process's (position, record) pairs of one step, [b, 2]
         first = step * global_b + offset
-        return [(p, split.train_record_at(p)) for p in range(first, first + b)]
+        return np.stack([np.arange(first, first + b, dtype=np.int64),
+                         split.train_records_at(first, b)], 1)
 
     # One element per step and process (a chunk of b samples): workers ship whole chunks.
     ds = grain.MapDataset.range(0, _ENDLESS).map(locate)
@@ -613,7 +615,6 @@ def record_positions(config, steps: int, process_index: int = 0,
     b = _per_process(global_b, process_count, "train.batch_size")
     out = np.empty((steps, b), np.int64)
     for s in range(steps):
-        for r in range(b):
-            out[s, r] = split.train_record_at(s * global_b + process_index * b + r)
+        out[s] = split.train_records_at(s * global_b + process_index * b, b)
     return out
 

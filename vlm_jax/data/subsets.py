@@ -145,6 +145,22 @@ class Split:
         epoch, k = divmod(position, self.n)
         return self.train_record(permute(k, self.n, mix_seed(self.train_seed, epoch, 0xE90C)))
 
+    def train_records_at(self, first: int, count: int) -> np.ndarray:
+        """int64 [count]: `train_record_at` of positions first, ..., first + count - 1,
+        with array lookups where the orders are materialised (sizes <= _DENSE_MAX)."""
+        pos = np.arange(first, first + count, dtype=np.int64)
+        if self.n > _DENSE_MAX or (self.order != "prefix" and self.total > _DENSE_MAX):
+            return np.array([self.train_record_at(int(p)) for p in pos], np.int64)
+        epoch, k = np.divmod(pos, self.n)
+        out = np.empty((count,), np.int64)
+        for e in np.unique(epoch).tolist():  # one or two epochs in a batch
+            sel = epoch == e
+            out[sel] = _dense_permutation(self.n, mix_seed(self.train_seed, e, 0xE90C))[k[sel]]
+        out += self.eval_n
+        if self.order == "prefix":
+            return out
+        return _dense_permutation(int(self.total), int(self._seed()))[out].astype(np.int64)
+
     def train_records(self) -> np.ndarray:
         """All record indices of the train subset (for tests and small sets)."""
         return np.array([self.train_record(k) for k in range(self.n)], np.int64)
