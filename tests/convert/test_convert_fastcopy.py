@@ -44,6 +44,13 @@ def test_copy_into_matches_numpy_bit_exact():
     assert big.sum() == 3 * 2 ** 20 and arrays.contiguous(big) is big
     with pytest.raises(ValueError, match="shape"):
         arrays.copy_into(np.empty((3, 2)), np.empty((2, 3)))
+    arrays.prefault(big[300:700])                           # prefault keeps the contents
+    assert big.sum() == 3 * 2 ** 20
+    fresh = arrays.empty((64, 2 ** 18), np.float32)         # 64 MiB, no page touched yet
+    before = _rss_kib()[0]
+    arrays.prefault(fresh[1:])                              # odd offset: whole pages
+    if arrays._madvise is not False:                        # Linux >= 5.14
+        assert _rss_kib()[0] - before > 60 * 1024
 
 
 def test_word_transpose_odd_tiles_offsets_and_casts():

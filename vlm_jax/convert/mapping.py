@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from vlm_jax.convert.arrays import copy_into, empty
+from vlm_jax.convert.arrays import copy_into, empty, prefault
 from vlm_jax.convert.safetensors_io import ConversionError, Reader
 
 _LAYER = re.compile(r"^layers_(\d+)$")
@@ -195,6 +195,7 @@ def _copy_entry(reader, job: tuple[Entry, list[np.ndarray]]) -> None:
 def _copy_all(targets, arrays) -> None:
     """(A call of its own: no view of a mapping outlives it, so the mapping can close.)"""
     for dst, a in zip(targets, arrays, strict=True):
+        prefault(dst)
         copy_into(dst, a)
 
 
