@@ -181,9 +181,9 @@ def _plain(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def _graft(params: dict, part: str, loaded: dict, source: str) -> dict:
-    """Replaces params[part] by `loaded`, checking that the trees and shapes match."""
-    want = params[part]
+def _graft(want, part: str, loaded: dict, source: str) -> dict:
+    """`loaded` placed like `want` (params[part], arrays or abstract arrays with shardings),
+    checking that the trees and shapes match."""
     fw = optim.traverse_util.flatten_dict(want, sep="/")
     fl = optim.traverse_util.flatten_dict(loaded, sep="/")
     missing, extra = sorted(set(fw) - set(fl)), sorted(set(fl) - set(fw))
@@ -195,9 +195,7 @@ def _graft(params: dict, part: str, loaded: dict, source: str) -> dict:
             f"{[(k, np.shape(fl[k]), fw[k].shape) for k in bad[:5]]}; check the size config")
     new = {k: jax.device_put(np.asarray(fl[k]).astype(fw[k].dtype), fw[k].sharding)
            for k in fw}
-    out = dict(params)
-    out[part] = optim.traverse_util.unflatten_dict(new, sep="/")
-    return out
+    return optim.traverse_util.unflatten_dict(new, sep="/")
 
 
 # --------------------------------------------------------------------------- data
@@ -321,14 +319,26 @@ class Run:
         with self.ctx(), self.phases("init"):
             boxed = jax.eval_shape(init, rng)
             shard = nn.unbox(sharding.tree_shardings(boxed, self.mesh))
+            # Parts that init_from replaces are not initialised: the program returns only
+            # the others, so XLA drops their random-number generation (most of a frozen
+            # ViT + LLM's init program); the loaded arrays take their place.
+            loaded = [p for p in self._init_from_parts() if p in boxed]
+            keep = [p for p in boxed if p not in loaded]
             # Runs once: compile it fast (XLA's optimisations cost seconds and save nothing).
             init_fn = program_cache.get_or_build(
-                self._program_key("init", rng, spec, boxed),
-                lambda: jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shard).lower(
+                self._program_key("init", rng, spec, boxed, keep),
+                lambda: jax.jit(lambda r: {p: v for p, v in nn.unbox(init(r)).items()
+                                           if p in keep},
+                                out_shardings={p: shard[p] for p in keep}).lower(
                     rng).compile(FAST_COMPILE))
-            params = jax.block_until_ready(init_fn(rng))
+            params = dict(jax.block_until_ready(init_fn(rng)))
+        abstract = {p: jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                       sharding=sh),
+                                    nn.unbox(boxed[p]), shard[p]) for p in loaded}
         with self.phases("init_from"):
-            params = self._apply_init_from(dict(params))
+            for part in loaded:
+                params[part] = self._load_part(part, abstract[part])
+            params = {p: params[p] for p in boxed}   # the model's order
         trainable, frozen = optim.split_params(params, cfg.optim.trainable)
         fdt = jnp.dtype(cfg.model.get("frozen_dtype", "float32"))
         if frozen and fdt != jnp.float32:
@@ -341,19 +351,24 @@ class Run:
         self.param_counts["trainable"] = optim.count_params(trainable)
         return trainable, frozen
 
-    def _apply_init_from(self, params: dict) -> dict:
-        """`params` with model.<part>.init_from (a workdir or pretrained dir) grafted in."""
-        for part in ("vision", "llm"):
-            sub = self.config.model.get(part)
-            src = sub.get("init_from", "") if sub is not None else ""
-            if src and part in params:
-                pdt = jax.tree.leaves(params[part])[0].dtype
-                loaded = _load_init_from(part, src, sub, pdt)
-                if part == "llm":  # NaViL: missing visual experts start as the text weights
-                    from vlm_jax.models.experts import fill_visual_experts
-                    loaded = fill_visual_experts(loaded, params[part])
-                params = _graft(params, part, loaded, src)
-        return params
+    def _init_from_parts(self) -> list[str]:
+        """The model parts whose params come from model.<part>.init_from."""
+        return [p for p in ("vision", "llm")
+                if self.config.model.get(p) is not None
+                and self.config.model[p].get("init_from", "")]
+
+    def _load_part(self, part: str, like) -> dict:
+        """Params of `part` from model.<part>.init_from (a vlm_jax workdir or a pretrained
+        directory), checked against and placed like `like` (abstract arrays with
+        shardings)."""
+        sub = self.config.model[part]
+        src = sub.init_from
+        pdt = jax.tree.leaves(like)[0].dtype
+        loaded = _load_init_from(part, src, sub, pdt)
+        if part == "llm":  # NaViL: missing visual experts start as the text weights
+            from vlm_jax.models.experts import fill_visual_experts
+            loaded = fill_visual_experts(loaded, like)
+        return _graft(like, part, loaded, src)
 
     def init_state(self, trainable):
         cfg = self.config
