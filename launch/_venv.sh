@@ -12,3 +12,9 @@ if [ "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]; then
   echo "$_want" > "$_stamp"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# One durable XLA compilation cache for every worker of every grid on this machine (jax
+# keys entries by program, compile options, jax version and device), so a re-run, an
+# extended grid or another root skips the compiles an earlier grid did. Set
+# JAX_COMPILATION_CACHE_DIR to choose another place (the runner's own default without
+# this script is ROOT/.cache/jax).
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vlm_jax/xla}"

@@ -5,6 +5,8 @@
 #   ROOT      where runs, results.csv and the report go (default runs/demo)
 #   PARALLEL  runs at a time (default 2)
 #   CONFIG    another grid, e.g. configs/demo.py:tiny (default configs/demo.py)
+#   JAX_COMPILATION_CACHE_DIR  the compilation cache every grid shares
+#             (default ~/.cache/vlm_jax/xla, see launch/_venv.sh)
 # Extra arguments go to `python -m vlm_jax.grid run` (e.g. --select vit=S,M --dry-run).
 set -euo pipefail
 cd "$(dirname "$0")/.."

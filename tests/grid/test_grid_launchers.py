@@ -154,3 +154,21 @@ def test_analysis_commands():
     rep = expand.Analysis(cmd="report", stage="grid", out="report", args=())
     assert runner.analysis_argv(rep, "/r", ["py"]) == [
         "py", "-m", "vlm_jax.analysis", "report", "--runs", "/r", "--out", "/r/report"]
+
+
+def test_local_sh_shares_one_durable_cache(tmp_path):
+    """launch/local.sh points every worker of every grid at one cache under ~/.cache."""
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME")}
+    env["HOME"] = str(tmp_path / "home")
+    root = str(tmp_path / "r")
+    p = subprocess.run(["bash", "launch/local.sh", "--executor", "process", "--dry-run"],
+                       cwd=repo, env={**env, "CONFIG": f"{TINY_GRID}:grid,values=x",
+                                      "ROOT": root},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    want = os.path.join(str(tmp_path / "home"), ".cache", "vlm_jax", "xla")
+    assert f"JAX_COMPILATION_CACHE_DIR={want}" in p.stdout, p.stdout
+    assert not os.path.exists(os.path.join(root, "runs"))
