@@ -17,8 +17,8 @@ import mmap
 import numpy as np
 
 TILE = 128
-BLOCK_BYTES = 1 << 18        # scratch per tile (fits L2)
-COLS = 256                   # rows of the source matrix per tile
+BLOCK_BYTES = 1 << 19        # scratch per tile (fits L2)
+COLS = 512                   # rows of the source matrix per tile (runs of the destination)
 MMAP_MIN_BYTES = 1 << 20
 WORDS = (np.dtype(np.complex128), np.dtype(np.uint64))
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
