@@ -214,13 +214,9 @@ class _Files:
 # ----------------------------------------------------------------------------- synthetic
 @dataclasses.dataclass
 class SyntheticSource:
-    """Procedural records (`synthetic.make_batch`), `size` of them (default 10^9).
-
-    `get_batch(records)` renders many records in one vectorised call (the pipeline's
-    chunk path). `[i]` renders the aligned block of `BLOCK` records holding i and keeps
-    the last few blocks, so reading records in order (the feature cache, the stats CLI,
-    prefix subsets) costs a block's share each; every record is a pure function of
-    (seed, i), so a block is exactly its records read alone."""
+    """Procedural records, `size` of them (default 10^9): `[i]` is
+    `synthetic.make_record`, `get_batch(records)` renders many records in one vectorised
+    call (`synthetic.make_batch`: the pipeline's chunk path); both give the same records."""
     seed: int = 0
     image_size: int = 64
     caption_noise: float = 0.0
@@ -230,11 +226,18 @@ class SyntheticSource:
     order: str = "prefix"
     errors: tuple = ()
 
-    BLOCK = 32
-    KEEP_BLOCKS = 4
-
     def __len__(self) -> int:
         return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if not 0 <= i < self.size:
+            raise IndexError(f"synthetic record {i} out of range [0, {self.size})")
+        rec = synthetic.make_record(self.seed, i, self.image_size, self.caption_noise,
+                                    with_image=self.with_image)
+        rec.pop("clean")
+        rec.setdefault("image", None)
+        return rec
 
     def get_batch(self, records) -> dict:
         """Records `records` stacked: {"image": uint8 [n, s, s, 3] (None without images),
@@ -248,33 +251,6 @@ class SyntheticSource:
         out.pop("clean")
         out.setdefault("image", None)
         return out
-
-    def __getitem__(self, i: int) -> dict:
-        i = int(i)
-        if not 0 <= i < self.size:
-            raise IndexError(f"synthetic record {i} out of range [0, {self.size})")
-        start = i - i % self.BLOCK
-        with self._lock():
-            blocks = self.__dict__.setdefault("_blocks", collections.OrderedDict())
-            block = blocks.get(start)
-            if block is not None:
-                blocks.move_to_end(start)
-        if block is None:
-            block = self.get_batch(np.arange(start, min(start + self.BLOCK, self.size)))
-            with self._lock():
-                blocks[start] = block
-                while len(blocks) > self.KEEP_BLOCKS:
-                    blocks.popitem(last=False)
-        r = i - start
-        image = block["image"]
-        return {"image": None if image is None else image[r].copy(), "text": block["text"][r],
-                "key": block["key"][r], "source": block["source"][r]}
-
-    def _lock(self) -> threading.Lock:
-        return self.__dict__.setdefault("_mutex", threading.Lock())
-
-    def __getstate__(self):  # workers get the parameters, not the cached blocks
-        return {k: v for k, v in self.__dict__.items() if k not in ("_blocks", "_mutex")}
 
 
 # ----------------------------------------------------------------------------- tar

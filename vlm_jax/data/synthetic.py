@@ -245,8 +245,7 @@ def captions(seed: int, indices, scenes: Scenes,
 
 def caption_of(seed: int, index: int, caption_noise: float = 0.0) -> tuple[str, bool]:
     """Caption of record `index` and whether it is clean (the scene's true description)."""
-    texts, clean = captions(seed, [index], sample_scenes(seed, [index]), caption_noise)
-    return texts[0], bool(clean[0])
+    return _caption_one(seed, index, _scene_one(seed, index), caption_noise)
 
 
 # ----------------------------------------------------------------------------- images
@@ -355,9 +354,106 @@ def make_batch(seed: int, indices, size: int = 64, caption_noise: float = 0.0,
     return out
 
 
+# ----------------------------------------------------------------------------- one record
+# The same function for a single record in plain Python (numpy's per-call overhead would
+# dominate a batch of one): the same draws (`_draws_one` = a row of `uniforms`), scene,
+# caption and painting; tests check it equals `make_batch` record for record.
+_M1_INT, _M2_INT, _GOLDEN_INT = int(_M1), int(_M2), int(_GOLDEN)
+_RANGES = tuple(int(r) for r in _SCENE_RANGES)
+
+
+def _mix_int(x: int) -> int:
+    x ^= x >> 30
+    x = (x * _M1_INT) & _MASK64
+    x ^= x >> 27
+    x = (x * _M2_INT) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _draws_one(seed: int, index: int, stream: int, draws) -> list[float]:
+    """Draws `draws` (indices d, or a count k for 0..k-1) of record `index`: the row of
+    `uniforms(seed, [index], stream, k)`."""
+    h = _mix_int((int(index) & _MASK64) ^ int(_stream_key(int(seed) & _MASK64, int(stream))))
+    m, m1, m2, out = _MASK64, _M1_INT, _M2_INT, []
+    for d in (range(draws) if isinstance(draws, int) else draws):
+        x = (h + (d + 1) * _GOLDEN_INT) & m  # _mix_int, inlined (the hot loop)
+        x ^= x >> 30
+        x = (x * m1) & m
+        x ^= x >> 27
+        x = (x * m2) & m
+        out.append(((x ^ (x >> 31)) >> 11) * (1.0 / (1 << 53)))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _One:
+    """One record's scene as `Scenes` holds it, in Python scalars: per group (place
+    index, shape, colour, count, big); the (dy, dx) jitter of each drawn shape in
+    drawing order (None where not needed)."""
+    groups: tuple[tuple[int, int, int, int, bool], ...]
+    background: int
+    jitter: tuple[float, ...] | None
+
+
+def _scene_one(seed: int, index: int, stream: int = SCENE, jitter: bool = True) -> _One:
+    n = len(_RANGES)
+    i = [min(int(x * r), r - 1) for x, r in zip(_draws_one(seed, index, stream, n), _RANGES)]
+    places = (i[1], i[2] + (i[2] >= i[1]))
+    groups = tuple((places[g], i[3 + 4 * g], i[4 + 4 * g], 1 + i[5 + 4 * g], i[6 + 4 * g] == 0)
+                   for g in range(1 + (i[0] == 0)))
+    jit = None
+    if jitter:  # only the draws of the shapes drawn (column n + 2 (g C + j) + yx)
+        cols = [n + 2 * (g * MAX_COUNT + j) + yx for g, grp in enumerate(groups)
+                for j in range(grp[3]) for yx in (0, 1)]
+        jit = tuple((x - 0.5) / 2 for x in _draws_one(seed, index, stream, cols))
+    return _One(groups, i[n - 1], jit)
+
+
+def _describe_one(scene: _One) -> str:
+    ph = _phrases()
+    return " and ".join(ph[p, s, c, k - 1, int(b)] for p, s, c, k, b in scene.groups
+                        ) + _SUFFIX[scene.background]
+
+
+def _caption_one(seed: int, index: int, scene: _One,
+                 caption_noise: float) -> tuple[str, bool]:
+    if caption_noise <= 0:
+        return _describe_one(scene), True
+    u = _draws_one(seed, index, NOISE, 3)
+    if u[0] >= caption_noise:
+        return _describe_one(scene), True
+    if u[1] < 0.5:
+        return GENERIC[min(int(u[2] * len(GENERIC)), len(GENERIC) - 1)], False
+    other = _scene_one(seed, index, OTHER, jitter=False)
+    same = (other.groups, other.background) == (scene.groups, scene.background)
+    return (GENERIC[0] if same else _describe_one(other)), False
+
+
+def _render_one(scene: _One, size: int) -> np.ndarray:
+    k, keep, paint = _sprites(size)
+    w = 2 * k + 1
+    canvas = _canvases(size, k)[scene.background].copy()
+    cell = size / 3.0
+    jitter = iter(scene.jitter)
+    for p, shape, colour, count, big in scene.groups:
+        row, col = _PLACE_LIST[p]
+        keep_s, paint_s = keep[shape, int(big)], paint[colour, shape, int(big)]
+        for _ in range(count):
+            cy, cx = int((row + 0.5 + next(jitter)) * cell), int((col + 0.5 + next(jitter)) * cell)
+            box = canvas[cy:cy + w, cx:cx + w]  # centred on (cy, cx) of the image
+            box &= keep_s
+            box |= paint_s
+    return np.ascontiguousarray(canvas[k:k + size, k:k + size])
+
+
 def make_record(seed: int, index: int, size: int = 64, caption_noise: float = 0.0,
                 with_image: bool = True) -> dict:
     """Sample `index`: {"image": uint8 [size,size,3], "text", "key", "source", "clean"}
-    (row 0 of `make_batch(seed, [index])`)."""
-    batch = make_batch(seed, [index], size, caption_noise, with_image)
-    return {k: (bool(v[0]) if k == "clean" else v[0]) for k, v in batch.items()}
+    (equal to row 0 of `make_batch(seed, [index])`, computed without array calls)."""
+    scene = _scene_one(seed, index)
+    text, clean = _caption_one(seed, index, scene, caption_noise)
+    rec = {"text": text, "key": f"{int(index):012d}", "source": f"synthetic:{seed}",
+           "clean": clean}
+    if with_image:
+        rec["image"] = _render_one(scene, size)
+    return rec
