@@ -10,10 +10,17 @@ good checkpoint. Restore takes an abstract target carrying the *current* shardin
 checkpoint written on one mesh restores onto another.
 
 Kept: the newest `keep` checkpoints plus every step of `keep_steps` (never removed).
+
+`restore_params` (init_from) keeps what it read in memory, keyed by the checkpoint's path,
+step and modification time, up to VLM_JAX_INIT_FROM_CACHE_MB (default 512; 0 = off): the
+runs of a grid that start from one pretrained workdir (a sweep's runs, its clean/noisy
+twin) read it once per worker process.
 """
 from __future__ import annotations
 
+import collections
 import os
+import threading
 import time
 
 import grain.python as gp
@@ -96,6 +103,31 @@ def _restore_host(mgr, step, item):
         **{item: ocp.args.StandardRestore(target)}))[item]
 
 
+_params_lock = threading.Lock()
+_params_cache: "collections.OrderedDict[tuple, tuple[dict, int]]" = collections.OrderedDict()
+
+
+def _cache_limit() -> int:
+    return int(float(os.environ.get("VLM_JAX_INIT_FROM_CACHE_MB", "512")) * (1 << 20))
+
+
+def _cached_params(key: tuple, load) -> dict:
+    """`load()` (a params tree), kept in memory under `key` within _cache_limit() bytes."""
+    with _params_lock:
+        if key in _params_cache:
+            _params_cache.move_to_end(key)
+            return _params_cache[key][0]
+    params = load()
+    size = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(params))
+    limit = _cache_limit()
+    if size <= limit:
+        with _params_lock:
+            _params_cache[key] = (params, size)
+            while sum(v[1] for v in _params_cache.values()) > limit:
+                _params_cache.popitem(last=False)
+    return params
+
+
 def restore_params(workdir: str, subtree: str | None = None, step: int | None = None):
     """Params of another vlm_jax workdir's latest (or `step`) checkpoint, on one device.
 
@@ -112,12 +144,18 @@ def restore_params(workdir: str, subtree: str | None = None, step: int | None = 
         step = mgr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"init_from={workdir!r}: checkpoints/ holds no checkpoint")
-        state = _restore_host(mgr, step, STATE)
-        frozen = _restore_host(mgr, step, FROZEN) if FROZEN in _present_items(mgr, step) else {}
+        step_dir = os.path.join(path, str(int(step)))
+        key = (os.path.realpath(step_dir), int(step), os.stat(step_dir).st_mtime_ns)
+
+        def load():
+            from vlm_jax.train.optim import merge_params
+            state = _restore_host(mgr, step, STATE)
+            frozen = (_restore_host(mgr, step, FROZEN) if FROZEN in _present_items(mgr, step)
+                      else {})
+            return merge_params(state["params"], frozen or {})
+        params = _cached_params(key, load)
     finally:
         mgr.close()
-    from vlm_jax.train.optim import merge_params
-    params = merge_params(state["params"], frozen or {})
     if subtree is None:
         return params
     if subtree not in params:
