@@ -204,20 +204,21 @@ def demo_step(steps: int = 20, windows: int = 3) -> dict:
     from vlm_jax.data import train_iterator
     from vlm_jax.train import sharding, trainer
     c = demo.get_config("run,feature_cache=0")
-    r = trainer.Run(c, tempfile.mkdtemp(prefix="bench_data_demo_"))
-    tr, fr = r.init_params()
-    state = r.init_state(tr)
-    r.compile(state, fr, with_eval=False)
-    gb = sharding.global_batch(next(train_iterator(c)), r.mesh)
-    state, m = r.train_step(state, fr, gb)
-    jax.block_until_ready(m)
-    timed = []
-    for _ in range(windows):
-        t0, c0 = time.perf_counter(), time.process_time()  # XLA's threads are ours
-        for _ in range(steps):
-            state, m = r.train_step(state, fr, gb)
+    with tempfile.TemporaryDirectory(prefix="bench_data_demo_") as workdir:
+        r = trainer.Run(c, workdir)
+        tr, fr = r.init_params()
+        state = r.init_state(tr)
+        r.compile(state, fr, with_eval=False)
+        gb = sharding.global_batch(next(train_iterator(c)), r.mesh)
+        state, m = r.train_step(state, fr, gb)
         jax.block_until_ready(m)
-        timed.append((time.perf_counter() - t0, time.process_time() - c0))
+        timed = []
+        for _ in range(windows):
+            t0, c0 = time.perf_counter(), time.process_time()  # XLA's threads are ours
+            for _ in range(steps):
+                state, m = r.train_step(state, fr, gb)
+            jax.block_until_ready(m)
+            timed.append((time.perf_counter() - t0, time.process_time() - c0))
     wall, cpu = min(timed)
     out = measured(steps * int(c.train.batch_size), wall, cpu)
     return {"batch": int(c.train.batch_size), "step_s": round(wall / steps, 4),

@@ -10,6 +10,12 @@ one step's chunk of b samples (so worker processes ship whole chunks, not sample
       -> to_iter_dataset (data.num_threads) [-> mp_prefetch (data.num_workers processes)]
       -> _Assemble (main process: drop + count bad samples, pack, stack, normalise)
 
+A chunk is loaded sample by sample, or, when the source reads many records at once
+(`get_batch`: the synthetic source) and the image transforms have `map_batch`, with a
+few array calls for the whole chunk (`LoadExample.prepare_batch`): the same rows (tests
+compare the two), without per-sample Python; a bad sample in such a chunk sends the
+chunk down the per-sample path, which names and skips it.
+
 A bad sample travels as a `_Bad(reason)` marker instead of being filtered out inside the
 workers, so the output is identical for any number of workers; `_Assemble` drops it,
 counts it (and takes the next samples in order to fill the batch) and stops the run with

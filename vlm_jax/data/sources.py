@@ -7,7 +7,9 @@ record can be read cheaply (subsets come from a global seeded permutation) or "p
 for tar shards (subsets are prefixes of a seeded shard order, so a subset only indexes
 the shards it needs; see `subsets.Split`).
 
-- `SyntheticSource`: procedural shapes (`synthetic.py`), 10^9 virtual records.
+- `SyntheticSource`: procedural shapes (`synthetic.py`), 10^9 virtual records; it also has
+  `get_batch(records)` (many records stacked, rendered in one vectorised call), which the
+  pipeline uses to load a whole chunk at once (`pipeline.LoadExample.prepare_batch`).
 - `TarSource`: img2dataset / webdataset shards, `{key}.jpg|jpeg|png|webp` + `{key}.txt`
   (+ `{key}.json`). Members are indexed from their headers (no data read, nothing
   extracted, names are only keys) and read in place by offset. A remote shard (a URL) is
