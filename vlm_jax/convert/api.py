@@ -7,8 +7,9 @@
   written atomically; `export_hf(converted_dir, out)`: back to the transformers layout.
 - `load_pretrained(part, path, dtype)`: the trainer's `init_from` helper.
 
-Params are numpy arrays (streamed from the files tensor by tensor) in the scanned layout
-unless `scan_layers=False`.
+Params are numpy arrays in the scanned layout unless `scan_layers=False`: shapes are
+checked against the config first, then each tensor is mapped from the files and copied
+straight into its slice of its leaf, on one thread per usable core (`mapping.load`).
 """
 from __future__ import annotations
 
