@@ -13,7 +13,7 @@ cached sprite offsets, one vectorised assignment per shape slot (group, instance
 whole batch, in the order a painter would draw them (later shapes cover earlier ones).
 
 Captions only use the words in `VOCAB`, so the word-level "synthetic" tokenizer
-(`tokenizer.synthetic_tokenizer`) covers them without unknown tokens.
+(`tokenizer.SyntheticTokenizer`) covers them without unknown tokens.
 
 `GENERATOR_VERSION` names the record function: caches of anything derived from the
 records (the frozen-feature cache) must key on it.
@@ -189,7 +189,8 @@ def scene_of(seed: int, index: int) -> Scene:
 # ----------------------------------------------------------------------------- captions
 def _phrase(shape: str, colour: str, count: int, place, big: bool) -> str:
     noun = shape if count == 1 else PLURAL[shape]
-    return f"{NUMBERS[count - 1]} {'big' if big else 'small'} {colour} {noun} at the {PLACES[place]}"
+    size = "big" if big else "small"
+    return f"{NUMBERS[count - 1]} {size} {colour} {noun} at the {PLACES[place]}"
 
 
 def describe(scene: Scene) -> str:
