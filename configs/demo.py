@@ -48,7 +48,7 @@ DATA = {"clean": "synthetic_clean", "noisy": "synthetic_noisy"}
 
 # Grid presets: axis values and step budgets.
 PRESETS = {
-    "grid": dict(vits=("S", "M", "L"), llms=("S", "M"), sizes=(256, 512, 1024, 2048),
+    "grid": dict(vits=("S", "M", "L"), llms=("S", "M"), sizes=(512, 1024, 2048, 4096),
                  data=("clean", "noisy"), clip_steps=120, lm_steps=120, batch=32),
     "tiny": dict(vits=("S", "M"), llms=("S",), sizes=(64, 128), data=("clean",),
                  clip_steps=8, lm_steps=8, batch=16),

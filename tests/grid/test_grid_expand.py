@@ -37,7 +37,7 @@ def test_demo_grid_shape():
     for r in g.runs:
         stages[r.stage] = stages.get(r.stage, 0) + 1
     assert stages == {"vit": 3, "lm": 2, "grid": 3 * 2 * 2 * 4}
-    r = g.by_name()["grid/data=noisy,vit=L,llm=M,n=2048"]
+    r = g.by_name()["grid/data=noisy,vit=L,llm=M,n=4096"]
     assert dict(r.overrides) == {"model.vision.init_from": "vit/vit=L",
                                  "model.llm.init_from": "lm/llm=M"}
     # a WSD sweep groups the 4 data sizes of each (vit, llm, data)
@@ -50,7 +50,7 @@ def test_demo_grid_shape():
     from vlm_jax.grid import runner
     waiting = runner.dependants(g.runs)
     assert len(waiting["lm/llm=S"]) == 24 and len(waiting["vit/vit=L"]) == 16
-    assert waiting["grid/data=clean,vit=S,llm=S,n=256"] == set()
+    assert waiting["grid/data=clean,vit=S,llm=S,n=512"] == set()
     g0 = expand.load_grid(DEMO + ":grid,native=0,sweep=0")
     assert len(make_jobs(g0.runs)) == len(g0.runs) == 53
 

@@ -330,7 +330,7 @@ class Run:
                 lambda: jax.jit(lambda r: {p: v for p, v in nn.unbox(init(r)).items()
                                            if p in keep},
                                 out_shardings={p: shard[p] for p in keep}).lower(
-                    rng).compile(FAST_COMPILE))
+                    rng).compile(FAST_COMPILE)) if keep else (lambda _: {})
             params = dict(jax.block_until_ready(init_fn(rng)))
         abstract = {p: jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                        sharding=sh),
