@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import jax
 
-MAX_ENTRIES = 32
+MAX_ENTRIES = 48
 
 _lock = threading.Lock()
 _programs: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
@@ -82,18 +82,19 @@ def make_key(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def get_or_build(key: str | None, build: Callable[[], Any]) -> Any:
-    """The program stored under `key`, else `build()` (stored). key=None: just build."""
+def get_or_build(key: str | None, build: Callable[[], Any], count: bool = True) -> Any:
+    """The program stored under `key`, else `build()` (stored). key=None: just build.
+    count=False: not a program (e.g. the abstract params of a model), not in `stats()`."""
     if key is None or not enabled():
         return build()
     with _lock:
         if key in _programs:
             _programs.move_to_end(key)
-            _stats["hits"] += 1
+            _stats["hits"] += count
             return _programs[key]
     program = build()
     with _lock:
-        _stats["misses"] += 1
+        _stats["misses"] += count
         _programs[key] = program
         while len(_programs) > MAX_ENTRIES:
             _programs.popitem(last=False)

@@ -317,7 +317,10 @@ class Run:
 
         rng = jax.random.PRNGKey(int(cfg.train.seed))
         with self.ctx(), self.phases("init"):
-            boxed = jax.eval_shape(init, rng)
+            # the abstract params (shapes, logical axes) are kept like the programs: tracing
+            # the model for them costs as much as a tiny run's steps
+            boxed = program_cache.get_or_build(self._program_key("init_shapes", rng, spec),
+                                               lambda: jax.eval_shape(init, rng), count=False)
             shard = nn.unbox(sharding.tree_shardings(boxed, self.mesh))
             # Parts that init_from replaces are not initialised: the program returns only
             # the others, so XLA drops their random-number generation (most of a frozen
