@@ -49,3 +49,32 @@ def test_second_grid_compiles_nothing(tmp_path):
         assert ph["steps"] > 0 and ph["compile"] > 0
     main = json.load(open(os.path.join(tmp_path, "b", "runs", "main/a-1_b-x", "result.json")))
     assert main["timings"]["init_from"] > 0          # the pretrained LM was loaded
+
+
+def test_analysis_of_a_finished_stage_overlaps_later_jobs(tmp_path, monkeypatch, launcher):
+    """A stage's analysis starts (in the background) as soon as its runs are done, while
+    the later stages' jobs go on; `report` and the rest still run at the end."""
+    import sys
+    stamps = str(tmp_path / "stamps")
+
+    def argv(a, root, python):  # stands in for `python -m vlm_jax.analysis ...`
+        return [sys.executable, "-c", "import sys,time; open(sys.argv[1],'a').write("
+                "sys.argv[2]+' %r %r\\n' % (time.time(), time.sleep(1)))", stamps,
+                f"{a.cmd}:{a.stage}"]
+    monkeypatch.setattr(runner, "analysis_argv", argv)
+    g = expand.expand({"name": "overlap", "stages": [
+        dict(name="pre", arg="run", axes={"a": [1]}),
+        dict(name="main", arg="run,steps=12", axes={"a": [1], "b": ["x"]},
+             needs={"model.llm.init_from": "pre/a={a}"})],
+        "analysis": [dict(cmd="fit", stage="pre", out="pre"),
+                     dict(cmd="fit", stage="main", out="main")]}, TINY_GRID, spec="inline")
+    root = str(tmp_path / "r")
+    logs = []
+    s = runner.run_grid(g, root, launcher(root, parallel=1), log=logs.append)
+    assert s.ok, logs
+    lines = [ln.split() for ln in open(stamps)]
+    assert [ln[0] for ln in lines] == ["fit:pre", "fit:main"]
+    main = {t["job"]: t for t in registry.read_timings(root)}["main/a=1,b=x"]
+    assert float(lines[0][1]) < main["start"] + main["seconds"]   # ran during main's job
+    assert float(lines[1][1]) >= main["start"] + main["seconds"]
+    assert any("analysis fit pre" in ln for ln in logs)

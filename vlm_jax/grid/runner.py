@@ -10,8 +10,10 @@
    that fails is marked (grid_status.json with its log tail) and the rest go on; runs that
    need a failed run are marked skipped, saying which run and why;
 4. prints progress (done/total, failed, running, ETA) after every finished job;
-5. writes ROOT/results.csv after every finished job (atomic), and at the end runs the
-   grid's analysis entries when every run they read is done.
+5. writes ROOT/results.csv after every finished job (atomic) and runs the grid's analysis
+   entries: one whose stage's runs are all done starts in the background while the other
+   stages' jobs go on (one at a time); the rest (and `report`, which combines the others)
+   run at the end on the stage's done runs.
 Ctrl-C stops the running jobs with SIGTERM (they checkpoint) and leaves everything
 resumable: the next `run` picks up where this one stopped.
 """
@@ -145,6 +147,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
         log(f"[grid] setup: {format_command(argv)}")
         subprocess.run(argv, check=True)
     prog = _Progress(s.total, s.already_done, launcher.parallel, log)
+    analyses = _Analyses(grid, root, log) if analysis else None
     # critical path first: of the jobs that can start, those more runs wait on go first
     # (pretraining that feeds many grid runs before a leaf run); ties keep grid order
     waiting = dependants(grid.runs)
@@ -231,6 +234,8 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
                 if rc is not None:
                     del running[slot]
                     finish(job, rc, started, getattr(handle, "info", {}))
+            if analyses is not None and (pending or running):
+                analyses.start_ready(state)
     except KeyboardInterrupt:
         s.interrupted = True
         log(f"[grid] interrupted: stopping {len(running)} running job(s) (they checkpoint on "
@@ -240,12 +245,14 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
             for r in job.runs:
                 registry.clear_mark(root, r)
         running.clear()
+        if analyses is not None:
+            analyses.stop()
     finally:
         launcher.close()
         registry.write_results_csv(root, csv_grid)
     s.done = sum(v == "done" for v in state.values())
-    if analysis and not s.interrupted:
-        s.analysis_failed = run_analysis(grid, root, state, log)
+    if analyses is not None and not s.interrupted:
+        s.analysis_failed = analyses.finish(state)
     s.wall_time_s = time.time() - t0
     log(f"[grid] finished: {s.done}/{s.total} done, {len(s.failed)} failed, "
         f"{len(s.skipped)} skipped, in {_fmt_s(s.wall_time_s)}; results: "
@@ -281,38 +288,103 @@ def _log_path(root: str, job: Job) -> str:
     return os.path.join(root, job.runs[0].workdir, registry.LOG)
 
 
-def run_analysis(grid: Grid, root: str, state: Mapping[str, str],
-                 log: Callable[[str], None]) -> list[str]:
-    """Runs `python -m vlm_jax.analysis CMD ...` for each entry whose stage has done runs."""
-    failed = []
-    for a in grid.analysis:
-        stage_runs = [r for r in grid.runs if r.stage == a.stage]
-        done = [r for r in stage_runs if state.get(r.name) == "done"]
-        if not done:
-            log(f"[grid] analysis {a.cmd} {a.stage}: no done runs, not run")
-            continue
-        if len(done) < len(stage_runs):
-            log(f"[grid] analysis {a.cmd} {a.stage}: on {len(done)}/{len(stage_runs)} runs")
-        argv = analysis_argv(a, root, [sys.executable])
-        out_dir = os.path.join(root, "report", a.out)
+class _Analyses:
+    """The grid's analysis entries as subprocesses: `start_ready` (while jobs run) starts,
+    one at a time, an entry whose stage's runs are all done; `finish` runs the rest once
+    every job has ended and returns the failed entries."""
+
+    def __init__(self, grid: Grid, root: str, log: Callable[[str], None]):
+        self.grid, self.root, self.log = grid, root, log
+        self.todo = list(range(len(grid.analysis)))
+        self.running: tuple | None = None     # (entry index, Popen, log file, log path)
+        self.failed: list[str] = []
+
+    def _stage_runs(self, i: int) -> list[Run]:
+        return [r for r in self.grid.runs if r.stage == self.grid.analysis[i].stage]
+
+    def _start(self, i: int) -> None:
+        a = self.grid.analysis[i]
+        argv = analysis_argv(a, self.root, [sys.executable])
+        out_dir = os.path.join(self.root, "report", a.out)
         os.makedirs(out_dir, exist_ok=True)
         log_path = os.path.join(out_dir, "analysis.log")
-        with open(log_path, "ab") as f:
-            f.write(f"$ {format_command(argv)}\n".encode())
-            f.flush()
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(
-                [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
-                + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-            rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        f = open(log_path, "ab")
+        f.write(f"$ {format_command(argv)}\n".encode())
+        f.flush()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
+            + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
+        self.todo.remove(i)
+        self.running = (i, proc, f, log_path)
+
+    def _reap(self, wait: bool) -> bool:
+        """Collects the running entry (waiting for it if `wait`); True when none runs."""
+        if self.running is None:
+            return True
+        i, proc, f, log_path = self.running
+        rc = proc.wait() if wait else proc.poll()
+        if rc is None:
+            return False
+        f.close()
+        self.running = None
+        a = self.grid.analysis[i]
         if rc:
-            failed.append(f"{a.cmd}:{a.stage}")
-            log(f"[grid] analysis {a.cmd} {a.stage} FAILED (exit {rc}); log {log_path}:\n"
-                + "\n".join("[grid]   | " + ln
-                            for ln in registry.log_tail(log_path, 8).splitlines()))
+            self.failed.append(f"{a.cmd}:{a.stage}")
+            self.log(f"[grid] analysis {a.cmd} {a.stage} FAILED (exit {rc}); log {log_path}:\n"
+                     + "\n".join("[grid]   | " + ln
+                                 for ln in registry.log_tail(log_path, 8).splitlines()))
         else:
-            log(f"[grid] analysis {a.cmd} {a.stage}: {out_dir}")
-    return failed
+            self.log(f"[grid] analysis {a.cmd} {a.stage}: {os.path.dirname(log_path)}")
+        return True
+
+    def start_ready(self, state: Mapping[str, str]) -> None:
+        """Starts the first entry (not `report`) whose stage's runs are all done, unless
+        one is running."""
+        if not self._reap(wait=False):
+            return
+        for i in self.todo:
+            runs = self._stage_runs(i)
+            if (self.grid.analysis[i].cmd != "report" and runs
+                    and all(state.get(r.name) == "done" for r in runs)):
+                self._start(i)
+                return
+
+    def finish(self, state: Mapping[str, str]) -> list[str]:
+        """Waits for the running entry, runs the others in order; the failed entries."""
+        self._reap(wait=True)
+        for i in list(self.todo):
+            a = self.grid.analysis[i]
+            stage_runs = self._stage_runs(i)
+            done = [r for r in stage_runs if state.get(r.name) == "done"]
+            if not done:
+                self.log(f"[grid] analysis {a.cmd} {a.stage}: no done runs, not run")
+                self.todo.remove(i)
+                continue
+            if len(done) < len(stage_runs):
+                self.log(f"[grid] analysis {a.cmd} {a.stage}: on {len(done)}/"
+                         f"{len(stage_runs)} runs")
+            self._start(i)
+            self._reap(wait=True)
+        return self.failed
+
+    def stop(self) -> None:
+        """Ctrl-C: terminates the running entry (the next `run` runs it again)."""
+        if self.running is not None:
+            i, proc, f, _ = self.running
+            proc.terminate()
+            proc.wait()
+            f.close()
+            self.todo.insert(0, i)
+            self.running = None
+
+
+def run_analysis(grid: Grid, root: str, state: Mapping[str, str],
+                 log: Callable[[str], None]) -> list[str]:
+    """Runs `python -m vlm_jax.analysis CMD ...` for each entry whose stage has done runs
+    (in order); returns the failed entries."""
+    return _Analyses(grid, root, log).finish(state)
 
 
 def status_lines(root: str) -> list[str]:
