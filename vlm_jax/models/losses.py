@@ -178,7 +178,13 @@ def chunked_next_token_loss(hidden: jax.Array, unembed: jax.Array, targets: jax.
 
 def next_token_loss_from_hidden(hidden, unembed, targets, loss_mask, chunk: int = 0,
                                 tied: bool = False):
-    """Dispatch on `model.loss_chunk`: 0 = naive full logits, > 0 = chunked."""
-    if chunk and chunk > 0:
-        return chunked_next_token_loss(hidden, unembed, targets, loss_mask, chunk, tied)
-    return naive_next_token_loss(hidden, unembed, targets, loss_mask, tied)
+    """Dispatch on `model.loss_chunk`: > 0 = chunks of that many positions; 0 = the whole
+    sequence as one chunk. Both are the fused loss: the logits exist once, and the
+    gradient w.r.t. hidden states (and unembedding) comes out of the same pass, instead of
+    autodiff's several passes over [B, T, V] fp32 arrays. Without a gradient (eval) it is
+    the plain loss. `naive_next_token_loss` is the unfused reference."""
+    if not chunk or chunk <= 0:
+        if hidden.ndim != 3 or hidden.shape[1] == 0:
+            return naive_next_token_loss(hidden, unembed, targets, loss_mask, tied)
+        chunk = hidden.shape[1]
+    return chunked_next_token_loss(hidden, unembed, targets, loss_mask, chunk, tied)
