@@ -18,7 +18,14 @@ of the same shapes with frozen towers, only the projector trained by `torch.opti
 library does by default: transformers unembeds all T positions (`logits_to_keep=0`) and
 runs every ViT layer (`output_hidden_states`); ours unembeds the T-K+1 positions that can
 carry loss, runs the last decoder layer only on them and stops the ViT at the feature
-layer. Neither computes weight gradients of the frozen towers.
+layer. Neither computes weight gradients of the frozen towers. Ours also uses what every
+run uses on CPU: einsum attention with a flash-style backward, the fused cross-entropy
+(loss and its gradient in one pass over the logits), the SwiGLU gate's one-pass backward
+and 2-D matmuls for [heads, kv]-shaped kernels (no per-step weight copies).
+
+XLA CPU (jaxlib 0.10.2) already runs every dot through YNNPACK by default (`ynn_fusion`
+in the HLO); Eigen (`xla_cpu_experimental_ynn_fusion_type=""`), oneDNN and XNNPACK
+options measured the same within this shared VM's noise, so the step uses the defaults.
 
 Modes: `pixels` = our step from pixels (vision tower in the step); `features` = our step
 reads precomputed frozen-encoder features (`batch["features"]`, what `train.feature_cache`
@@ -153,8 +160,10 @@ def ours(c, feature_cache: bool):
     n_grad = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
     need = n_all + n_opt + n_grad + activation_estimate_bytes(c)
     hlo = r.train_step.as_text()
+    cost = r.train_step.cost_analysis()
     info = dict(compile_s=compile_s, peak_bytes=int(peak), estimate_bytes=int(need),
-                memory_ratio=peak / need, gflops=r.train_step.cost_analysis()["flops"] / 1e9,
+                memory_ratio=peak / need, gflops=cost["flops"] / 1e9,
+                gbytes_accessed=cost["bytes accessed"] / 1e9,
                 params_total=r.param_counts["total"],
                 params_trainable=r.param_counts["trainable"])
     if feature_cache:  # nothing of the vision tower may remain in the compiled step
