@@ -4,7 +4,7 @@
 
 Both steps are the trainer's train step (`vlm_jax.train.step.make_train_step`, AdamW) of
 the same LM (kind "lm", all params trainable), AOT-compiled on the local backend; only
-`model.llm.loss_chunk` differs (0 = naive fp32 logits [B, T, V] and their gradient;
+`model.llm.loss_chunk` differs (-1 = naive fp32 logits [B, T, V] and their gradient;
 > 0 = `vlm_jax.models.losses` chunked over the sequence). Reports XLA's memory analysis
 (temp bytes = activations and temporaries) and the median step time of each, the
 ratios chunked / naive, the loss values (equal up to fp32 rounding), and what
@@ -84,7 +84,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2)
     a = ap.parse_args()
-    naive = measure(lm_config(a.vocab, a.seq, a.batch, 0), a.steps)
+    naive = measure(lm_config(a.vocab, a.seq, a.batch, -1), a.steps)
     fused = measure(lm_config(a.vocab, a.seq, a.batch, a.chunk), a.steps)
     logits_bytes = a.batch * a.seq * a.vocab * 4
     print(json.dumps({

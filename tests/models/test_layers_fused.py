@@ -82,3 +82,7 @@ def test_fused_loss_over_whole_sequence_equals_naive(tied):
     np.testing.assert_allclose(lf, ln, rtol=1e-6)
     for a, b_ in zip(gf, gn):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
+    # loss_chunk < 0 selects the unfused reference itself (benchmarks/plan.py's baseline)
+    ref = jax.jit(lambda h, w: losses.next_token_loss_from_hidden(h, w, tg, m, chunk=-1,
+                                                                  tied=tied)[0])
+    assert "while" not in ref.lower(h, w).as_text() and float(ref(h, w)) == float(ln)

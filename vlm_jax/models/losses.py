@@ -182,9 +182,10 @@ def next_token_loss_from_hidden(hidden, unembed, targets, loss_mask, chunk: int 
     sequence as one chunk. Both are the fused loss: the logits exist once, and the
     gradient w.r.t. hidden states (and unembedding) comes out of the same pass, instead of
     autodiff's several passes over [B, T, V] fp32 arrays. Without a gradient (eval) it is
-    the plain loss. `naive_next_token_loss` is the unfused reference."""
-    if not chunk or chunk <= 0:
-        if hidden.ndim != 3 or hidden.shape[1] == 0:
-            return naive_next_token_loss(hidden, unembed, targets, loss_mask, tied)
+    the plain loss. < 0 = `naive_next_token_loss`, the unfused reference."""
+    chunk = int(chunk or 0)
+    if chunk < 0 or hidden.ndim != 3 or hidden.shape[1] == 0:
+        return naive_next_token_loss(hidden, unembed, targets, loss_mask, tied)
+    if chunk == 0:
         chunk = hidden.shape[1]
     return chunked_next_token_loss(hidden, unembed, targets, loss_mask, chunk, tied)
