@@ -95,7 +95,8 @@ def llm_config() -> mlc.ConfigDict:
         bos_id=1,
         eos_id=2,
         pad_id=0,
-        loss_chunk=0,             # > 0: chunked fused cross-entropy over this many positions
+        loss_chunk=0,             # fused cross-entropy: > 0 in chunks of this many positions,
+                                  # 0 over the whole sequence at once, < 0 the unfused reference
     ))
 
 
