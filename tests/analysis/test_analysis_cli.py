@@ -3,6 +3,7 @@ reports out; bad input gives named errors while the rest is still written."""
 import csv
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -126,3 +127,21 @@ def test_missing_column_and_result_json_fallback(tmp_path, capsys):
     assert [r["optimal"] for r in opt["per_llm"]] == [2e7, 4e7]
     assert main(["fit", "--runs", str(tmp_path / "nothing"), "--out", out]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_data_efficiency_bounds_instead_of_extrapolating_below_the_data(tmp_path, monkeypatch):
+    # llm=B is so much better that it is below llm=A's best loss at its smallest data size:
+    # the report must give a bound ("< 1e+03"), not a D extrapolated far below the data.
+    base = _loss
+    monkeypatch.setattr(sys.modules[__name__], "_loss",
+                        lambda vit, llm, n, rng: base(vit, llm, n, rng) - (1.0 if llm == "B" else 0))
+    root = str(tmp_path / "root")
+    _write_results(root)
+    out = os.path.join(root, "fit")
+    assert main(["fit", "--runs", root, "--stage", "grid", "--out", out, "--group-cols", "llm",
+                 "--n-boot", "50"]) == 0
+    text = open(os.path.join(out, "report.md")).read()
+    sentences = [l for l in text.splitlines() if "most data-efficient" in l]
+    assert sentences and all("< 1e+03 (llm=B)" in s and "at least" in s for s in sentences)
+    rows = json.load(open(os.path.join(out, "fit.json")))["data_efficiency"]["rows"]
+    assert all(r["below_measured"] == (r["group"] == "llm=B") for r in rows)

@@ -195,15 +195,25 @@ def _data_efficiency(groups, results, fits) -> dict:
         got = []
         for g, c, _ in per:
             r = compare.data_needed(c, target)
+            d_min = min(d for d, nn in zip(g.cols["D"], g.cols["N"]) if nn == n)
+            # Below the smallest measured D the fit extrapolates: report a bound, not a value.
+            r["below_measured"] = r["D"] is not None and r["D"] < d_min
             rows.append({"group": g.name, "N": n, **r})
-            got.append((r["D"], g.name))
-        finite = sorted((d, name) for d, name in got if d is not None)
-        if len(finite) >= 2:
+            if r["D"] is not None:
+                got.append((max(r["D"], d_min), r["below_measured"], g.name))
+        if len(got) >= 2:
+            got.sort()
+            (best, bound, _), (worst, _, name1) = got[0], got[-1]
+            tied = [nm for d, b, nm in got if b and d == best] if bound else [got[0][2]]
+            name0 = (tied[0] + " is" if len(tied) == 1 else
+                     " and ".join([", ".join(tied[:-1]), tied[-1]]) + " are")
+            ratio = f"{'at least ' if bound else ''}{worst / best:.2g}x less data than {name1}"
             sentences.append(f"At encoder size {n:.3g}, reaching loss {target:.4g} takes "
-                             + ", ".join(f"{d:.3g} ({name})" for d, name in finite)
-                             + f": {finite[0][1]} is the most data-efficient "
-                               f"({finite[-1][0] / finite[0][0]:.2g}x less data than "
-                               f"{finite[-1][1]}).")
+                             + ", ".join(f"{'< ' if b else ''}{d:.3g} ({nm})"
+                                         for d, b, nm in got)
+                             + f": {name0} the most data-efficient ({ratio})"
+                             + (" ('< D': already below that loss at its smallest measured"
+                                " data size)" if any(b for _, b, _ in got) else "") + ".")
     return {"rows": rows, "sentences": sentences}
 
 
