@@ -189,21 +189,25 @@ class LoadExample(grain.transforms.Map):
             texts = T.caption_texts(batch["text"])
         except BadSample:
             return None
-        rows = {k: v for k, v in batch.items() if k in self.keys}
-        rows["_position"], rows["_record"] = positions[good], records[good]
-        if self.keep_key:
-            rows["_key"] = np.asarray(batch["key"])
+        rows = {}
         if good.any():
+            rows = {k: v for k, v in batch.items() if k in self.keys}
+            rows["_position"], rows["_record"] = positions[good], records[good]
+            if self.keep_key:
+                rows["_key"] = np.asarray(batch["key"])
             rows.update(self.tokenize.build(texts))
-        else:
-            rows = {}
-        if good.all():
-            return {"rows": rows, "order": list(range(len(items)))}
-        order, k = [], 0
-        for p, ok in zip(positions.tolist(), good.tolist()):
-            order.append(k if ok else _Bad("", p))
-            k += ok
-        return {"rows": rows, "order": order}
+        return {"rows": rows, "order": _chunk_order(
+            [None if ok else _Bad("", p) for p, ok in zip(positions.tolist(), good.tolist())])}
+
+
+def _chunk_order(bad: list) -> list:
+    """A chunk's order (`unpack_chunk`): per sample, its index among the chunk's good rows,
+    or its `_Bad` marker (`bad`: the marker, or None for a good sample)."""
+    order, k = [], 0
+    for b in bad:
+        order.append(k if b is None else b)
+        k += b is None
+    return order
 
 
 class LoadChunk(grain.transforms.Map):
@@ -224,10 +228,7 @@ class LoadChunk(grain.transforms.Map):
                 return chunk
         prepared = [self.load.prepare(item) for item in items]
         good = [p for p in prepared if not isinstance(p, _Bad)]
-        order, k = [], 0
-        for p in prepared:
-            order.append(p if isinstance(p, _Bad) else k)
-            k += not isinstance(p, _Bad)
+        order = _chunk_order([p if isinstance(p, _Bad) else None for p in prepared])
         rows = {}
         if good:
             rows = {key: np.stack([np.asarray(ex[key]) for ex, _ in good]) for key in good[0][0]}

@@ -139,7 +139,6 @@ def _contract(x, kernel, n_in: int):
         x, kernel, (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
 
 
-
 class Linear(nn.Module):
     """A dense layer over the last `in_axes` input axes with logical axis names.
 
