@@ -180,6 +180,7 @@ def base_config() -> mlc.ConfigDict:
         weight_decay=0.0,
         clip_norm=1.0,
         trainable=("projector",),  # regexes over "/"-joined param paths; ("*",) or ("",) = all
+        flatten="auto",           # AdamW over one fp32 vector: auto (replicated params) | on | off
     ))
     c.mesh = mlc.ConfigDict(dict(
         shape=(-1, 1, 1),         # (data, fsdp, tensor); -1 = the rest

@@ -31,12 +31,12 @@ def test_second_grid_compiles_nothing(tmp_path):
     first = cold["pre/a=1"]
     assert first["persistent_cache_misses"] > 0 and first["xla_compile_s"] > 0, first
     for job, t in warm.items():
-        # a new worker process: its programs are built again, but loaded from disk
-        assert t["persistent_cache_hits"] > 0, (job, t)
-    # every program of the runs is served by the cache; (rarely, one small program of the
-    # libraries' misses: seen once in a loaded test session, program not identified)
+        # a new worker process: every program of the run is loaded from the serialized
+        # executables next to the cache: none is traced, lowered or compiled again
+        assert t["programs_built"] == 0 and t["programs_loaded"] >= 3, (job, t)
+    # (rarely, one small program of the libraries' misses: seen once in a loaded test
+    # session, program not identified)
     assert sum(t["persistent_cache_misses"] for t in warm.values()) <= 1, warm
-    assert sum(t["persistent_cache_hits"] for t in warm.values()) >= 6, warm
     assert sum(t["xla_compile_s"] for t in warm.values()) < 0.5 * sum(
         t["xla_compile_s"] for t in cold.values())
     assert len(os.listdir(cache)) > 0

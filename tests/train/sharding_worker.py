@@ -22,6 +22,7 @@ SAVE_ON, RESTORE_ON = (2, 2, 2), (1, 4, 2)
 def steps_on(shape, root, n=3):
     c = tiny.config()
     c.optim.trainable = ("",)          # everything trains: sharded optimizer state too
+    c.optim.flatten = "off"            # per-leaf optimizer state on every mesh (checked)
     c.mesh.shape = shape
     devs = jax.devices()[:int(np.prod(shape))]
     r = trainer.Run(c, "/nonexistent", model=tiny.TinyVLM(), batch_spec=tiny.batch_spec,

@@ -90,6 +90,9 @@ def _real_config(kind):
 def test_analytic_flops_match_xla(kind, trainable, tmp_path):
     c = _real_config(kind)
     c.optim.trainable = trainable
+    # the analytic count leaves the optimizer out; XLA's cost analysis of the flat AdamW
+    # (optim.flatten) counts ~4% more elementwise flops than the per-leaf one's
+    c.optim.flatten = "off"
     r = trainer.Run(c, str(tmp_path))
     tr, fr = r.init_params()
     state = r.init_state(tr)

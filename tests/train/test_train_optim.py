@@ -35,9 +35,10 @@ def test_schedules():
         optim.make_schedule(c, 100)
 
 
-def _setup(trainable, frozen_dtype="float32", grad_accum=1):
+def _setup(trainable, frozen_dtype="float32", grad_accum=1, **optim_kw):
     c = tiny.config(grad_accum=grad_accum, eval_batch_size=4)
     c.optim.trainable = trainable
+    c.optim.update(optim_kw)
     c.model.frozen_dtype = frozen_dtype
     r = trainer.Run(c, "/nonexistent-not-written", model=tiny.TinyVLM(),
                     batch_spec=tiny.batch_spec, data=tiny.Data())
@@ -155,3 +156,47 @@ def test_runtime_schedule_equals_compiled_schedule(kind, warm):
     f = jax.jit(lambda s, h: optim.traced_schedule(s, h))
     for s in range(total + 3):
         assert float(f(s, hp)) == pytest.approx(float(ref(s)), rel=1e-5, abs=1e-9), s
+
+
+def test_flat_optimizer_equals_per_leaf_update():
+    """optim.flatten: AdamW over one fp32 vector of every trainable leaf (the default on
+    one device) updates like the per-leaf chain up to fp32 rounding, with weight decay,
+    clipping (active: clip_norm below the gradient norm) and the runtime schedule; its
+    state is two vectors instead of two trees, and its program is smaller."""
+    kw = dict(weight_decay=0.1, clip_norm=0.05, warmup_steps=2)
+    r_leaf, s_leaf, f_leaf = _setup(("",), flatten="off", **kw)
+    r_flat, s_flat, f_flat = _setup(("",), flatten="auto", **kw)
+    assert r_flat.flat_optimizer and not r_leaf.flat_optimizer
+    mu = s_flat["opt_state"][1][0].mu
+    assert mu.shape == (optim.count_params(s_flat["params"]),) and mu.dtype == jnp.float32
+    assert len(jax.tree.leaves(s_leaf["opt_state"])) > len(jax.tree.leaves(s_flat["opt_state"]))
+    p0 = jax.tree.map(np.asarray, s_leaf["params"])            # the step donates its state
+    for b in _batches(r_leaf, 4):
+        s_leaf, m_leaf = r_leaf.train_step(s_leaf, f_leaf, b)
+        s_flat, m_flat = r_flat.train_step(s_flat, f_flat, b)
+        assert float(m_leaf["grad_norm"]) > 0.05                 # the clip is active
+        np.testing.assert_allclose(float(m_flat["loss"]), float(m_leaf["loss"]), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                         rtol=1e-5, atol=1e-6),
+                 s_flat["params"], s_leaf["params"])
+    np.testing.assert_allclose(np.asarray(s_flat["opt_state"][1][0].nu),
+                               np.asarray(optim.ravel(s_leaf["opt_state"][1][0].nu)),
+                               rtol=1e-5, atol=1e-12)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                         s_flat["params"], p0)
+    assert max(jax.tree.leaves(moved)) > 1e-4                   # the steps did something
+
+
+def test_flatten_modes():
+    c = common.base_config().optim
+    x = jnp.zeros((3,))
+    assert optim.use_flat(c, {"a": x})                          # auto, replicated
+    c.flatten = "off"
+    assert not optim.use_flat(c, {"a": x})
+    c.flatten = "yes"
+    with pytest.raises(ValueError, match="optim.flatten='yes'"):
+        optim.use_flat(c, {"a": x})
+    tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((4,), jnp.bfloat16)}
+    back = optim.unravel(tree, optim.ravel(tree))
+    assert back["b"].dtype == jnp.bfloat16 and optim.ravel(tree).dtype == jnp.float32
+    jax.tree.map(np.testing.assert_array_equal, back, tree)

@@ -86,9 +86,11 @@ def _redirect_fds(log_path: str):
 
 # program_cache.stats() counters a job's timing line records (as their difference)
 _JOB_STATS = {"hits": "programs_reused", "misses": "programs_built",
+              "disk_hits": "programs_loaded",
               "persistent_hits": "persistent_cache_hits",
               "persistent_misses": "persistent_cache_misses",
-              "xla_compile_s": "xla_compile_s", "persistent_load_s": "persistent_load_s"}
+              "xla_compile_s": "xla_compile_s", "persistent_load_s": "persistent_load_s",
+              "traces": "traces", "trace_s": "trace_s", "lower_s": "lower_s"}
 
 
 def _program_stats() -> dict:

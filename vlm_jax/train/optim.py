@@ -89,13 +89,15 @@ def traced_schedule(count, hp) -> jax.Array:
     return jnp.where(c < warm, ramp, main)
 
 
-def make_optimizer(optim_cfg, total_steps: int, runtime_lr: bool = False
+def make_optimizer(optim_cfg, total_steps: int, runtime_lr: bool = False,
+                   flat: bool = False
                    ) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
     """AdamW with global-norm clipping (clip_norm <= 0 disables it).
 
     runtime_lr=True: the transformation uses learning rate 1 and the train step scales its
     updates by `traced_schedule(step, hp)` (AdamW's update is linear in the learning rate,
-    weight decay included); returns (tx, None)."""
+    weight decay included); returns (tx, None).
+    flat=True: the chain runs on one fp32 vector of all leaves (`flat_transform`)."""
     if optim_cfg.name != "adamw":
         raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' is supported")
     sched = make_schedule(optim_cfg, total_steps)
@@ -107,7 +109,60 @@ def make_optimizer(optim_cfg, total_steps: int, runtime_lr: bool = False
     parts.append(optax.adamw(sched, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
                              eps=float(optim_cfg.eps),
                              weight_decay=float(optim_cfg.weight_decay)))
-    return optax.chain(*parts), (None if runtime_lr else sched)
+    tx = optax.chain(*parts)
+    return (flat_transform(tx) if flat else tx), (None if runtime_lr else sched)
+
+
+# --------------------------------------------------------------------------- flat update
+FLATTEN = ("auto", "on", "off")
+
+
+def ravel(tree) -> jax.Array:
+    """The leaves of `tree` as one fp32 vector (tree order)."""
+    return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
+
+
+def unravel(like, flat) -> Any:
+    """Inverse of `ravel`: `flat` cut into leaves shaped and typed like `like`'s."""
+    leaves, treedef = jax.tree.flatten(like)
+    out, i = [], 0
+    for x in leaves:
+        n = int(np.prod(x.shape))
+        out.append(flat[i:i + n].reshape(x.shape).astype(x.dtype))
+        i += n
+    return jax.tree.unflatten(treedef, out)
+
+
+def flat_transform(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to ONE fp32 vector holding every leaf (updates and params raveled,
+    the result cut back into leaves): the same update up to fp32 rounding (the global norm
+    is one sum instead of a sum of per-leaf sums), but one fused elementwise chain instead
+    of one per leaf, so the train step's program is smaller and compiles faster. The state
+    holds vectors (mu, nu: [num_trainable]), not trees: use it where the trainable params
+    are replicated (`use_flat`); a sharded param's state would be gathered."""
+
+    def init(params):
+        return inner.init(ravel(params))
+
+    def update(updates, state, params=None):
+        flat, state = inner.update(ravel(updates), state,
+                                   None if params is None else ravel(params))
+        return unravel(updates, flat), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def use_flat(optim_cfg, trainable) -> bool:
+    """`optim.flatten`: "on", "off", or "auto" = on when every trainable leaf is fully
+    replicated (one device, or a data-parallel-only mesh), where a flat state costs no
+    extra memory or communication."""
+    mode = str(optim_cfg.get("flatten", "auto"))
+    if mode not in FLATTEN:
+        raise ValueError(f"optim.flatten={mode!r}: use one of {list(FLATTEN)}")
+    if mode != "auto":
+        return mode == "on"
+    return all(getattr(getattr(x, "sharding", None), "is_fully_replicated", True)
+               for x in jax.tree.leaves(trainable))
 
 
 # --------------------------------------------------------------------------- freeze masks

@@ -16,6 +16,16 @@ It uses the cache only for models it built from the config itself.
 
 `VLM_JAX_PROGRAM_CACHE=0` turns it off; at most `MAX_ENTRIES` programs are kept (LRU).
 
+On disk too (`executable_dir()`): every program built here is also serialized
+(`jax.experimental.serialize_executable`; abstract values are pickled) next to the
+persistent compilation cache, in `<JAX_COMPILATION_CACHE_DIR>_executables/`, so a new
+process (a fresh grid worker, a second grid sharing the cache) loads it instead of
+tracing, lowering and compiling it. The file name is the program key hashed with
+`fingerprint()`: jax/jaxlib/flax/optax versions, the backend and its devices, XLA_FLAGS
+and a hash of every vlm_jax source file, so a code change (a new kernel layout, a new
+loss) never loads a stale program. `VLM_JAX_EXECUTABLE_CACHE` sets the directory
+("0": off). A file that fails to load is rebuilt and rewritten; writes are atomic.
+
 `stats()` also counts, for every program this process compiles through jax (ours or not),
 the persistent compilation cache's hits and misses (`JAX_COMPILATION_CACHE_DIR`) and the
 seconds XLA spent compiling (`xla_compile_s`: cache misses and programs not cached), from
@@ -24,25 +34,38 @@ jax's monitoring events; the grid worker records them per job (ROOT/timings.json
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
+import logging
 import os
+import pickle
+import sys
+import tempfile
 import threading
 from typing import Any, Callable
 
 import jax
 
+log = logging.getLogger("vlm_jax.train")
+
 MAX_ENTRIES = 48
 
 _lock = threading.Lock()
 _programs: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
-_stats = {"hits": 0, "misses": 0}
+_stats = {"hits": 0, "misses": 0, "disk_hits": 0, "disk_writes": 0, "disk_errors": 0}
 # jax monitoring events -> counters of the persistent compilation cache and XLA compiles
 _XLA_EVENTS = {"/jax/compilation_cache/cache_hits": "persistent_hits",
                "/jax/compilation_cache/cache_misses": "persistent_misses"}
 _XLA_DURATIONS = {"/jax/core/compile/backend_compile_duration": "xla_compile_s",
-                  "/jax/compilation_cache/cache_retrieval_time_sec": "persistent_load_s"}
-_xla = {k: 0 for k in _XLA_EVENTS.values()} | {k: 0.0 for k in _XLA_DURATIONS.values()}
+                  "/jax/compilation_cache/cache_retrieval_time_sec": "persistent_load_s",
+                  "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s"}
+# duration events also counted (number of traces / lowerings, any function, ours or not)
+_XLA_COUNTS = {"/jax/core/compile/jaxpr_trace_duration": "traces",
+               "/jax/core/compile/jaxpr_to_mlir_module_duration": "lowerings"}
+_xla = ({k: 0 for k in _XLA_EVENTS.values()} | {k: 0.0 for k in _XLA_DURATIONS.values()}
+        | {k: 0 for k in _XLA_COUNTS.values()})
 
 
 def _on_event(event: str, **_) -> None:
@@ -57,6 +80,8 @@ def _on_duration(event: str, seconds: float, **_) -> None:
     if name:
         with _lock:
             _xla[name] += float(seconds)
+            if event in _XLA_COUNTS:
+                _xla[_XLA_COUNTS[event]] += 1
 
 
 from jax._src import monitoring as _monitoring  # noqa: E402 - jax's own event hooks
@@ -82,9 +107,106 @@ def make_key(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# --------------------------------------------------------------------------- on disk
+def executable_dir() -> str | None:
+    """Where built programs are serialized: `VLM_JAX_EXECUTABLE_CACHE`, else next to jax's
+    persistent compilation cache dir (its name + "_executables"; not inside it, which jax
+    manages); None: not on disk."""
+    env = os.environ.get("VLM_JAX_EXECUTABLE_CACHE")
+    if env is not None:
+        return None if env in ("", "0", "false", "False") else env
+    base = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    return os.path.normpath(base) + "_executables" if base else None
+
+
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """sha256 of every .py file of the vlm_jax package (paths and contents)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(d, name)
+                h.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as f:
+                    h.update(f.read() + b"\0")
+    return h.hexdigest()
+
+
+def fingerprint() -> str:
+    """Everything besides the program key that decides a serialized program."""
+    import flax
+    import jaxlib
+    import optax
+    dev = jax.devices()
+    return make_key(jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__,
+                    sys.version_info[:2], dev[0].platform, dev[0].client.platform_version,
+                    [(d.id, d.device_kind) for d in dev], os.environ.get("XLA_FLAGS", ""),
+                    jax.config.jax_default_prng_impl, jax.config.jax_enable_x64, code_hash())
+
+
+def _dump(value) -> bytes:
+    if isinstance(value, jax.stages.Compiled):
+        from jax.experimental import serialize_executable
+        return pickle.dumps(("compiled", serialize_executable.serialize(value)))
+    return pickle.dumps(("value", value))
+
+
+def _load(blob: bytes):
+    kind, payload = pickle.loads(blob)
+    if kind == "compiled":
+        from jax.experimental import serialize_executable
+        return serialize_executable.deserialize_and_load(*payload)
+    return payload
+
+
+def _disk_path(key: str) -> str | None:
+    d = executable_dir()
+    return os.path.join(d, make_key(key, fingerprint()) + ".pkl") if d else None
+
+
+def _read(path: str | None):
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            return _load(f.read())
+    except Exception as e:  # noqa: BLE001 - a bad file is rebuilt and rewritten
+        log.warning("program cache: %s does not load (%s: %s); rebuilding it", path,
+                    type(e).__name__, e)
+        with _lock:
+            _stats["disk_errors"] += 1
+        return None
+
+
+def _write(path: str | None, value) -> None:
+    if path is None:
+        return
+    try:
+        blob = _dump(value)
+    except Exception as e:  # noqa: BLE001 - not serializable: kept in memory only
+        log.debug("program cache: not serializable (%s: %s)", type(e).__name__, e)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+        with _lock:
+            _stats["disk_writes"] += 1
+    except OSError as e:
+        log.warning("program cache: cannot write %s (%s)", path, e)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def get_or_build(key: str | None, build: Callable[[], Any], count: bool = True) -> Any:
-    """The program stored under `key`, else `build()` (stored). key=None: just build.
-    count=False: not a program (e.g. the abstract params of a model), not in `stats()`."""
+    """The program stored under `key` (in memory, else on disk), else `build()` (stored
+    in both). key=None: just build. count=False: not a program (e.g. the abstract params
+    of a model), not in the hit / miss counts of `stats()`."""
     if key is None or not enabled():
         return build()
     with _lock:
@@ -92,9 +214,17 @@ def get_or_build(key: str | None, build: Callable[[], Any], count: bool = True) 
             _programs.move_to_end(key)
             _stats["hits"] += count
             return _programs[key]
-    program = build()
+    path = _disk_path(key)
+    program = _read(path)
+    if program is not None:
+        with _lock:
+            _stats["disk_hits"] += count
+    else:
+        program = build()
+        _write(path, program)
+        with _lock:
+            _stats["misses"] += count
     with _lock:
-        _stats["misses"] += count
         _programs[key] = program
         while len(_programs) > MAX_ENTRIES:
             _programs.popitem(last=False)
@@ -102,8 +232,9 @@ def get_or_build(key: str | None, build: Callable[[], Any], count: bool = True) 
 
 
 def stats() -> dict:
-    """Programs reused (`hits`) / built (`misses`) here, entries kept, and the persistent
-    cache / XLA counters (module docstring)."""
+    """Programs reused from memory (`hits`), loaded from disk (`disk_hits`), built
+    (`misses`) here, entries kept, files written / unreadable, and the persistent cache /
+    XLA / tracing counters (module docstring)."""
     with _lock:
         return dict(_stats, entries=len(_programs), **_xla)
 
@@ -111,4 +242,4 @@ def stats() -> dict:
 def clear() -> None:
     with _lock:
         _programs.clear()
-        _stats.update(hits=0, misses=0)
+        _stats.update(hits=0, misses=0, disk_hits=0, disk_writes=0, disk_errors=0)

@@ -45,6 +45,9 @@ RESTART_MUTABLE = (
     "data.num_workers", "data.num_threads", "data.prefetch", "data.shard_cache",
     "model.attention_impl",
 )
+# Fields added to the config schema later, with the value a workdir written before them
+# behaves as: such a workdir still matches a config holding that value.
+ADDED_FIELDS = {"optim.flatten": "off"}   # per-leaf optimizer state before the field
 
 
 # XLA options for functions that run once (init): optimising them only costs time.
@@ -105,6 +108,8 @@ def check_workdir(workdir: str, config) -> None:
         return
     with open(path) as f:
         old = _flat(json.load(f))
+    for k, v in ADDED_FIELDS.items():
+        old.setdefault(k, v)
     new = _flat(config_to_dict(config))
     diff = sorted(k for k in set(old) | set(new)
                   if not _mutable(k) and old.get(k, "<missing>") != new.get(k, "<missing>"))
@@ -375,18 +380,29 @@ class Run:
 
     def init_state(self, trainable):
         cfg = self.config
+        # flat: AdamW over one vector of the trainable leaves (optim.flat_transform)
+        self.flat_optimizer = optim.use_flat(cfg.optim, trainable)
         self.tx, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.steps,
-                                                      runtime_lr=True)
+                                                      runtime_lr=True,
+                                                      flat=self.flat_optimizer)
         self.schedule_hp = optim.schedule_params(cfg.optim, cfg.train.steps)
         p_sh = jax.tree.map(lambda x: x.sharding, trainable)
         abstract_opt = jax.eval_shape(self.tx.init, trainable)
         repl = sharding.replicated(self.mesh)
-        opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, p_sh,
-                                       transform_non_params=lambda _: repl)
+        if self.flat_optimizer:   # vectors: replicated like the params they stand for
+            opt_sh = jax.tree.map(lambda _: repl, abstract_opt)
+        else:
+            opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, p_sh,
+                                           transform_non_params=lambda _: repl)
         self.state_shardings = dict(step=repl, params=p_sh, opt_state=opt_sh, nonfinite=repl,
                                     skipped=repl)
-        return jax.jit(lambda p: step_lib.init_state(p, self.tx),
-                       out_shardings=self.state_shardings)(trainable)
+        # runs once per run: compiled fast, and kept / serialized like the other programs
+        init = program_cache.get_or_build(
+            self._program_key("opt_init", trainable, self.flat_optimizer),
+            lambda: jax.jit(lambda p: step_lib.init_state(p, self.tx),
+                            out_shardings=self.state_shardings).lower(
+                ckpt.abstract_like(trainable)).compile(FAST_COMPILE))
+        return init(trainable)
 
     # -- compiled steps
     def _abstract_batch(self, spec):
