@@ -15,6 +15,15 @@ row takes the i-th shuffled token of that row.
 Param tree: {"vision": NativeViT, "projector": {norm, linear_0, linear_1}, "llm": LLM}.
 The visual experts of the LLM start as copies of its text weights: `init_params` does it
 for fresh params, `init_visual_experts` after loading a pretrained (text-only) LLM.
+
+`NativeVLM.init` of a small model (<= ONE_DRAW_MAX parameters: the CPU demo's) draws every
+weight from ONE random stream (`one_draw_init`): the same distributions as the layers' own
+initialisers (normal(0.02) weights, ones for norm scales, zeros for biases; checked
+against flax's per-parameter init in tests/native), but one threefry draw instead of a
+key derivation and a draw per parameter, so its init program compiles ~60 small kernels
+instead of ~10-20 per parameter (benchmarks/native.py `init`). Bigger models keep flax's
+per-parameter init (no transient flat copy of all weights; each draw shards like its
+parameter).
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlm_jax.models import layers as L
 from vlm_jax.models.experts import init_visual_experts
@@ -71,10 +81,61 @@ def merge_visual(text_embeds, visual_tokens, visual_mask):
     return jnp.where(vm[..., None], picked.astype(text_embeds.dtype), text_embeds)
 
 
+# Initial values by param name (every initialiser of the native model's layers): norm
+# scales are ones, biases zeros, every other weight (kernels, embeddings, lm_head) normal
+# with this std (`layers.normal_init()`, the default of Linear and the LLM's embeddings).
+INIT_STD = 0.02
+ONE_DRAW_MAX = 1 << 24        # parameters; above it, flax's per-parameter init
+_ONES = ("scale",)
+_ZEROS = ("bias", "visual_bias")
+
+
+def _leaf_name(path) -> str:
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return str(names[-1]) if names else ""
+
+
+def one_draw_init(abstract, rng):
+    """Values for an abstract variables tree (`jax.eval_shape` of `Module.init`, boxed or
+    not): ones / zeros / normal(INIT_STD) by param name, the normal ones sliced from a
+    single draw of `rng` (distinct parameters get disjoint slices: independent)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    names = [_leaf_name(p) for p, _ in leaves]
+    drawn = [i for i, n in enumerate(names) if n not in _ONES + _ZEROS]
+    sizes = [int(np.prod(leaves[i][1].shape)) for i in drawn]
+    flat = jax.random.normal(rng, (max(sum(sizes), 1),), jnp.float32) * INIT_STD
+    start = dict(zip(drawn, np.cumsum([0] + sizes)))
+    values = []
+    for i, ((_, a), n) in enumerate(zip(leaves, names)):
+        if n in _ONES:
+            values.append(jnp.ones(a.shape, a.dtype))
+        elif n in _ZEROS:
+            values.append(jnp.zeros(a.shape, a.dtype))
+        else:
+            o = int(start[i])
+            values.append(flat[o:o + int(np.prod(a.shape))].reshape(a.shape).astype(a.dtype))
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
 class NativeVLM(nn.Module):
     """`cfg` is `config.model` (kind "native"): `vision` (variant "native"), `llm`
     (experts, expert_impl), `projector` (shuffle_ratio), dtypes, `attention_impl`."""
     cfg: Any
+
+    @nn.nowrap
+    def init(self, rngs, *args, method=None, **kwargs):
+        """`nn.Module.init` (same tree, shapes, dtypes and logical-axis boxes) with the
+        values of `one_draw_init` up to ONE_DRAW_MAX parameters; flax's init unchanged
+        above it or with `method`."""
+        def flax_init(r):
+            return nn.Module.init(self, r, *args, method=method, **kwargs)
+        if method is not None:
+            return flax_init(rngs)
+        abstract = jax.eval_shape(flax_init, rngs)
+        if sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract)) > ONE_DRAW_MAX:
+            return flax_init(rngs)
+        key = rngs["params"] if isinstance(rngs, dict) else rngs
+        return one_draw_init(abstract, key)
 
     def setup(self):
         c = self.cfg
