@@ -3,10 +3,10 @@
 Writes a random Llama (~1B params, bf16; `--quick`: ~70M) with transformers'
 `save_pretrained`, warms the page cache with one read of the files, then measures, each in
 a fresh subprocess (imports excluded from the times):
-  - ours: `vlm_jax.convert.convert_llm` (each tensor mapped from the files and copied,
-    [out, in] -> [in, out], straight into its slice of the scanned training layout, on
-    one thread per usable core; `load_s`) + the orbax save of `python -m vlm_jax.convert`
-    (`save_s`);
+  - ours: `vlm_jax.convert.convert_llm` (our kernels are in torch's [out, in] layout, so
+    each tensor is read from the file with positioned reads straight into its slice of the
+    scanned training layout: no transpose, no file mapping, one thread per usable core;
+    `load_s`) + the orbax save of `python -m vlm_jax.convert` (`save_s`);
   - transformers_lazy: `LlamaForCausalLM.from_pretrained` of the same files. transformers 5
     maps the safetensors files and reads the weights only when they are first used;
   - transformers_materialized: the same, then every parameter copied into the process's

@@ -1,4 +1,5 @@
-"""Fast strided copies (arrays.py) against numpy, and the converter's peak memory."""
+"""Host copies and reads (arrays.py, Reader.read_into) against numpy, the read and
+mapped load paths, and the converter's peak memory."""
 import gc
 import json
 import os
@@ -17,20 +18,21 @@ DTYPES = (ml_dtypes.bfloat16, np.float32, np.float16, ml_dtypes.float8_e4m3fn, n
 
 
 def views(a):
-    """The strided views conversion copies: transposes, head splits, odd slices."""
+    """Views the converter copies or exports: head splits, row blocks, odd slices."""
     r, c = a.shape
-    out = [a.T, a[:, ::2].T, a[1:, 3:].T]
+    out = [a, a[:, ::2], a[1:, 3:], a.T]
     if r % 4 == 0:
-        out.append(M.heads_in(4)[0](a))     # [c, 4, r/4]
+        out.append(M.heads(4)[0](a))         # [4, r/4, c]
+        out.append(a.reshape(2, 2, r // 4, c)[:, :1])   # InternLM2-style row blocks
     if c % 4 == 0:
-        out.append(M.heads_out(4)[0](a))    # [4, c/4, r]
+        out.append(M.heads_last(4)[0](a))    # [r, 4, c/4]
     return out
 
 
 def test_copy_into_matches_numpy_bit_exact():
     rng = np.random.default_rng(0)
     for dt in DTYPES:
-        for shape in ((600, 520), (96, 160), (1000, 96), (37, 300), (300, 37), (8, 3)):
+        for shape in ((600, 520), (96, 160), (37, 300), (8, 3)):
             a = rng.standard_normal(shape).astype(dt)
             for v in views(a):
                 d = arrays.empty(v.shape, v.dtype)
@@ -39,6 +41,10 @@ def test_copy_into_matches_numpy_bit_exact():
                 c = arrays.contiguous(v, np.float32)       # with a cast
                 assert c.flags.c_contiguous and c.dtype == np.float32
                 np.testing.assert_array_equal(c, v.astype(np.float32))
+    nan = np.array([0x7fc1, 0xffc3, 0x7f81], np.uint16).view(ml_dtypes.bfloat16)
+    d = np.empty(3, ml_dtypes.bfloat16)
+    arrays.copy_into(d, nan)                                # NaN payloads survive
+    assert d.view(np.uint16).tolist() == nan.view(np.uint16).tolist()
     big = arrays.empty((1024, 1024), np.float32)           # an anonymous mmap
     big[...] = 3
     assert big.sum() == 3 * 2 ** 20 and arrays.contiguous(big) is big
@@ -53,39 +59,24 @@ def test_copy_into_matches_numpy_bit_exact():
         assert _rss_kib()[0] - before > 60 * 1024
 
 
-def test_word_transpose_odd_tiles_offsets_and_casts():
-    """The word kernel itself (not a fallback) on shapes that leave partial tiles, on
-    views not aligned to the word size, and with a cast in the unpack pass."""
-    rng = np.random.default_rng(1)
-    for dt, shape in ((ml_dtypes.bfloat16, (600, 1032)), (np.float32, (517, 264)),
-                      (np.uint8, (300, 48)), (np.float16, (2 ** 9 + 3, 8 * 67))):
-        n = shape[0] * shape[1] * np.dtype(dt).itemsize
-        raw = rng.integers(0, 255, n + 16, dtype=np.uint8)
-        for off in (0, 1, 8):     # byte offsets: aligned and not to the 16-byte word
-            a = raw[off:off + n].view(dt).reshape(shape)
-            d = np.empty(shape[::-1], dt)
-            assert arrays._transpose_words(arrays._raw(d), arrays._raw(a.T)), (dt, shape)
-            assert d.tobytes() == np.ascontiguousarray(a.T).tobytes(), (dt, shape, off)
-            if dt is not np.uint8:
-                f = np.empty(shape[::-1], np.float64)
-                with np.errstate(invalid="ignore"):     # random bits include NaNs
-                    assert arrays._transpose_words(f, a.T)
-                    np.testing.assert_array_equal(f, a.T.astype(np.float64))
-    m = np.zeros((40, 36), np.uint16)          # rows % 8 != 0: 8-byte words; % 4: none
-    assert arrays._transpose_words(np.empty((36, 40), np.uint16), m.T)
-    assert not arrays._transpose_words(np.empty((35, 40), np.uint16), m[:, :35].T)
-
-
-def test_as_2d_only_merges_without_copies():
-    a = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
-    for v in (a, a.T, a.transpose(1, 0, 2, 3), a[:, :1], a[..., ::2],
-              a.reshape(6, 20).T.reshape(4, 5, 6)):
-        for k in range(1, v.ndim):
-            got = arrays._as_2d(v, k)
-            w = v.reshape(int(np.prod(v.shape[:k])), -1)
-            assert (got is not None) == np.shares_memory(w, v), (v.shape, v.strides, k)
-            if got is not None:
-                np.testing.assert_array_equal(got, w)
+def test_read_into_reads_any_reshape_and_checks(tmp_path):
+    rng = np.random.default_rng(2)
+    t = {"a": rng.standard_normal((6, 10)).astype(ml_dtypes.bfloat16),
+         "b": rng.standard_normal((3,)).astype(np.float32)}
+    st.write(str(tmp_path / "x.safetensors"), t)
+    r = st.Reader(str(tmp_path / "x.safetensors"))
+    out = np.empty((2, 3, 10), ml_dtypes.bfloat16)
+    r.read_into("a", out)
+    assert out.tobytes() == t["a"].tobytes()
+    np.testing.assert_array_equal(r.read("b"), t["b"])
+    for bad in (np.empty((6, 10), np.float32), np.empty((6, 9), ml_dtypes.bfloat16),
+                np.empty((10, 6), ml_dtypes.bfloat16).T):
+        with pytest.raises(ValueError, match="read_into"):
+            r.read_into("a", bad)
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "x.safetensors").write_bytes(raw[:-4])       # truncated after the header check
+    with pytest.raises(st.ConversionError, match="truncated inside tensor 'b'"):
+        r.read_into("b", np.empty(3, np.float32))
 
 
 def write_llama(path, vocab=4096, d=512, mlp=1024, layers=8, heads=8, kv=4):
@@ -148,25 +139,52 @@ def test_convert_peak_memory_near_one_copy(tmp_path):
 
 
 def test_threaded_load_bit_exact_and_fails_before_reading(tmp_path, monkeypatch):
-    """Loading on several threads gives the single-threaded result bit for bit (shapes
-    taking the 16-byte, 8-byte and element-tile paths), and a config that does not match
-    the weights is refused before any tensor is read."""
+    """Loading on several threads gives the single-threaded result bit for bit, and a
+    config that does not match the weights is refused before any tensor is read."""
     write_llama(tmp_path / "hf", vocab=250, d=72, mlp=100, layers=3, heads=3, kv=1)
     got = {}
     for n in (1, 3):
         monkeypatch.setattr(M, "default_threads", lambda n=n: n)
         _, got[n], _ = convert.api.convert_llm(str(tmp_path / "hf"))
     ref = st.Reader(str(tmp_path / "hf"))
-    want = ref.read("model.layers.2.mlp.down_proj.weight").T
+    want = ref.read("model.layers.2.mlp.down_proj.weight")   # torch's layout: as stored
     np.testing.assert_array_equal(got[3]["layers"]["mlp"]["down"]["kernel"][2].view(np.uint16),
                                   want.view(np.uint16))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a.view(np.uint16),
                                                             b.view(np.uint16)), got[1], got[3])
     cfg = json.load(open(tmp_path / "hf" / "config.json"))
     json.dump(dict(cfg, intermediate_size=96), open(tmp_path / "hf" / "config.json", "w"))
+    touched = []
+    for name in ("mapped", "read_into"):
+        orig = getattr(st.Reader, name)
+        monkeypatch.setattr(st.Reader, name, lambda self, k, *a, orig=orig:
+                            touched.append(k) or orig(self, k, *a))
+    with pytest.raises(st.ConversionError, match=r"gate_proj.weight' of shape \(100, 72\)"):
+        convert.api.convert_llm(str(tmp_path / "hf"))
+    assert touched == []
+
+
+def test_read_and_mapped_load_paths_bit_identical(tmp_path, monkeypatch):
+    """Entries that are reshapes are read straight into their leaves (no file mapped);
+    with read=False, or a cast, the same tensors come through mappings, bit for bit."""
+    from vlm_jax.convert import hf_llm
+    from vlm_jax.models.llm import param_shapes
+    write_llama(tmp_path / "hf", vocab=250, d=72, mlp=100, layers=2, heads=3, kv=1)
+    over = hf_llm.config_overrides(json.load(open(tmp_path / "hf" / "config.json")))
+    cfg = convert.api._llm_module(over, True)[0]
+    reader = st.Reader(str(tmp_path / "hf"))
+    entries = hf_llm.entries(cfg, "llama")
+    assert all(e.plain for e in entries)
     mapped = []
     orig = st.Reader.mapped
     monkeypatch.setattr(st.Reader, "mapped", lambda self, k: mapped.append(k) or orig(self, k))
-    with pytest.raises(st.ConversionError, match=r"gate_proj.weight' of shape \(100, 72\)"):
-        convert.api.convert_llm(str(tmp_path / "hf"))
-    assert mapped == []
+    got = {r: M.load(reader, entries, param_shapes(cfg), True, read=r, threads=2)
+           for r in (True, False)}
+    assert len(mapped) == len(entries)                  # only read=False mapped the files
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a.view(np.uint16),
+                                                            b.view(np.uint16)), *got.values())
+    q = reader.read("model.layers.1.self_attn.q_proj.weight").reshape(3, 24, 72)
+    assert got[True]["layers"]["attn"]["q"]["kernel"][1].tobytes() == q.tobytes()
+    f32 = M.load(reader, entries, param_shapes(cfg), True, np.float32)   # cast: mapped
+    assert len(mapped) == 2 * len(entries)
+    np.testing.assert_array_equal(f32["layers"]["attn"]["q"]["kernel"][1], q.astype(np.float32))

@@ -213,7 +213,7 @@ def test_bad_inputs_name_file_and_key(tmp_path):
     write(tensors, intermediate_size=128)
     with pytest.raises(convert.ConversionError,
                        match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight'"
-                             r" of shape \(160, 96\).*expects \(96, 128\)"):
+                             r" of shape \(160, 96\).*expects \(128, 96\)"):
         convert.load_hf_llm(str(bad))
     with open(bad / "model.safetensors", "r+b") as f:  # truncated file
         f.truncate(os.path.getsize(bad / "model.safetensors") - 100)

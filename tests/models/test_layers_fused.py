@@ -40,29 +40,30 @@ def test_silu_mul_value_and_grads_equal_autodiff(dtype):
 
 
 def _dot_general(x, k, n_in):
+    """x's last n_in axes against the last n_in axes of an [out..., in...] kernel."""
     return jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n_in, x.ndim)),
-                                       tuple(range(n_in))), ((), ())))
+                                       tuple(range(k.ndim - n_in, k.ndim))), ((), ())))
 
 
-@pytest.mark.parametrize("kshape,n_in", [((6, 4, 3), 1), ((4, 3, 6), 2), ((6, 5), 1)])
+@pytest.mark.parametrize("kshape,n_in", [((4, 3, 6), 1), ((6, 4, 3), 2), ((5, 6), 1)])
 def test_linear_contract_equals_dot_general(kshape, n_in):
-    x = _normal((2, 3) + kshape[:n_in], 0)
+    x = _normal((2, 3) + kshape[len(kshape) - n_in:], 0)
     k = _normal(kshape, 1)
     f = lambda fn: jax.jit(jax.value_and_grad(
         lambda x, k: jnp.sum(jnp.sin(fn(x, k, n_in))), argnums=(0, 1)))(x, k)
     (v_ref, g_ref), (v, g) = f(_dot_general), f(L._contract)
     np.testing.assert_allclose(v, v_ref, rtol=1e-6)
-    for a, b in zip(g, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g, g_ref):   # fp32 sums in another order: atol for cancellations
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_multi_axis_kernel_is_not_copied_in_backward():
-    """The input gradient of an attention output projection (kernel [heads, kv, embed])
+    """The input gradient of an attention output projection (kernel [embed, heads, kv])
     must read the kernel in place: no copy/transpose of it in the compiled program."""
-    x, k = _normal((4, 16, 8, 32), 0), _normal((8, 32, 64), 1)
+    x, k = _normal((4, 16, 8, 32), 0), _normal((64, 8, 32), 1)
     grad = jax.jit(jax.grad(lambda x, k: jnp.sum(L._contract(x, k, 2) ** 2)))
     hlo = grad.lower(x, k).compile().as_text()
-    kernel = re.search(r"%(\S+) = f32\[8,32,64\]\{2,1,0\} parameter\(1\)", hlo).group(1)
+    kernel = re.search(r"%(\S+) = f32\[64,8,32\]\{2,1,0\} parameter\(1\)", hlo).group(1)
     for line in hlo.splitlines():
         if re.search(rf"= \S+ (copy|transpose|fusion)\(%{re.escape(kernel)}\)", line):
             assert "dot" in line or "ynn" in line or "custom" in line, line

@@ -37,11 +37,12 @@ def test_meshes_match_one_device(result):
 
 def test_params_and_optimizer_state_are_sharded(result):
     m = result["meshes"]
-    # lm_head [embed, vocab]: embed over fsdp, vocab over tensor; Adam's mu alike
-    assert m["(1, 4, 2)"]["head_spec"] == ["fsdp", "tensor"]
+    # lm_head kernel [vocab, embed] (torch layout): vocab over tensor, embed over fsdp;
+    # Adam's mu alike
+    assert m["(1, 4, 2)"]["head_spec"] == ["tensor", "fsdp"]
     assert m["(1, 4, 2)"]["mu_spec"] == m["(1, 4, 2)"]["head_spec"]
     assert m["(1, 4, 2)"]["head_shards"] == 8
-    assert m["(2, 2, 2)"]["q_spec"] == ["fsdp", "tensor", None]
+    assert m["(2, 2, 2)"]["q_spec"] == ["tensor", None, "fsdp"]   # [heads, kv, embed]
     assert m["(8, 1, 1)"]["head_spec"] == [None, None]  # pure data parallel: replicated
 
 

@@ -81,7 +81,7 @@ def convert_llm(path: str, dtype=None, scan_layers: bool = True):
                     scan_layers, _np_dtype(dtype),
                     hf_llm.ignore_fn(prefix, head, cfg.tie_embeddings), what=f"{arch} LLM")
     meta = dict(part="llm", arch=arch, config=over, hf_config=hf, prefix=prefix, head_key=head,
-                source=os.path.abspath(path))
+                source=os.path.abspath(path), kernel_layout=L.KERNEL_LAYOUT)
     return over, params, meta
 
 
@@ -108,7 +108,7 @@ def convert_vision(path: str, dtype=None, scan_layers: bool = True, **overrides)
     params = M.load(reader, entries, shapes, scan_layers,
                     _np_dtype(dtype), ignore, what=f"{arch} vision")
     meta = dict(part="vision", arch=arch, config=over, hf_config=hf, prefix=prefix,
-                source=os.path.abspath(path))
+                source=os.path.abspath(path), kernel_layout=L.KERNEL_LAYOUT)
     return over, params, meta
 
 
@@ -196,9 +196,16 @@ def _is_stacked(params: dict) -> bool:
 
 
 def load_converted(path: str, scan_layers: bool = True, dtype=None):
-    """(meta, params) of a dir written by `save_converted`."""
+    """(meta, params) of a dir written by `save_converted` (by this version: a dir of
+    [in, out] kernels, from before `kernel_layout` was recorded, is refused)."""
     import orbax.checkpoint as ocp
     meta = read_json(os.path.join(path, META))
+    if meta.get("kernel_layout") != L.KERNEL_LAYOUT:
+        raise ConversionError(
+            f"{os.path.join(path, META)}: written with the [in, out] kernel layout of "
+            f"vlm_jax < this version (kernels are now torch's [out, in]); re-convert it: "
+            f"python -m vlm_jax.convert --{'openclip' if meta.get('arch') == 'openclip' else 'hf'}"
+            f" {meta.get('source', 'SOURCE')} --out {path} --force")
     params = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.path.join(path, "params")))
     params = jax.tree.map(np.asarray, params)
     dt = _np_dtype(dtype)

@@ -114,69 +114,60 @@ def hf_config(cfg, arch: str = "llama", base: dict | None = None) -> dict:
             "torch_dtype": "float32"}
 
 
+# Per-layer keys (after `{prefix}layers.{i}.`) of the tensors both layouts share.
+LAYER_KEYS = {
+    "llama": {"attn/o/kernel": "self_attn.o_proj", "mlp/gate/kernel": "mlp.gate_proj",
+              "mlp/up/kernel": "mlp.up_proj", "mlp/down/kernel": "mlp.down_proj",
+              "attn_norm/scale": "input_layernorm",
+              "mlp_norm/scale": "post_attention_layernorm"},
+    "internlm2": {"attn/o/kernel": "attention.wo", "mlp/gate/kernel": "feed_forward.w1",
+                  "mlp/up/kernel": "feed_forward.w3", "mlp/down/kernel": "feed_forward.w2",
+                  "attn_norm/scale": "attention_norm", "mlp_norm/scale": "ffn_norm"},
+}
+
+
 def entries(cfg, arch: str, prefix: str = "model.", head_key: str = "lm_head.weight"
             ) -> list[M.Entry]:
-    """The key table of an LLM config (one entry per checkpoint tensor group)."""
+    """The key table of an LLM config (one entry per checkpoint tensor group). Our kernels
+    are in torch's layout, so each weight is copied as stored (split into heads)."""
     hd = cfg.head_dim or cfg.width // cfg.heads
-    qf, qb = M.heads_in(cfg.heads)
-    kf, kb = M.heads_in(cfg.kv_heads)
-    of, ob = M.heads_out(cfg.heads)
+    o_split = M.heads_last(cfg.heads)
     p = prefix
-    if arch == "internlm2":
-        out = [M.one(f"{p}tok_embeddings.weight", "embedding"),
-               M.one(f"{p}norm.weight", "final_norm/scale")]
-    else:
-        out = [M.one(f"{p}embed_tokens.weight", "embedding"),
-               M.one(f"{p}norm.weight", "final_norm/scale")]
+    emb = "tok_embeddings" if arch == "internlm2" else "embed_tokens"
+    out = [M.one(f"{p}{emb}.weight", "embedding"), M.one(f"{p}norm.weight", "final_norm/scale")]
     if not cfg.tie_embeddings:
-        out.append(M.one(head_key, "lm_head", M.t, M.t))
+        out.append(M.one(head_key, "lm_head"))
+    keys = LAYER_KEYS["internlm2" if arch == "internlm2" else "llama"]
     for i in range(cfg.depth):
         lp, o = f"{p}layers.{i}.", f"layers_{i}/"
         if arch == "internlm2":
-            out += [
-                _wqkv(f"{lp}attention.wqkv.weight", o, cfg.heads, cfg.kv_heads, hd),
-                M.one(f"{lp}attention.wo.weight", o + "attn/o/kernel", of, ob),
-                M.one(f"{lp}feed_forward.w1.weight", o + "mlp/gate/kernel", M.t, M.t),
-                M.one(f"{lp}feed_forward.w3.weight", o + "mlp/up/kernel", M.t, M.t),
-                M.one(f"{lp}feed_forward.w2.weight", o + "mlp/down/kernel", M.t, M.t),
-                M.one(f"{lp}attention_norm.weight", o + "attn_norm/scale"),
-                M.one(f"{lp}ffn_norm.weight", o + "mlp_norm/scale"),
-            ]
-            continue
-        a = f"{lp}self_attn."
-        out += [
-            M.one(f"{a}q_proj.weight", o + "attn/q/kernel", qf, qb),
-            M.one(f"{a}k_proj.weight", o + "attn/k/kernel", kf, kb),
-            M.one(f"{a}v_proj.weight", o + "attn/v/kernel", kf, kb),
-            M.one(f"{a}o_proj.weight", o + "attn/o/kernel", of, ob),
-            M.one(f"{lp}mlp.gate_proj.weight", o + "mlp/gate/kernel", M.t, M.t),
-            M.one(f"{lp}mlp.up_proj.weight", o + "mlp/up/kernel", M.t, M.t),
-            M.one(f"{lp}mlp.down_proj.weight", o + "mlp/down/kernel", M.t, M.t),
-            M.one(f"{lp}input_layernorm.weight", o + "attn_norm/scale"),
-            M.one(f"{lp}post_attention_layernorm.weight", o + "mlp_norm/scale"),
-        ]
-        if cfg.qkv_bias:
-            out += [M.one(f"{a}{n}_proj.bias", o + f"attn/{n}/bias", *M.heads_bias(h))
-                    for n, h in (("q", cfg.heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads))]
+            out.append(_wqkv(f"{lp}attention.wqkv.weight", o, cfg.heads, cfg.kv_heads, hd))
+        else:
+            for n, h in (("q", cfg.heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads)):
+                out.append(M.one(f"{lp}self_attn.{n}_proj.weight", o + f"attn/{n}/kernel",
+                                 *M.heads(h)))
+                if cfg.qkv_bias:
+                    out.append(M.one(f"{lp}self_attn.{n}_proj.bias", o + f"attn/{n}/bias",
+                                     *M.heads(h)))
+        out += [M.one(f"{lp}{k}.weight", o + ours, *(o_split if ours == "attn/o/kernel" else ()))
+                for ours, k in keys.items()]
     return out
 
 
 def _wqkv(key: str, o: str, heads: int, kv_heads: int, hd: int) -> M.Entry:
-    """InternLM2's packed wqkv [(kv * (g + 2) * hd), D]: per kv head, g q heads, k, v."""
+    """InternLM2's packed wqkv [(kv * (g + 2) * hd), D]: per kv head, g q heads, k, v (row
+    blocks). q comes out as [kv, g, hd, D], a view that splits the leaf's heads axis
+    (`mapping.load` copies it block by block)."""
     g = heads // kv_heads
 
     def fwd(w):
-        d = w.shape[1]
-        w = w.reshape(kv_heads, g + 2, hd, d)
-        q = w[:, :g].reshape(heads, hd, d)
-        k, v = w[:, g], w[:, g + 1]
-        return tuple(x.transpose(2, 0, 1) for x in (q, k, v))
+        w = w.reshape(kv_heads, g + 2, hd, w.shape[1])
+        return w[:, :g], w[:, g], w[:, g + 1]
 
     def back(q, k, v):
-        d = q.shape[0]
-        q = q.transpose(1, 2, 0).reshape(kv_heads, g, hd, d)
-        k, v = k.transpose(1, 2, 0)[:, None], v.transpose(1, 2, 0)[:, None]
-        return (np.ascontiguousarray(np.concatenate([q, k, v], 1).reshape(-1, d)),)
+        d = q.shape[-1]
+        q = q.reshape(kv_heads, g, hd, d)
+        return (np.concatenate([q, k[:, None], v[:, None]], 1).reshape(-1, d),)
 
     return M.Entry((key,), (o + "attn/q/kernel", o + "attn/k/kernel", o + "attn/v/kernel"),
                    fwd, back)

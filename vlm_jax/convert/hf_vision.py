@@ -54,16 +54,12 @@ def hf_config(cfg, base: dict | None = None) -> dict:
             "layer_norm_eps": cfg.norm_eps, "num_channels": 3, "torch_dtype": "float32"}
 
 
-def _patch():
-    return (lambda w: w.transpose(2, 3, 1, 0),   # a view: `load` copies it once
-            lambda k: np.ascontiguousarray(k.transpose(3, 2, 0, 1)))
-
-
 def _ln(key: str, ours: str) -> list[M.Entry]:
     return [M.one(f"{key}.weight", f"{ours}/scale"), M.one(f"{key}.bias", f"{ours}/bias")]
 
 
-def _dense(key: str, ours: str, fwd=M.t, back=M.t, bias=None) -> list[M.Entry]:
+def _dense(key: str, ours: str, fwd=None, back=None, bias=None) -> list[M.Entry]:
+    """A torch Linear's weight and bias (copied as stored; `fwd`/`back` split heads)."""
     bf, bb = bias or (None, None)
     return [M.one(f"{key}.weight", f"{ours}/kernel", fwd, back),
             M.one(f"{key}.bias", f"{ours}/bias", bf, bb)]
@@ -72,16 +68,17 @@ def _dense(key: str, ours: str, fwd=M.t, back=M.t, bias=None) -> list[M.Entry]:
 def hf_entries(cfg, prefix: str = "vision_model.") -> list[M.Entry]:
     p = prefix
     h = cfg.heads
-    qf, qb = M.heads_in(h)
-    of, ob = M.heads_out(h)
+    qf, qb = M.heads(h)
+    of, ob = M.heads_last(h)
     out = [M.one(f"{p}embeddings.class_embedding", "class_embed"),
-           M.one(f"{p}embeddings.patch_embedding.weight", "patch_embed/kernel", *_patch()),
+           # the conv weight [D, 3, p, p] is our patch kernel as stored
+           M.one(f"{p}embeddings.patch_embedding.weight", "patch_embed/kernel"),
            M.one(f"{p}embeddings.position_embedding.weight", "pos_embed"),
            *_ln(f"{p}pre_layrnorm", "ln_pre"), *_ln(f"{p}post_layernorm", "ln_post")]
     for i in range(cfg.depth):
         lp, o = f"{p}encoder.layers.{i}.", f"layers_{i}/"
         for n in ("q", "k", "v"):
-            out += _dense(f"{lp}self_attn.{n}_proj", o + f"attn/{n}", qf, qb, M.heads_bias(h))
+            out += _dense(f"{lp}self_attn.{n}_proj", o + f"attn/{n}", qf, qb, M.heads(h))
         out += _dense(f"{lp}self_attn.out_proj", o + "attn/o", of, ob)
         out += _ln(f"{lp}layer_norm1", o + "ln1") + _ln(f"{lp}layer_norm2", o + "ln2")
         out += _dense(f"{lp}mlp.fc1", o + "mlp/fc1") + _dense(f"{lp}mlp.fc2", o + "mlp/fc2")
@@ -106,8 +103,9 @@ def hf_ignore(prefix: str):
 
 # --------------------------------------------------------------------------- OpenCLIP
 def _in_proj(key: str, o: str, h: int, bias: bool) -> M.Entry:
-    """OpenCLIP's packed attn.in_proj_{weight,bias} [3D, D] / [3D] -> q, k, v."""
-    qf, qb = M.heads_bias(h) if bias else M.heads_in(h)
+    """OpenCLIP's packed attn.in_proj_{weight,bias} [3D, D] / [3D] -> q, k, v (three row
+    blocks, each split into heads)."""
+    qf, qb = M.heads(h)
 
     def fwd(w):
         return tuple(qf(x) for x in np.split(w, 3, axis=0))
@@ -120,9 +118,9 @@ def _in_proj(key: str, o: str, h: int, bias: bool) -> M.Entry:
 
 def openclip_entries(cfg) -> list[M.Entry]:
     h = cfg.heads
-    of, ob = M.heads_out(h)
+    of, ob = M.heads_last(h)
     out = [M.one("visual.class_embedding", "class_embed"),
-           M.one("visual.conv1.weight", "patch_embed/kernel", *_patch()),
+           M.one("visual.conv1.weight", "patch_embed/kernel"),
            M.one("visual.positional_embedding", "pos_embed"),
            *_ln("visual.ln_pre", "ln_pre"), *_ln("visual.ln_post", "ln_post")]
     for i in range(cfg.depth):

@@ -45,10 +45,10 @@ def load_llava(path: str, dtype=None, scan_layers: bool = True):
                               f"{PROJ_PREFIXES[0] + 'linear_1.weight'!r} (LLaVA projector)")
     entries = []
     for i in (1, 2):
-        entries += [M.one(f"{prefix}linear_{i}.weight", f"linear_{i - 1}/kernel", M.t, M.t),
+        entries += [M.one(f"{prefix}linear_{i}.weight", f"linear_{i - 1}/kernel"),
                     M.one(f"{prefix}linear_{i}.bias", f"linear_{i - 1}/bias")]
-    shapes = {f"linear_{i}/kernel": reader.shape(f"{prefix}linear_{i + 1}.weight")[::-1]
-              for i in (0, 1)}
+    shapes = {f"linear_{i}/kernel": reader.shape(f"{prefix}linear_{i + 1}.weight")
+              for i in (0, 1)}   # torch's [out, in]: our kernel layout
     shapes.update({f"linear_{i}/bias": reader.shape(f"{prefix}linear_{i + 1}.bias")
                    for i in (0, 1)})
     p_params = M.load(reader, entries, shapes, False, api._np_dtype(dtype),

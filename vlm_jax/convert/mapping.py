@@ -5,7 +5,8 @@ numpy transforms (checkpoint -> ours, ours -> checkpoint). Layer entries name th
 unscanned path (`layers_3/...`); with a scanned model they land in slice 3 of the stacked
 `layers/...` leaf. `load` streams tensor by tensor into preallocated leaves (peak memory
 about one copy of the weights); `export` walks the same table backwards, so a round trip
-is bit-exact.
+is bit-exact. With our kernels in torch's layout every transform is a reshape (or a
+row-block split), so `load` is a contiguous copy per tensor.
 """
 from __future__ import annotations
 
@@ -31,42 +32,49 @@ class Entry:
     ours: tuple[str, ...]                     # "/"-joined param paths
     to_ours: Callable[..., Sequence[np.ndarray]]
     to_hf: Callable[..., Sequence[np.ndarray]]
+    # to_ours is a reshape of its one tensor into one destination: `load` may read the
+    # stored bytes straight into the destination instead of mapping the file.
+    plain: bool = False
 
 
 def one(hf: str, ours: str, to_ours=None, to_hf=None) -> Entry:
-    """A one-to-one entry (identity transforms by default)."""
+    """A one-to-one entry (identity transforms by default; `reshape` transforms, such as
+    `heads`', keep it `plain`)."""
     f = to_ours or (lambda a: a)
     g = to_hf or (lambda a: a)
-    return Entry((hf,), (ours,), lambda a: (f(a),), lambda a: (g(a),))
+    plain = to_ours is None or getattr(to_ours, "reshape_only", False)
+    return Entry((hf,), (ours,), lambda a: (f(a),), lambda a: (g(a),), plain)
 
 
-# Common transforms (checkpoint [out, in] torch layout -> ours [in, ...out]). They return
-# views where they can: `load` copies each result once, straight into its destination.
-def t(a):
-    return a.T
+def reshape(fn):
+    """Marks a transform as a pure reshape of its input (a view of all of it)."""
+    fn.reshape_only = True
+    return fn
 
 
-def heads_in(n: int):
-    """[n*h, d] -> [d, n, h] (q/k/v kernels) and back."""
+# Common transforms. Our kernels are in torch's [out..., in...] layout (`layers.Linear`),
+# so every transform is a reshape: a view of the checkpoint tensor, which `load` copies
+# once, contiguously, straight into its destination.
+def heads(n: int):
+    """Split the leading axis into n heads: [n*h, ...] -> [n, h, ...] (q/k/v kernels
+    [heads, kv, embed] and their biases) and back."""
+    @reshape
     def fwd(a):
-        return a.T.reshape(a.shape[1], n, -1)
+        return a.reshape((n, -1) + a.shape[1:])
 
     def back(a):
-        return a.reshape(a.shape[0], -1).T
+        return a.reshape((-1,) + a.shape[2:])
     return fwd, back
 
 
-def heads_bias(n: int):
-    return (lambda a: a.reshape(n, -1)), (lambda a: a.reshape(-1))
-
-
-def heads_out(n: int):
-    """[d, n*h] -> [n, h, d] (output projection) and back."""
+def heads_last(n: int):
+    """[d, n*h] -> [d, n, h] (output projection kernels [embed, heads, kv]) and back."""
+    @reshape
     def fwd(a):
-        return a.T.reshape(n, -1, a.shape[0])
+        return a.reshape(a.shape[0], n, -1)
 
     def back(a):
-        return a.reshape(-1, a.shape[-1]).T
+        return a.reshape(a.shape[0], -1)
     return fwd, back
 
 
@@ -114,7 +122,7 @@ def default_threads() -> int:
 
 def load(reader: Reader, entries: list[Entry], shapes: dict[str, tuple[int, ...]],
          scanned: bool, dtype=None, ignore: Callable[[str], bool] = lambda k: False,
-         what: str = "checkpoint", threads: int | None = None) -> dict:
+         what: str = "checkpoint", threads: int | None = None, read: bool = True) -> dict:
     """Reads `entries` from `reader` into a params tree of the given leaf `shapes`.
 
     dtype: target dtype (None = each tensor's stored dtype). Keys not covered by an entry
@@ -122,7 +130,9 @@ def load(reader: Reader, entries: list[Entry], shapes: dict[str, tuple[int, ...]
     do not match the model config: all checked, and every leaf allocated, before any
     weight is read. Then `threads` workers (default: the usable cores) each map one
     entry's tensors, copy them into their leaves and unmap them (at most `threads`
-    tensors are mapped at a time; the result does not depend on `threads`).
+    tensors are mapped at a time; the result does not depend on `threads`). A `plain`
+    entry whose stored dtype is the target's is instead read from the file straight into
+    its destination (`Reader.read`: one copy, no mapping); `read=False` maps those too.
     """
     used = {k for e in entries for k in e.hf}
     extra = sorted(k for k in reader.keys() if k not in used and not ignore(k))
@@ -140,7 +150,7 @@ def load(reader: Reader, entries: list[Entry], shapes: dict[str, tuple[int, ...]
     for leaf in shapes:
         if leaf not in leaves:
             raise ConversionError(f"{reader.source}: no tensor provides param {leaf!r}")
-    run = functools.partial(_copy_entry, reader)
+    run = functools.partial(_copy_entry, reader, read and hasattr(reader, "read_into"))
     threads = default_threads() if threads is None else max(1, int(threads))
     if threads == 1:
         for job in jobs:
@@ -175,7 +185,7 @@ def _targets(reader, e: Entry, leaves, shapes, scanned, dtype, what) -> list[np.
                                   f"param {leaf!r}, which the {what} config does not have")
         full = tuple(shapes[leaf])
         want = full[1:] if layer is not None else full
-        if tuple(a.shape) != want:
+        if not _fits(tuple(a.shape), want):
             raise ConversionError(
                 f"{reader.file_of(e.hf[0])}: tensor {e.hf[0]!r} of shape "
                 f"{reader.shape(e.hf[0])} gives param {path!r} of shape {tuple(a.shape)}, "
@@ -186,8 +196,19 @@ def _targets(reader, e: Entry, leaves, shapes, scanned, dtype, what) -> list[np.
     return out
 
 
-def _copy_entry(reader, job: tuple[Entry, list[np.ndarray]]) -> None:
+def _fits(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """A transform's result fits its destination: the same shape, or the destination's
+    leading axis split in two (InternLM2's q heads as [kv_heads, group, ...])."""
+    return got == want or (len(got) == len(want) + 1 and got[2:] == want[1:]
+                           and got[0] * got[1] == want[0])
+
+
+def _copy_entry(reader, read: bool, job: tuple[Entry, list[np.ndarray]]) -> None:
     e, targets = job
+    if read and e.plain and targets[0].dtype == reader.dtype(e.hf[0]):
+        prefault(targets[0])
+        reader.read_into(e.hf[0], targets[0])
+        return
     with contextlib.ExitStack() as stack:   # the mappings close once copied from
         _copy_all(targets, e.to_ours(*[stack.enter_context(reader.mapped(k)) for k in e.hf]))
 
@@ -196,7 +217,7 @@ def _copy_all(targets, arrays) -> None:
     """(A call of its own: no view of a mapping outlives it, so the mapping can close.)"""
     for dst, a in zip(targets, arrays, strict=True):
         prefault(dst)
-        copy_into(dst, a)
+        copy_into(dst.reshape(a.shape), a)   # a contiguous leaf slice: reshapes are views
 
 
 def export(params: dict, entries: list[Entry], scanned: bool

@@ -1,8 +1,9 @@
 """Streaming safetensors reader/writer (single files and sharded checkpoints).
 
-Reads one tensor at a time (`Reader.mapped`: an mmap of just that tensor, copied from and
-unmapped; `Reader.read`: into a numpy buffer), no whole-file load and no torch, so
-converting a checkpoint holds about one copy of the weights. Writes tensor by tensor,
+Reads one tensor at a time (`Reader.read_into`: positioned reads straight into a
+destination array; `Reader.mapped`: an mmap of just that tensor, copied from and
+unmapped), no whole-file load and no torch, so converting a checkpoint holds about one
+copy of the weights. Writes tensor by tensor,
 one file or transformers-style shards + index (`write_checkpoint`). Handles bf16/fp16/fp8
 through `ml_dtypes` (numpy has no bfloat16). The format: 8-byte little-endian header
 length, a JSON header {name: {dtype, shape, data_offsets}} (plus optional
@@ -145,22 +146,34 @@ class Reader:
 
     def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         """The tensor `key` in its stored dtype (read into `out` when given)."""
-        f, info, dt, shape = self._locate(key)
-        start, end = info["data_offsets"]
+        shape, dt = self.shape(key), self.dtype(key)
         if out is None:
             out = np.empty(shape, dt)
-        elif out.shape != shape or out.dtype != dt or not out.flags.c_contiguous:
+        elif out.shape != shape:
             raise ValueError(f"read({key!r}): out must be a contiguous {dt} array {shape}")
-        with open(f, "rb", buffering=0) as fh:
-            fh.seek(info["base"] + start)
-            view = memoryview(out.reshape(-1).view(np.uint8))
+        self.read_into(key, out)
+        return out
+
+    def read_into(self, key: str, out: np.ndarray) -> None:
+        """Reads the stored bytes of tensor `key` straight into `out`, a C-contiguous
+        array of its dtype and size (any shape: a reshape of the tensor), with positioned
+        reads (no file mapping, no intermediate buffer; the GIL is released)."""
+        f, info, dt, shape = self._locate(key)
+        if out.dtype != dt or out.size != int(np.prod(shape)) or not out.flags.c_contiguous:
+            raise ValueError(f"read_into({key!r}): out must be a contiguous {dt} array of "
+                             f"{int(np.prod(shape))} elements, got {out.dtype} {out.shape}")
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        start = info["base"] + info["data_offsets"][0]
+        fd = os.open(f, os.O_RDONLY)
+        try:
             got = 0
             while got < len(view):
-                n = fh.readinto(view[got:])
+                n = os.preadv(fd, [view[got:]], start + got)
                 if not n:
                     raise ConversionError(f"{f}: file truncated inside tensor {key!r}")
                 got += n
-        return out
+        finally:
+            os.close(fd)
 
 
 def _files(path: str) -> list[str]:

@@ -122,27 +122,38 @@ class LayerNorm(nn.Module):
 
 
 # --------------------------------------------------------------------------- linear layers
-def _contract(x, kernel, n_in: int):
-    """Contracts the last `n_in` axes of x with the first `n_in` axes of kernel.
+# The kernel layout of `Linear` (and of the LM head), recorded in checkpoints and converted
+# dirs: "out_in" = torch's [out..., in...]. Files without it hold the [in, out] kernels of
+# earlier versions and are refused on restore (square kernels would load transposed).
+KERNEL_LAYOUT = "out_in"
 
-    As one 2-D matmul: x [..., prod(in)] @ kernel [prod(in), prod(out)], reshaped back.
-    The reshapes of row-major arrays are free (bitcasts); contracting several axes at once
-    instead (e.g. [B, T, N, H] with an [N, H, D] kernel) makes XLA CPU transpose-copy the
-    kernel in every backward pass, which a 2-D dot's transposed operand avoids.
+
+def _contract(x, kernel, n_in: int):
+    """Contracts the last `n_in` axes of x with the last `n_in` axes of kernel [out..., in...].
+
+    As one 2-D matmul: x [..., prod(in)] against kernel [prod(out), prod(in)] on its axis
+    1, reshaped back. The reshapes of row-major arrays are free (bitcasts); contracting
+    several axes at once instead (e.g. [B, T, N, H] with a [D, N, H] kernel) makes XLA CPU
+    transpose-copy the kernel in every backward pass, which a 2-D dot's transposed operand
+    avoids. The [out, in] kernel (torch's layout) costs the step nothing against [in, out]:
+    XLA swaps the dot's dimension numbers, no copy (benchmarks/kernel_layout.py).
     """
-    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+    in_shape = kernel.shape[kernel.ndim - n_in:]
+    out_shape = kernel.shape[:kernel.ndim - n_in]
     k_in, k_out = math.prod(in_shape), math.prod(out_shape)
-    if n_in > 1 or len(out_shape) != 1:
-        y = jnp.dot(x.reshape(x.shape[:x.ndim - n_in] + (k_in,)), kernel.reshape(k_in, k_out))
-        return y.reshape(x.shape[:x.ndim - n_in] + out_shape)
-    return jax.lax.dot_general(
-        x, kernel, (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
+    lead = x.shape[:x.ndim - n_in]
+    y = jax.lax.dot_general(x.reshape(lead + (k_in,)), kernel.reshape(k_out, k_in),
+                            (((len(lead),), (1,)), ((), ())))
+    return y.reshape(lead + out_shape)
 
 
 class Linear(nn.Module):
     """A dense layer over the last `in_axes` input axes with logical axis names.
 
-    `kernel_axes` names every kernel axis: the input axes first, then `features`. With
+    The kernel is stored in torch's layout, [*features, *in_shape] ([out..., in...]), so a
+    transformers checkpoint's `weight` converts by a plain copy (`vlm_jax.convert`).
+    `kernel_axes` names the kernel's axes in (in..., out...) order (the input axes first,
+    then `features`); the param carries them reordered like its shape. With
     `experts=True` it holds a second set of weights for visual tokens (NaViL's
     modality-specific experts) and routes each token by `visual_mask` ([B, T], True for
     visual tokens); see `route_experts` for the implementations.
@@ -160,12 +171,13 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x, visual_mask=None):
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-        in_shape = x.shape[x.ndim - self.in_axes:]
-        shape = tuple(in_shape) + features
-        if len(self.kernel_axes) != len(shape):
-            raise ValueError(f"{self.name}: kernel_axes {self.kernel_axes} do not match kernel "
-                             f"shape {shape}")
-        init = with_axes(self.kernel_init, self.kernel_axes)
+        in_shape = tuple(x.shape[x.ndim - self.in_axes:])
+        if len(self.kernel_axes) != len(in_shape) + len(features):
+            raise ValueError(f"{self.name}: kernel_axes {self.kernel_axes} (in..., out...) do "
+                             f"not match input axes {in_shape} + features {features}")
+        shape = features + in_shape
+        axes = tuple(self.kernel_axes[self.in_axes:]) + tuple(self.kernel_axes[:self.in_axes])
+        init = with_axes(out_in_init(self.kernel_init, len(features)), axes)
         bias_axes = self.kernel_axes[self.in_axes:]
         binit = with_axes(nn.initializers.zeros, bias_axes)
 
@@ -189,6 +201,17 @@ class Linear(nn.Module):
             return apply(x, text)
         return route_experts(x, visual_mask, lambda xs: apply(xs, text),
                              lambda xs: apply(xs, visual), impl=self.expert_impl)
+
+
+def out_in_init(init: Initializer, n_out: int) -> Initializer:
+    """`init` for an [out..., in...] kernel, drawing what it draws for [in..., out...] (so
+    fan-in scaled initialisers see the right fans, and a seed gives the same weights as an
+    [in, out] layer, transposed)."""
+    def f(key, shape, dtype=jnp.float32):
+        n_in = len(shape) - n_out
+        k = init(key, tuple(shape[n_out:]) + tuple(shape[:n_out]), dtype)
+        return jnp.transpose(k, tuple(range(n_in, len(shape))) + tuple(range(n_in)))
+    return f
 
 
 def route_experts(x, visual_mask, text_fn, visual_fn, impl: str = "masked"):

@@ -6,9 +6,10 @@ optional NaViL modality experts (separate q/k/v/o and FFN weights for visual tok
 shared norms, routed by `visual_mask`).
 
 Param tree: `embedding` [vocab, embed], `layers` (scanned, leading `layers` axis) or
-`layers_0..` with `attn_norm`, `attn/{q,k,v,o}` (kernels [embed, heads, kv] and
-[heads, kv, embed]), `mlp_norm`, `mlp/{gate,up,down}`; `final_norm`; `lm_head`
-[embed, vocab] unless tied.
+`layers_0..` with `attn_norm`, `attn/{q,k,v,o}` (kernels [heads, kv, embed] and
+[embed, heads, kv]: torch's [out, in] layout, see `layers.Linear`), `mlp_norm`,
+`mlp/{gate,up,down}`; `final_norm`; `lm_head` [vocab, embed] (like the embedding) unless
+tied.
 """
 from __future__ import annotations
 
@@ -156,9 +157,10 @@ class LLM(nn.Module):
             self.blocks = [cls(name=f"layers_{i}", **blk) for i in range(c.depth)]
         self.final_norm = L.RMSNorm(eps=c.norm_eps, name="final_norm", **kw)
         if not c.tie_embeddings:
-            self.lm_head = self.param("lm_head", L.with_axes(L.normal_init(0.02),
-                                                             (L.EMBED, L.VOCAB)),
-                                      (c.width, c.vocab_size), self.param_dtype)
+            # [vocab, embed] (torch's layout), drawn as the [embed, vocab] head was
+            init = L.out_in_init(L.normal_init(0.02), 1)
+            self.lm_head = self.param("lm_head", L.with_axes(init, (L.VOCAB, L.EMBED)),
+                                      (c.vocab_size, c.width), self.param_dtype)
 
     def embed(self, tokens):
         """tokens [B, T] int -> embeddings [B, T, D] in the compute dtype."""
@@ -212,10 +214,11 @@ class LLM(nn.Module):
         return block.apply({"params": last}, x, *args, keep)[0]
 
     def unembedding(self):
-        """(unembedding matrix, tied): the embedding [V, D] if tied, else lm_head [D, V]."""
+        """(unembedding matrix, vocab_major): the embedding if tied, else lm_head; both are
+        [V, D] (vocab_major=True: the losses' `tied` layout)."""
         if self.cfg.tie_embeddings:
             return self.embedding, True
-        return self.lm_head, False
+        return self.lm_head, True
 
     def logits(self, hidden):
         """[B, T, D] -> logits [B, T, V] in the compute dtype (tied: hidden @ embedding.T)."""
@@ -250,15 +253,15 @@ def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
     if cfg.experts:
         raise ValueError("param_shapes: modality experts are not part of pretrained checkpoints")
     d, hd, h, kv, m = cfg.width, head_dim(cfg), cfg.heads, cfg.kv_heads, cfg.mlp_dim
-    layer = {"attn/q/kernel": (d, h, hd), "attn/k/kernel": (d, kv, hd),
-             "attn/v/kernel": (d, kv, hd), "attn/o/kernel": (h, hd, d),
-             "mlp/gate/kernel": (d, m), "mlp/up/kernel": (d, m), "mlp/down/kernel": (m, d),
+    layer = {"attn/q/kernel": (h, hd, d), "attn/k/kernel": (kv, hd, d),
+             "attn/v/kernel": (kv, hd, d), "attn/o/kernel": (d, h, hd),
+             "mlp/gate/kernel": (m, d), "mlp/up/kernel": (m, d), "mlp/down/kernel": (d, m),
              "attn_norm/scale": (d,), "mlp_norm/scale": (d,)}
     if cfg.qkv_bias:
         layer.update({"attn/q/bias": (h, hd), "attn/k/bias": (kv, hd), "attn/v/bias": (kv, hd)})
     top = {"embedding": (cfg.vocab_size, d), "final_norm/scale": (d,)}
     if not cfg.tie_embeddings:
-        top["lm_head"] = (d, cfg.vocab_size)
+        top["lm_head"] = (cfg.vocab_size, d)
     return with_layers(top, layer, cfg.depth, cfg.scan_layers)
 
 

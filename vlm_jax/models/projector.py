@@ -5,7 +5,8 @@
 - `pixel_shuffle`: NaViL's connector: pixel shuffle by `shuffle_ratio` (0.5 merges 2x2
   patches into one token of 4x the width), then LayerNorm -> Linear -> GELU -> Linear.
 
-Params: `linear_0..linear_{N-1}` (kernel [in, out] + bias); pixel_shuffle adds `norm`.
+Params: `linear_0..linear_{N-1}` (kernel [out, in], torch layout, + bias); pixel_shuffle
+adds `norm`.
 """
 from __future__ import annotations
 

@@ -119,7 +119,8 @@ def interpolate_pos_embed(pos: jax.Array, grid_in: int, grid_out: tuple[int, int
 
 # --------------------------------------------------------------------------- modules
 class Attention(nn.Module):
-    """Multi-head self-attention with biases (CLIP). q/k/v kernels [embed, heads, kv]."""
+    """Multi-head self-attention with biases (CLIP). q/k/v kernels [heads, kv, embed], o
+    [embed, heads, kv] (torch layout, `layers.Linear`)."""
     heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -209,7 +210,8 @@ class ViT(nn.Module):
                              f"multiples of patch_size {p}")
         gh, gw = h // p, w // p
         x = normalize_pixels(pixels).astype(self.dtype)
-        x = x.reshape(b, gh, p, gw, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        # Patches as [B, gh, gw, 3, p, p]: the kernel [D, 3, p, p] is torch's conv weight.
+        x = x.reshape(b, gh, p, gw, p, 3).transpose(0, 1, 3, 5, 2, 4)
         x = self.patch_embed(x).reshape(b, gh * gw, c.width)
         if c.class_token:
             cls = jnp.broadcast_to(self.class_embed.astype(self.dtype), (b, 1, c.width))
@@ -314,7 +316,7 @@ def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
     from vlm_jax.models.llm import with_layers
     d, h, m, p = cfg.width, cfg.heads, cfg.mlp_dim, cfg.patch_size
     hd = d // h
-    top = {"patch_embed/kernel": (p, p, 3, d),
+    top = {"patch_embed/kernel": (d, 3, p, p),
            "pos_embed": (num_patches(cfg) + int(cfg.class_token), d),
            "ln_post/scale": (d,), "ln_post/bias": (d,)}
     if cfg.class_token:
@@ -322,9 +324,9 @@ def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
     if cfg.pre_norm:
         top.update({"ln_pre/scale": (d,), "ln_pre/bias": (d,)})
     layer = {"ln1/scale": (d,), "ln1/bias": (d,), "ln2/scale": (d,), "ln2/bias": (d,),
-             "attn/o/kernel": (h, hd, d), "attn/o/bias": (d,),
-             "mlp/fc1/kernel": (d, m), "mlp/fc1/bias": (m,), "mlp/fc2/kernel": (m, d),
+             "attn/o/kernel": (d, h, hd), "attn/o/bias": (d,),
+             "mlp/fc1/kernel": (m, d), "mlp/fc1/bias": (m,), "mlp/fc2/kernel": (d, m),
              "mlp/fc2/bias": (d,)}
     for n in "qkv":
-        layer.update({f"attn/{n}/kernel": (d, h, hd), f"attn/{n}/bias": (h, hd)})
+        layer.update({f"attn/{n}/kernel": (h, hd, d), f"attn/{n}/bias": (h, hd)})
     return with_layers(top, layer, cfg.depth, cfg.scan_layers)

@@ -28,8 +28,18 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from vlm_jax.models import layers
+
 STATE, DATA, META, FROZEN = "state", "data", "meta", "frozen"
 ITEMS = (STATE, DATA, META, FROZEN)
+# Linear kernels are [out..., in...] (torch layout, `layers.Linear`) since this marker was
+# added to `meta`; a checkpoint without it has [in, out] kernels and must not be restored
+# (square kernels would load transposed without any shape error).
+KERNEL_LAYOUT = layers.KERNEL_LAYOUT
+
+
+class StaleCheckpointError(ValueError):
+    """A checkpoint written with the [in, out] kernel layout of an older vlm_jax."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -59,8 +69,7 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_iter=None, meta=None
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iter is not None:
         items[DATA] = gp.PyGrainCheckpointSave(data_iter)
-    if meta is not None:
-        items[META] = ocp.args.JsonSave(meta)
+    items[META] = ocp.args.JsonSave(dict(meta or {}, kernel_layout=KERNEL_LAYOUT))
     if frozen:
         items[FROZEN] = ocp.args.StandardSave(frozen)
     mgr.save(int(step), args=ocp.args.Composite(**items), force=True)
@@ -79,15 +88,32 @@ def restore(mgr: ocp.CheckpointManager, step: int, target_state, data_iter=None)
     if data_iter is not None:
         items[DATA] = gp.PyGrainCheckpointRestore(data_iter)
     present = _present_items(mgr, step)
-    if META in present:
-        items[META] = ocp.args.JsonRestore()
+    check_layout(mgr, step, present)
+    items[META] = ocp.args.JsonRestore()
     try:
         out = mgr.restore(int(step), args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {mgr.directory}/{step} does not fit this run's train "
                          f"state (different model, optim.trainable or data?): {e}") from e
-    meta = dict(out[META]) if META in present and out[META] is not None else {}
+    meta = dict(out[META]) if out[META] is not None else {}
+    meta.pop("kernel_layout", None)
     return out[STATE], meta
+
+
+def check_layout(mgr, step, present=None) -> None:
+    """Raises `StaleCheckpointError` unless checkpoint `step` records this version's
+    kernel layout (`KERNEL_LAYOUT` in its meta)."""
+    present = _present_items(mgr, step) if present is None else present
+    meta = {}
+    if META in present:
+        meta = mgr.restore(int(step), args=ocp.args.Composite(
+            **{META: ocp.args.JsonRestore()}))[META] or {}
+    if meta.get("kernel_layout") != KERNEL_LAYOUT:
+        raise StaleCheckpointError(
+            f"checkpoint {mgr.directory}/{step} was written with the [in, out] kernel layout "
+            f"of vlm_jax < this version (Linear kernels are now [out, in], torch's layout); "
+            f"re-run the training that wrote it (or re-convert pretrained weights with "
+            f"python -m vlm_jax.convert)")
 
 
 def _present_items(mgr, step) -> set[str]:
@@ -149,6 +175,7 @@ def restore_params(workdir: str, subtree: str | None = None, step: int | None = 
 
         def load():
             from vlm_jax.train.optim import merge_params
+            check_layout(mgr, step)
             state = _restore_host(mgr, step, STATE)
             frozen = (_restore_host(mgr, step, FROZEN) if FROZEN in _present_items(mgr, step)
                       else {})

@@ -49,7 +49,7 @@ import numpy as np
 
 log = logging.getLogger("vlm_jax.feature_cache")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: encoders with [out, in] kernels (layers.Linear), new inits
 # model.vision fields that change how the encoder runs, not what it computes.
 _EXEC_ONLY = ("init_from", "scan_layers", "remat")
 # resolved data fields that decide the image of a record index.
