@@ -66,10 +66,27 @@ def clip_text_forward(c, t: int) -> float:
     return c.text_depth * per_layer
 
 
+def native_forward_per_row(config) -> dict[str, float]:
+    """A packed native row (kind "native") as the step runs it, padding included: the ViT
+    on `data.native.max_patches` patches (SwiGLU blocks; attention over the whole row, the
+    image mask skips no work), the connector on a quarter of them, the LLM on
+    `data.seq_len` tokens (its visual tokens among them)."""
+    m, v = config.model, config.model.vision
+    p = int(config.data.native.max_patches) or 2 * int(config.data.seq_len)
+    w, q = v.width, v.heads * (v.get("head_dim", 0) or v.width // v.heads)
+    per_layer = 2.0 * p * w * 3 * q + 2.0 * p * q * w + 4.0 * p * p * q + 6.0 * p * w * v.mlp_dim
+    fv = 2.0 * p * (v.patch_size ** 2 * 3) * w + v.depth * per_layer
+    return {"vision": fv, "projector": projector_forward(m.projector, p, w, m.llm.width),
+            "llm": llm_forward(m.llm, int(config.data.seq_len))}
+
+
 def forward_per_example(config) -> dict[str, float]:
-    """Forward FLOPs per example, by top-level param subtree, in data-flow order."""
+    """Forward FLOPs per example (per packed row for kind "native": the trainer multiplies
+    by the rows a step runs), by top-level param subtree, in data-flow order."""
     m = config.model
     kind = m.kind
+    if kind == "native":
+        return native_forward_per_row(config)
     if kind == "lm":
         return {"llm": llm_forward(m.llm, config.data.seq_len)}
     if kind == "clip":

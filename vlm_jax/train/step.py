@@ -111,8 +111,13 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable 
         seg = batch.get("segment_ids")
         input_tokens = (jnp.sum(seg > 0) if seg is not None else
                         jnp.asarray(batch["tokens"].size if "tokens" in batch else 0))
+        # examples in the global batch: rows number their packed samples 1..n in
+        # segment_ids (native rows, packed text), so a row holds max(segment_ids) of them
+        examples = (jnp.sum(jnp.max(seg, axis=-1)) if seg is not None and seg.ndim == 2
+                    else jnp.asarray(jax.tree.leaves(batch)[0].shape[0]))
         metrics = dict(loss=loss, loss_sum=loss_sum, num_tokens=num_tokens,
                        input_tokens=input_tokens.astype(jnp.int32),
+                       examples=examples.astype(jnp.int32),
                        grad_norm=optax.tree.norm(grads), lr=jnp.asarray(lr, jnp.float32),
                        finite=finite, nonfinite=new_state["nonfinite"],
                        skipped=new_state["skipped"], **extras)

@@ -543,7 +543,7 @@ class Run:
         t_wall0 = time.time()
         wall0 = float(meta.get("wall_time_s", 0.0))
         skipped = dict(meta.get("skipped", {}))
-        images = "pixels" in self.batch_spec or "features" in self.batch_spec
+        images = any(k in self.batch_spec for k in ("pixels", "features", "patches"))
         window_t, window_n, window_tok = time.time(), 0, 0
         step = start
         stopped = False
@@ -570,7 +570,12 @@ class Run:
                     ph.add("steps", time.perf_counter() - t_step)
                     step += 1
                     ntok = int(m["input_tokens"])  # non-padding tokens of the global batch
-                    meta["examples_seen"] += int(t.batch_size)
+                    # examples: the samples of the batch (a packed row holds several);
+                    # rows: what the step ran, for the FLOPs (a checkpoint from before
+                    # rows_seen counted rows as examples)
+                    meta["rows_seen"] = (meta.get("rows_seen", meta["examples_seen"])
+                                         + int(t.batch_size))
+                    meta["examples_seen"] += int(m["examples"])
                     meta["tokens_seen"] += ntok
                     window_n += 1
                     window_tok += ntok
@@ -604,7 +609,8 @@ class Run:
                             scalars["data/epoch"] = float(np.asarray(local["_epoch"]))
                         for k, v in m.items():
                             if k not in ("loss", "loss_sum", "num_tokens", "grad_norm", "lr",
-                                         "finite", "nonfinite", "skipped", "input_tokens") \
+                                         "finite", "nonfinite", "skipped", "input_tokens",
+                                         "examples") \
                                     and np.ndim(v) == 0:
                                 scalars[f"train/{k}"] = float(v)
                         u = metrics_lib.mfu(self.flops_per_example * t.batch_size, dt, n_dev,
@@ -652,7 +658,7 @@ class Run:
             "examples_seen": meta["examples_seen"],
             "images_seen": meta["examples_seen"] if images else 0,
             "tokens_seen": meta["tokens_seen"],
-            "flops": self.flops_per_example * meta["examples_seen"],
+            "flops": self.flops_per_example * meta.get("rows_seen", meta["examples_seen"]),
             "wall_time_s": wall0 + time.time() - t_wall0,
             "data/skipped": skipped,
             "config_name": cfg.get("name", ""),
