@@ -21,8 +21,9 @@ the runs' phase seconds (result.json "timings": init, compile, data, eval, check
 ...) and the XLA compile seconds and persistent-cache hits/misses the workers counted.
 
 The grids run on a snapshot of the checkout's code (vlm_jax/, configs/ copied at the
-start; `--no-snapshot` runs the checkout itself): in a checkout others edit, a change
-between the cold and the warm grid would change programs and turn cache hits into misses.
+start; `--rev HEAD` takes a commit instead, `--no-snapshot` runs the checkout itself): in
+a checkout others edit, a change between the cold and the warm grid would change programs
+and turn cache hits into misses.
 
 `--compare` runs the grid twice in fresh roots, each with its own fresh cache, `CONFIG`
 as given and with `sweep=0,feature_cache=0` appended to its arg; target:
@@ -76,8 +77,15 @@ def _add(acc: dict, key: str, items) -> None:
         d[k] = round(d.get(k, 0.0) + float(v), 3)
 
 
-def snapshot(dst: str) -> str:
-    """Copies the code a grid runs (vlm_jax/, configs/) to `dst`; returns `dst`."""
+def snapshot(dst: str, rev: str = "") -> str:
+    """Copies the code a grid runs (vlm_jax/, configs/) to `dst`: the working tree, or
+    the commit `rev` (`git archive`: without others' uncommitted edits); returns `dst`."""
+    if rev:
+        os.makedirs(dst, exist_ok=True)
+        tar = subprocess.run(["git", "-C", REPO, "archive", rev, "vlm_jax", "configs"],
+                             capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", dst], input=tar, check=True)
+        return dst
     for d in ("vlm_jax", "configs"):
         shutil.copytree(os.path.join(REPO, d), os.path.join(dst, d),
                         ignore=shutil.ignore_patterns("__pycache__"))
@@ -98,6 +106,7 @@ def measure(config: str, root: str, parallel: int, select: list[str], extra: lis
     grid = registry.load_recorded_grid(root)
     runs, step_s, trainer_s = [], 0.0, 0.0
     phases: dict[str, dict] = {}     # stage -> phase -> seconds (result.json "timings")
+    levels: dict[str, dict] = {}     # program -> compile level -> runs (result.json)
     for r in grid.runs:
         st, _ = registry.run_state(root, r)
         s, n = step_seconds(os.path.join(root, r.workdir))
@@ -105,6 +114,8 @@ def measure(config: str, root: str, parallel: int, select: list[str], extra: lis
         step_s += s
         trainer_s += float(res.get("wall_time_s") or 0.0)
         _add(phases, r.stage, (res.get("timings") or {}).items())
+        for prog, lv in (res.get("compile_levels") or {}).items():
+            levels.setdefault(prog, {})[lv] = levels.get(prog, {}).get(lv, 0) + 1
         runs.append({"run": r.name, "status": st, "steps": n, "step_s": round(s, 3),
                      "trainer_wall_s": res.get("wall_time_s")})
     timings = registry.read_timings(root)
@@ -117,10 +128,10 @@ def measure(config: str, root: str, parallel: int, select: list[str], extra: lis
         per_stage[st] = round(per_stage.get(st, 0.0) + t["seconds"], 2)
         _add(xla, st, ((k, t.get(k, 0)) for k in (
             "xla_compile_s", "persistent_load_s", "persistent_cache_hits",
-            "persistent_cache_misses", "programs_reused", "programs_built")))
+            "persistent_cache_misses", "programs_reused", "programs_built",
+            "programs_loaded", "traces", "trace_s", "lower_s")))
     done = sum(r["status"] == "done" for r in runs)
-    reused = sum(int(t.get("programs_reused", 0)) for t in timings)
-    built = sum(int(t.get("programs_built", 0)) for t in timings)
+    total = lambda k: sum(int(t.get(k, 0)) for t in timings)  # noqa: E731
     return {
         "config": config, "select": select, "parallel": parallel, "exit_code": p.returncode,
         "wall_s": round(wall, 2), "runs": len(runs), "runs_done": done,
@@ -133,9 +144,13 @@ def measure(config: str, root: str, parallel: int, select: list[str], extra: lis
         "overhead_frac": round(1 - step_s / max(1e-9, wall * parallel), 4),
         "overhead_frac_in_jobs": round(1 - step_s / max(1e-9, job_s), 4),
         "train_steps": sum(r["steps"] for r in runs),
-        # compiled programs (init/train/eval) the warm workers reused in memory vs built
-        # (traced + compiled, or loaded from the persistent cache)
-        "programs_reused_in_memory": reused, "programs_built": built,
+        # compiled programs (init/train/eval) the warm workers reused in memory, loaded
+        # from the serialized executables (program_cache), or built (traced, lowered and
+        # compiled or loaded from the persistent cache); jax traces of any function
+        "programs_reused_in_memory": total("programs_reused"),
+        "programs_loaded": total("programs_loaded"), "programs_built": total("programs_built"),
+        "traces": total("traces"),
+        "compile_levels": levels,
         "log_tail": p.stdout.strip().splitlines()[-3:],
         "per_run": runs,
     }
@@ -162,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep temporary roots")
     p.add_argument("--no-snapshot", action="store_true",
                    help="run the checkout's code, not a copy taken at the start")
+    p.add_argument("--rev", default="",
+                   help="run the code of this commit (e.g. HEAD), not the working tree's")
     args = p.parse_args(argv)
     extra = ["--no-analysis"] if args.no_analysis else []
     tmp = tempfile.mkdtemp(prefix="vlm_jax_grid_bench_")
@@ -169,7 +186,8 @@ def main(argv=None) -> int:
            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     target = 0.25
     try:
-        code = REPO if args.no_snapshot else snapshot(os.path.join(tmp, "code"))
+        code = REPO if args.no_snapshot else snapshot(os.path.join(tmp, "code"), args.rev)
+        out["code"] = args.rev or ("checkout" if args.no_snapshot else "working tree copy")
         run = lambda cfg, name, cache: measure(  # noqa: E731
             cfg, name if os.path.isabs(name) else os.path.join(tmp, name), args.parallel,
             args.select, extra, os.path.join(tmp, cache), code)

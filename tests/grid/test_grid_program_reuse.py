@@ -22,9 +22,11 @@ def test_equal_shapes_reuse_compiled_programs(tmp_path):
     mid = program_cache.stats()
     b = trainer.run(cfg("b=x"), str(tmp_path / "b"))
     after = program_cache.stats()
-    assert after["hits"] - mid["hits"] == 3          # init, train and eval step reused
+    assert after["hits"] - mid["hits"] == 4          # init, opt init, train, eval reused
     assert after["misses"] == mid["misses"]
-    assert mid["misses"] - before["misses"] <= 3
+    assert mid["misses"] - before["misses"] <= 4
+    # tiny runs: their steps cannot win back XLA's optimisations, so the compile is fast
+    assert a["compile_levels"] == b["compile_levels"] == {"train": "fast", "eval": "fast"}
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     assert a["final/eval_loss"] == b["final/eval_loss"]
 

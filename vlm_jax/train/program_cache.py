@@ -203,31 +203,40 @@ def _write(path: str | None, value) -> None:
             os.remove(tmp)
 
 
+def lookup(key: str | None, count: bool = True) -> Any:
+    """The program stored under `key` in memory or on disk, else None (nothing built)."""
+    if key is None or not enabled():
+        return None
+    with _lock:
+        if key in _programs:
+            _programs.move_to_end(key)
+            _stats["hits"] += count
+            return _programs[key]
+    program = _read(_disk_path(key))
+    if program is not None:
+        with _lock:
+            _stats["disk_hits"] += count
+            _programs[key] = program
+            while len(_programs) > MAX_ENTRIES:
+                _programs.popitem(last=False)
+    return program
+
+
 def get_or_build(key: str | None, build: Callable[[], Any], count: bool = True) -> Any:
     """The program stored under `key` (in memory, else on disk), else `build()` (stored
     in both). key=None: just build. count=False: not a program (e.g. the abstract params
     of a model), not in the hit / miss counts of `stats()`."""
     if key is None or not enabled():
         return build()
-    with _lock:
-        if key in _programs:
-            _programs.move_to_end(key)
-            _stats["hits"] += count
-            return _programs[key]
-    path = _disk_path(key)
-    program = _read(path)
-    if program is not None:
-        with _lock:
-            _stats["disk_hits"] += count
-    else:
+    program = lookup(key, count)
+    if program is None:
         program = build()
-        _write(path, program)
+        _write(_disk_path(key), program)
         with _lock:
             _stats["misses"] += count
-    with _lock:
-        _programs[key] = program
-        while len(_programs) > MAX_ENTRIES:
-            _programs.popitem(last=False)
+            _programs[key] = program
+            while len(_programs) > MAX_ENTRIES:
+                _programs.popitem(last=False)
     return program
 
 

@@ -52,6 +52,17 @@ ADDED_FIELDS = {"optim.flatten": "off"}   # per-leaf optimizer state before the 
 
 # XLA options for functions that run once (init): optimising them only costs time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# The train / eval programs are compiled with FAST_COMPILE too when all their executions in
+# a run do at most this many FLOPs (estimated: `flops` x steps or eval batches): measured
+# on the 2-core CPU VM (docs/grid.md), FAST_COMPILE saves ~45% of a program's compile
+# (4.4 CPU-s of the demo LM's train step, 11 of the ViT's) and makes its step 2.2-2.5x
+# slower (+29 / +90 ms), which breaks even at ~75-95 GFLOP of steps; below 50 GFLOP it
+# saves wall time. `VLM_JAX_FAST_COMPILE_MAX_FLOPS` overrides it (0: never).
+FAST_COMPILE_MAX_FLOPS = 5e10
+
+
+def fast_compile_max_flops() -> float:
+    return float(os.environ.get("VLM_JAX_FAST_COMPILE_MAX_FLOPS", FAST_COMPILE_MAX_FLOPS))
 
 
 class Phases:
@@ -410,8 +421,47 @@ class Run:
                                         sharding=sharding.batch_sharding(self.mesh, len(s.shape)))
                 for k, s in spec.items() if not k.startswith("_")}
 
+    def _executions(self) -> tuple[int, int | None]:
+        """(train steps, eval batches) this invocation runs, estimated from the config
+        (None: not known, e.g. eval_n="all")."""
+        t = self.config.train
+        steps = int(t.steps) - (parse_branch(t.branch_from)[1] if t.get("branch_from") else 0)
+        try:
+            eval_n = int(self.config.data.get("eval_n", 0) or 0)
+        except (TypeError, ValueError):
+            return steps, None
+        evals = (steps // int(t.eval_every_steps) if int(t.eval_every_steps) else 0) + 1
+        return steps, evals * math.ceil(eval_n / self.eval_bs)
+
+    def _compile_level(self, what: str, executions: int | None) -> str:
+        """"fast" (FAST_COMPILE) when the program's work in this run is too small to win
+        back the compile seconds XLA's optimisations cost, else "full"."""
+        if executions is None:
+            return "full"
+        per = (flops_lib.train_per_example(self.config, self.trainable_components)
+               if what == "train" else flops_lib.eval_per_example(self.config))
+        bs = self.config.train.batch_size if what == "train" else self.eval_bs
+        work = per * bs * max(executions, 0)
+        return "fast" if 0 < work <= fast_compile_max_flops() else "full"
+
+    def _compiled(self, what: str, key_args: tuple, lower: Callable, level: str):
+        """The compiled program `what`: one already built at either level (memory or
+        disk: a sweep's branches take the stable run's), else `lower()` compiled at
+        `level`. Records the level used in `self.compile_levels`."""
+        keys = {lv: self._program_key(what, *key_args, lv) for lv in ("full", "fast")}
+        for lv in (level, "fast" if level == "full" else "full"):
+            hit = program_cache.lookup(keys[lv])
+            if hit is not None:
+                self.compile_levels[what] = lv
+                return hit
+        self.compile_levels[what] = level
+        return program_cache.get_or_build(
+            keys[level], lambda: lower().compile(FAST_COMPILE if level == "fast" else None))
+
     def compile(self, state, frozen, with_eval: bool = True):
         cfg = self.config
+        self.compile_levels = {}
+        n_steps, n_eval = self._executions()
         fn = step_lib.make_train_step(self.model, self.tx, self.schedule,
                                       int(cfg.train.grad_accum))
         f_sh = jax.tree.map(lambda x: x.sharding, frozen)
@@ -424,10 +474,11 @@ class Run:
                                                {k: v.sharding for k, v in b_train.items()},
                                                repl),
                              out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
-            compiled = program_cache.get_or_build(
-                self._program_key("train", state, frozen, b_train, hp),
+            compiled = self._compiled(
+                "train", (state, frozen, b_train, hp),
                 lambda: jitted.lower(ckpt.abstract_like(state), ckpt.abstract_like(frozen),
-                                     b_train, ckpt.abstract_like(hp)).compile())
+                                     b_train, ckpt.abstract_like(hp)),
+                self._compile_level("train", n_steps))
             # The schedule is an input, so runs that differ only in steps/lr share this
             # program (and the persistent compilation cache entry).
             self.train_step = _WithSchedule(compiled, hp)
@@ -437,10 +488,11 @@ class Run:
                          in_shardings=(self.state_shardings["params"], f_sh,
                                        {k: v.sharding for k, v in b_eval.items()}),
                          out_shardings=repl)
-            self.eval_step = program_cache.get_or_build(
-                self._program_key("eval", state["params"], frozen, b_eval),
+            self.eval_step = self._compiled(
+                "eval", (state["params"], frozen, b_eval),
                 lambda: ev.lower(ckpt.abstract_like(state["params"]),
-                                 ckpt.abstract_like(frozen), b_eval).compile())
+                                 ckpt.abstract_like(frozen), b_eval),
+                self._compile_level("eval", n_eval))
         return self.train_step, self.eval_step
 
     # -- eval
@@ -663,6 +715,7 @@ class Run:
             "data/skipped": skipped,
             "config_name": cfg.get("name", ""),
             "timings": ph.rounded(),   # this invocation's seconds by phase (Phases)
+            "compile_levels": dict(self.compile_levels),  # program -> "full" | "fast"
         }
         if meta.get("branched_from"):
             result["branched_from"] = meta["branched_from"]
