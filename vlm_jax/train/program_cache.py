@@ -214,12 +214,16 @@ def lookup(key: str | None, count: bool = True) -> Any:
             return _programs[key]
     program = _read(_disk_path(key))
     if program is not None:
-        with _lock:
-            _stats["disk_hits"] += count
-            _programs[key] = program
-            while len(_programs) > MAX_ENTRIES:
-                _programs.popitem(last=False)
+        _keep(key, program, "disk_hits", count)
     return program
+
+
+def _keep(key: str, program, counter: str, count: bool) -> None:
+    with _lock:
+        _stats[counter] += count
+        _programs[key] = program
+        while len(_programs) > MAX_ENTRIES:
+            _programs.popitem(last=False)
 
 
 def get_or_build(key: str | None, build: Callable[[], Any], count: bool = True) -> Any:
@@ -232,11 +236,7 @@ def get_or_build(key: str | None, build: Callable[[], Any], count: bool = True) 
     if program is None:
         program = build()
         _write(_disk_path(key), program)
-        with _lock:
-            _stats["misses"] += count
-            _programs[key] = program
-            while len(_programs) > MAX_ENTRIES:
-                _programs.popitem(last=False)
+        _keep(key, program, "misses", count)
     return program
 
 
