@@ -89,3 +89,17 @@ def test_vit_rejects_wrong_patch_size():
     z = np.zeros((1, 4), np.int32)
     with pytest.raises(ValueError, match="patch_size"):
         vit.init(jax.random.PRNGKey(0), x, z, z, z)
+
+
+def test_rope_tables_equal_the_reference():
+    """The encoder's tables-once rotation is `rope_2d` (within fp32 rounding)."""
+    from vlm_jax.models.native_vit import rope_2d_rotate, rope_2d_tables
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 7, 3, 16)), jnp.float32)
+    rows = jnp.asarray(rng.integers(0, 40, (2, 7)), jnp.int32)
+    cols = jnp.asarray(rng.integers(0, 40, (2, 7)), jnp.int32)
+    want = rope_2d(x, rows, cols, 100.0)
+    got = rope_2d_rotate(x, *rope_2d_tables(rows, cols, 16, 100.0))
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        rope_2d_tables(rows, cols, 6, 100.0)

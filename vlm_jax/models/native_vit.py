@@ -28,18 +28,49 @@ from vlm_jax.models.layers import (BATCH, EMBED, HEADS, KV, LENGTH, Linear, RMSN
 from vlm_jax.models.vit import stack_blocks
 
 
+def _check_head_dim(h: int) -> None:
+    if h % 4:
+        raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {h}")
+
+
 def rope_2d(x: jax.Array, rows: jax.Array, cols: jax.Array, theta: float) -> jax.Array:
     """2D rotary embedding. x: [B, P, N, H] with H % 4 == 0; rows/cols: [B, P].
 
     The first H/2 dimensions of every head rotate with `rows`, the last H/2 with `cols`
-    (each half with the 1D transformers convention over H/2 dimensions).
+    (each half with the 1D transformers convention over H/2 dimensions). The reference of
+    `rope_2d_tables` + `rope_2d_rotate`, which the encoder uses.
     """
     h = x.shape[-1]
-    if h % 4:
-        raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {h}")
+    _check_head_dim(h)
     inv = rope_inv_freq(h // 2, theta)
     xr, xc = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([apply_rope(xr, rows, inv), apply_rope(xc, cols, inv)], axis=-1)
+
+
+def rope_2d_tables(rows: jax.Array, cols: jax.Array, head_dim: int, theta: float):
+    """(cos, signed sin) fp32 [B, P, 1, H] of `rope_2d` for `rope_2d_rotate`: computed
+    once per forward pass and shared by every layer's queries and keys (and their
+    backward passes), instead of sin/cos and split/concatenate in each of them. Over the
+    four quarters of a head (rows: first half, cols: second half) the sin table carries
+    rotate_half's signs: [-sin_r, sin_r, -sin_c, sin_c]."""
+    _check_head_dim(head_dim)
+    inv = rope_inv_freq(head_dim // 2, theta)
+    fr = rows.astype(jnp.float32)[..., None] * inv   # [B, P, H/4]
+    fc = cols.astype(jnp.float32)[..., None] * inv
+    cr, sr, cc, sc = jnp.cos(fr), jnp.sin(fr), jnp.cos(fc), jnp.sin(fc)
+    cos = jnp.concatenate([cr, cr, cc, cc], axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([-sr, sr, -sc, sc], axis=-1)[:, :, None, :]
+    return cos, sin
+
+
+def rope_2d_rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, P, N, H] rotated by `rope_2d_tables`: x * cos + swap(x) * sin, where swap
+    exchanges the two quarters of each half (rotate_half within the row and the column
+    half; a reverse that fuses into the elementwise pass)."""
+    h = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    swapped = jnp.flip(x32.reshape(x.shape[:-1] + (2, 2, h // 4)), axis=-2).reshape(x.shape)
+    return (x32 * cos + swapped * sin).astype(x.dtype)
 
 
 class NativeAttention(nn.Module):
@@ -47,19 +78,19 @@ class NativeAttention(nn.Module):
     width: int
     heads: int
     head_dim: int
-    rope_theta: float = 10000.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, rows, cols, mask):
+    def __call__(self, x, cos, sin, mask):
+        """x [B, P, width]; cos/sin: `rope_2d_tables` of the patch positions."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q = Linear((self.heads, self.head_dim), (EMBED, HEADS, KV), name="q", **kw)(x)
         k = Linear((self.heads, self.head_dim), (EMBED, HEADS, KV), name="k", **kw)(x)
         v = Linear((self.heads, self.head_dim), (EMBED, HEADS, KV), name="v", **kw)(x)
-        q = rope_2d(q, rows, cols, self.rope_theta)
-        k = rope_2d(k, rows, cols, self.rope_theta)
+        q = rope_2d_rotate(q, cos, sin)
+        k = rope_2d_rotate(k, cos, sin)
         o = dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl or None)
         o = constrain(o, (BATCH, LENGTH, HEADS, KV))
         return Linear(self.width, (HEADS, KV, EMBED), in_axes=2, name="o", **kw)(o)
@@ -74,15 +105,14 @@ class NativeBlock(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, rows, cols, mask):
+    def __call__(self, x, cos, sin, mask):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         head_dim = c.get("head_dim", 0) or c["width"] // c["heads"]
         h = RMSNorm(c["norm_eps"], name="attn_norm", **kw)(x)
         x = x + NativeAttention(c["width"], c["heads"], head_dim,
-                                float(c.get("rope_theta", 10000.0)),
                                 attention_impl=self.attention_impl, name="attn", **kw)(
-                                    h, rows, cols, mask)
+                                    h, cos, sin, mask)
         h = RMSNorm(c["norm_eps"], name="mlp_norm", **kw)(x)
         x = x + SwiGLU(c["mlp_dim"], name="mlp", **kw)(h)
         return constrain(x, (BATCH, LENGTH, EMBED)), None
@@ -115,17 +145,19 @@ class NativeViT(nn.Module):
         x = Linear(width, (None, EMBED), name="patch_embed", dtype=self.dtype,
                    param_dtype=self.param_dtype)(patches)
         x = constrain(x, (BATCH, LENGTH, EMBED))
+        # built once per forward pass and shared by every layer
         mask = attention_mask(segment_ids, causal=False, q_len=x.shape[1])
+        cos, sin = rope_2d_tables(rows, cols, head_dim, float(c.get("rope_theta", 10000.0)))
         scan = bool(c.get("scan_layers", True))
         cls = stack_blocks(NativeBlock, depth=depth, scan=scan, remat=c.get("remat", "none"),
                            num_broadcast=3, emit=False)
         blk = dict(cfg=c, dtype=self.dtype, param_dtype=self.param_dtype,
                    attention_impl=self.attention_impl)
         if scan:
-            x, _ = cls(name="layers", **blk)(x, rows, cols, mask)
+            x, _ = cls(name="layers", **blk)(x, cos, sin, mask)
         else:
             for i in range(depth):
-                x, _ = cls(name=f"layers_{i}", **blk)(x, rows, cols, mask)
+                x, _ = cls(name=f"layers_{i}", **blk)(x, cos, sin, mask)
         return RMSNorm(c["norm_eps"], name="final_norm", dtype=self.dtype,
                        param_dtype=self.param_dtype)(x)
 
