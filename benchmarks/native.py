@@ -1,4 +1,4 @@
-"""NaViL benchmark: packed vs padded batches, and efficient vs masked expert routing.
+"""NaViL benchmark: packed vs padded batches, efficient vs masked expert routing, init.
 
     PYTHONPATH=. python benchmarks/native.py [--quick] [--repeats 5]
 
@@ -11,13 +11,22 @@ Prints one JSON object:
 - `experts`: train step of a decoder LLM with modality experts at a 50/50 visual/text token
   mix, `expert_impl` "chunked" (each token through one expert) vs "masked" (both experts on
   every token, the reference); `ratio` = masked time / chunked time (target >= 1.6).
-Both measured in this run, on this machine; timings are medians over interleaved repeats.
+- `init`: the init program of native demo shapes (configs/native.py `demo`: the smallest
+  and the largest of its 2 LLMs x 4 encoders; `--quick` the smallest), compiled as the
+  trainer compiles it (XLA level 0): `NativeVLM.init`'s one random draw vs flax's
+  per-parameter init (the reference, `nn.Module.init`): XLA kernels and CPU seconds to
+  trace + compile (CPU time, not wall: fair on a shared machine); `ratio` = reference /
+  ours.
+All measured in this run, on this machine; step timings are medians over interleaved
+repeats.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
+import resource
 import statistics
 import time
 
@@ -139,6 +148,43 @@ def bench_experts(repeats: int, width: int, length: int, batch: int) -> dict:
             "ratio": round(secs["masked"] / secs["chunked"], 3), "target": 1.6}
 
 
+# The smallest and the largest native demo shape (all 8: `bench_init(DEMO_SHAPES)`).
+DEMO_SHAPES = [(llm, vit) for llm in cn.TOY_LLMS for vit in cn.TOY_ENCODERS]
+INIT_SHAPES = [DEMO_SHAPES[0], DEMO_SHAPES[-1]]
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def bench_init(shapes) -> dict:
+    """Trace + compile CPU seconds and XLA kernels of the init programs of `shapes`."""
+    from vlm_jax.models import batch_spec
+    from vlm_jax.train.trainer import FAST_COMPILE
+    rng = jax.random.PRNGKey(0)
+    out = {"shapes": len(shapes)}
+    acc = {name: {"compile_cpu_s": 0.0, "kernels": 0} for name in ("one_draw", "flax")}
+    for i, (llm, vit) in enumerate(shapes):
+        c = cn.get_config(f"demo_run,llm={llm},vit={vit}")
+        model = NativeVLM(c.model)
+        batch = {k: jnp.zeros(x.shape, x.dtype)
+                 for k, x in batch_spec(c, c.train.batch_size).items()}
+        inits = {"one_draw": model.init,
+                 "flax": lambda r, b, model=model: nn.Module.init(model, r, b)}
+        for name in sorted(inits, reverse=bool(i % 2)):  # alternate which goes first
+            t = _cpu_s()
+            compiled = jax.jit(lambda r, f=inits[name]: nn.unbox(f(r, batch)["params"])).lower(
+                rng).compile(FAST_COMPILE)
+            acc[name]["compile_cpu_s"] += _cpu_s() - t
+            acc[name]["kernels"] += len(re.findall(r"^\s*(ROOT )?\S+ = \S+ fusion\(",
+                                                   compiled.as_text(), re.M))
+    for name, v in acc.items():
+        out[name] = {"compile_cpu_s": round(v["compile_cpu_s"], 2), "kernels": v["kernels"]}
+    out["ratio"] = round(out["flax"]["compile_cpu_s"] / out["one_draw"]["compile_cpu_s"], 2)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=2)
@@ -153,7 +199,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     res = {"benchmark": "native", "device": jax.devices()[0].device_kind,
            "packing": bench_packing(a.repeats, a.examples),
-           "experts": bench_experts(a.repeats, a.width, a.length, a.batch)}
+           "experts": bench_experts(a.repeats, a.width, a.length, a.batch),
+           "init": bench_init(INIT_SHAPES[:1] if a.quick else INIT_SHAPES)}
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(res))
     return res
