@@ -19,9 +19,13 @@ library does by default: transformers unembeds all T positions (`logits_to_keep=
 runs every ViT layer (`output_hidden_states`); ours unembeds the T-K+1 positions that can
 carry loss, runs the last decoder layer only on them and stops the ViT at the feature
 layer. Neither computes weight gradients of the frozen towers. Ours also uses what every
-run uses on CPU: einsum attention with a flash-style backward, the fused cross-entropy
-(loss and its gradient in one pass over the logits), the SwiGLU gate's one-pass backward
-and 2-D matmuls for [heads, kv]-shaped kernels (no per-step weight copies).
+run uses on CPU: einsum attention with a flash-style backward (mask as an additive bias
+fused into the score matmul, causal attention as two query halves that skip the key
+block above the diagonal), the fused cross-entropy (loss and its gradient in one pass
+over the logits), one-pass backwards of the SwiGLU gate and of RMSNorm (their residuals
+behind an optimization barrier, so XLA writes no shared intermediates for the backward),
+RoPE cos/sin tables built once per step for all layers, and 2-D matmuls for
+[heads, kv]-shaped kernels (no per-step weight copies).
 
 XLA CPU (jaxlib 0.10.2) already runs every dot through YNNPACK by default (`ynn_fusion`
 in the HLO); Eigen (`xla_cpu_experimental_ynn_fusion_type=""`), oneDNN and XNNPACK

@@ -65,3 +65,26 @@ def test_attention_errors():
         L.dot_product_attention(q[:, :, :3], k, v)
     with pytest.raises(ValueError, match="mask of shape"):
         L.dot_product_attention(q, k, v, mask=jnp.ones((2, 2, 9, 9), bool))
+
+
+def test_causal_halves_equal_full_attention():
+    """`causal=True` (T >= 2 * CAUSAL_SPLIT_MIN_ROWS: two query halves, the first against
+    half of the keys) equals the unsplit einsum attention and jax.nn, values and grads."""
+    t = 2 * L.CAUSAL_SPLIT_MIN_ROWS + 3
+    q, k, v, w = _inputs(t=t, s=t, n=2, kv=1, h=4)        # grouped-query heads
+    mask = _masks(q.shape[0], t, q.shape[2])["segments"]  # causal + packed + padding
+
+    def run(causal, impl="einsum"):
+        def f(q, k, v):
+            o = L.dot_product_attention(q, k, v, mask=mask, implementation=impl,
+                                        causal=causal)
+            return jnp.sum(o * w), o
+        fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+        return fn(q, k, v), fn.lower(q, k, v).as_text()
+    ((_, o), g), hlo = run(True)
+    ((_, o_full), g_full), hlo_full = run(False)
+    (_, o_ref), g_ref = run(False, "xla")[0]
+    assert hlo.count("dot_general") > hlo_full.count("dot_general")   # it did split
+    for a, b_, c in zip((o,) + g, (o_full,) + g_full, (o_ref,) + g_ref):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)

@@ -87,3 +87,96 @@ def test_fused_loss_over_whole_sequence_equals_naive(tied):
     ref = jax.jit(lambda h, w: losses.next_token_loss_from_hidden(h, w, tg, m, chunk=-1,
                                                                   tied=tied)[0])
     assert "while" not in ref.lower(h, w).as_text() and float(ref(h, w)) == float(ln)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_tables_equal_rotate_half_formula(dtype):
+    """RoPE from the per-step cos/sin tables (halves swapped by a reverse) equals
+    transformers' x * cos + rotate_half(x) * sin computed per call, values and grads."""
+    x = _normal((2, 5, 3, 8), 0).astype(dtype)
+    pos = jnp.asarray(np.random.default_rng(1).integers(0, 1000, (2, 5)), jnp.int32)
+    inv = L.rope_inv_freq(8, 10000.0)
+
+    def ref(x):
+        emb = pos.astype(jnp.float32)[..., None] * inv
+        emb = jnp.concatenate([emb, emb], axis=-1)[:, :, None, :]
+        x32 = x.astype(jnp.float32)
+        return (x32 * jnp.cos(emb) + L.rotate_half(x32) * jnp.sin(emb)).astype(x.dtype)
+    cos, sin = L.rope_tables(pos, inv)
+    assert cos.shape == sin.shape == (2, 5, 1, 8)
+    w = _normal(x.shape, 2)
+    f = lambda fn: jax.jit(jax.value_and_grad(
+        lambda x: jnp.sum(fn(x).astype(jnp.float32) * w)))(x)
+    (v_ref, g_ref), (v, g) = f(ref), f(lambda x: L.rope_rotate(x, cos, sin))
+    np.testing.assert_array_equal(L.apply_rope(x, pos, inv), L.rope_rotate(x, cos, sin))
+    np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+    np.testing.assert_allclose(np.float32(g), np.float32(g_ref), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rms_norm_value_and_grads_equal_autodiff(dtype):
+    x = _normal((3, 4, 16), 0, dtype, scale=3.0)
+    scale = _normal((16,), 1) + 1.0
+    w = _normal((3, 4, 16), 2)
+
+    def ref(x, s):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+        return (s.astype(dtype) * y.astype(dtype)).astype(dtype)
+    f = lambda fn: jax.jit(jax.value_and_grad(
+        lambda x, s: jnp.sum(fn(x, s).astype(jnp.float32) * w), argnums=(0, 1)))(x, scale)
+    (v_ref, g_ref), (v, g) = f(ref), f(lambda x, s: L.rms_norm(x, s, 1e-6, dtype))
+    np.testing.assert_array_equal(L.rms_norm(x, scale, 1e-6, dtype), ref(x, scale))
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+        for a, b in zip(g, g_ref):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        return
+    # bf16: the one-pass backward runs in fp32, at least as close to the fp32 truth
+    x32 = x.astype(jnp.float32)
+    _, g_true = jax.jit(jax.value_and_grad(
+        lambda x, s: jnp.sum(L.rms_norm(x, s, 1e-6, jnp.float32) * w), argnums=(0, 1)))(
+            x32, scale)
+    for a, auto, t in zip(g, g_ref, g_true):
+        assert a.dtype == auto.dtype
+        err = np.abs(np.float32(a) - np.float32(t)).max()
+        assert err <= np.abs(np.float32(auto) - np.float32(t)).max() + 1e-6
+
+
+def _entry_ops(hlo: str):
+    """(name, output dims, ops of its fused computation) of each entry instruction."""
+    entry = hlo[hlo.rindex("ENTRY"):]
+    out = []
+    for line in entry.splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* (\S+)\(", line)
+        if not m or m.group(3) in ("parameter", "bitcast", "constant"):
+            continue
+        dims = tuple(int(d) for d in m.group(2).split(",") if d)
+        ops = [m.group(3)]
+        calls = re.search(r"calls=%([\w.\-]+)", line)
+        if calls:
+            body = hlo[hlo.index("%" + calls.group(1) + " "):]
+            ops = re.findall(r"= \S+ (\w[\w\-]*)\(", body[:body.index("\n}")])
+        out.append((m.group(1), dims, ops))
+    return out
+
+
+def test_swiglu_and_attention_elementwise_passes_on_cpu():
+    """XLA CPU program structure the step's speed relies on: the SwiGLU gate costs one
+    elementwise pass over [tokens, mlp] forward and two backward (nothing shared written
+    for the backward), and the attention's mask and softmax statistics ride on the score
+    matmul's fusion (no separate pass over the [B, N, T, S] scores in the forward)."""
+    x, wg, wu, wd = _normal((64, 32), 0), _normal((32, 96), 1), _normal((32, 96), 2), \
+        _normal((96, 32), 3)
+    loss = lambda x, wg, wu, wd: jnp.sum(jnp.square(L.silu_mul(x @ wg, x @ wu) @ wd))
+    ops = _entry_ops(jax.jit(jax.grad(loss)).lower(x, wg, wu, wd).compile().as_text())
+    wide = [o for _, d, o in ops if d == (64, 96) and "dot" not in o]
+    assert len(wide) == 3, wide
+
+    b, t, n, h = 2, 24, 4, 8
+    q, k, v = (_normal((b, t, n, h), s) for s in range(3))
+    mask = L.attention_mask(jnp.ones((b, t), jnp.int32), causal=True, q_len=t)
+    fwd = jax.jit(lambda q, k, v: L.einsum_attention(q, k, v, mask))
+    ops = _entry_ops(fwd.lower(q, k, v).compile().as_text())
+    scores = [(nm, o) for nm, d, o in ops if int(np.prod(d)) == b * n * t * t]
+    assert scores and all("dot" in o for _, o in scores), scores

@@ -94,9 +94,44 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         scale = self.param("scale", with_axes(nn.initializers.ones, (EMBED,)), (x.shape[-1],),
                            self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (scale.astype(self.dtype) * y.astype(self.dtype)).astype(self.dtype)
+        return rms_norm(x, scale, float(self.eps), self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x, scale, eps: float, dtype=jnp.float32):
+    """scale * x / rms(x) over the last axis (statistics in fp32, the scale applied after
+    casting back, as transformers), with a one-pass backward.
+
+    Autodiff writes two [tokens, embed] intermediates in the backward (the gradient through
+    the normalised x, then its correction through the statistics); here the backward is
+    one row reduction and one elementwise pass over x and dy, with the fp32 reciprocal rms
+    r [tokens, 1] saved by the forward: dx = r * g - x * r^3 * mean(g * x), g = dy * scale;
+    d scale = sum(dy * x * r) over tokens (dropped by XLA for a frozen scale).
+    """
+    return _rms_norm_fwd(x, scale, eps, dtype)[0]
+
+
+def _rms_norm_fwd(x, scale, eps, dtype):
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = (scale.astype(dtype) * (x32 * r).astype(dtype)).astype(dtype)
+    return y, residuals(x, scale, r)
+
+
+def _rms_norm_bwd(eps, dtype, res, dy):
+    del eps, dtype
+    x, scale, r = res
+    x32, dy32 = x.astype(jnp.float32), dy.astype(jnp.float32)
+    g = dy32 * scale.astype(jnp.float32)
+    # dx = r * g - x * (r^3 * mean(g * x)): one row reduction over (dy, x), then one pass;
+    # nothing [tokens, embed]-sized besides dx (x * r, shared by two terms, would be).
+    k = jnp.mean(g * x32, axis=-1, keepdims=True) * (r * r * r)
+    dx = r * g - x32 * k
+    dscale = jnp.sum((dy32 * x32 * r).reshape(-1, x.shape[-1]), axis=0)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 class LayerNorm(nn.Module):
@@ -277,13 +312,30 @@ def rotate_half(x):
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cos, signed sin), fp32 [B, T, 1, H], for `rope_rotate`: computed once per forward
+    pass and shared by every layer, instead of sin/cos of [B, T, N, H] in each layer's
+    query and key rotation and again in their backward passes. The sin table carries
+    rotate_half's sign: [-sin, sin] over the two halves of the head dimension."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    return (jnp.concatenate([cos, cos], axis=-1)[:, :, None, :],
+            jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :])
+
+
+def rope_rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, H] rotated by `rope_tables` (cos, signed sin): x * cos +
+    rotate_half(x) * sin, with rotate_half's halves swapped by a reverse (fused into the
+    elementwise pass) instead of a materialised slice + negate + concatenate."""
+    h = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    swapped = jnp.flip(x32.reshape(x.shape[:-1] + (2, h // 2)), axis=-2).reshape(x.shape)
+    return (x32 * cos + swapped * sin).astype(x.dtype)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """x: [B, T, N, H]; positions: [B, T]. transformers' (non-interleaved) convention."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    x32 = x.astype(jnp.float32)
-    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+    return rope_rotate(x, *rope_tables(positions, inv_freq))
 
 
 # --------------------------------------------------------------------------- attention
@@ -304,9 +356,12 @@ def attention_mask(segment_ids: jax.Array | None, causal: bool, q_len: int,
 ATTENTION_IMPLS = ("", "einsum", "xla", "cudnn")
 
 
-def dot_product_attention(q, k, v, mask=None, implementation: str | None = None):
+def dot_product_attention(q, k, v, mask=None, implementation: str | None = None,
+                          causal: bool = False):
     """q: [B, T, N, H], k/v: [B, S, K, H] with N % K == 0 (grouped-query attention);
     mask: bool, broadcastable to [B, N, T, S] with a head axis of 1 or N. -> [B, T, N, H].
+    `causal=True` promises that the mask hides every key after its query (S == T, same
+    positions): the einsum path then skips the key blocks above the diagonal.
 
     `implementation` (config `model.attention_impl`):
     - "" / None: by backend: `einsum_attention` on CPU (faster there, see below),
@@ -323,13 +378,20 @@ def dot_product_attention(q, k, v, mask=None, implementation: str | None = None)
                          f"{ATTENTION_IMPLS}")
     if not implementation and jax.default_backend() != "cpu":
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return einsum_attention(q, k, v, mask)
+    return einsum_attention(q, k, v, mask, causal=causal)
 
 
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
-def einsum_attention(q, k, v, mask=None):
+# Causal attention with at least twice this many query rows runs as two query halves, the
+# first against the first half of the keys only: 3/4 of the score and value matmuls (exact:
+# the skipped keys are masked for those queries). LLaVA benchmark shapes (T = 228):
+# attention forward + backward -7..12% (more halves cost more than they save there).
+CAUSAL_SPLIT_MIN_ROWS = 64
+
+
+def einsum_attention(q, k, v, mask=None, causal: bool = False):
     """Softmax attention as two batched matmuls in a heads-major layout ([B, K, G*T, H]:
     the query heads of one key/value head are stacked along the query axis, so grouped-query
     attention needs no copy of k/v), with a custom VJP.
@@ -341,7 +403,8 @@ def einsum_attention(q, k, v, mask=None):
     flash-attention one, dS = P * (dP - rowsum(dO * O)), instead of the autodiff of a
     softmax (measured 1.6x faster forward + backward than jax.nn's XLA path on CPU at LLaVA
     shapes). Saves the unnormalised probabilities in the compute dtype, as jax.nn's
-    autodiff saves the normalised ones: the same activation memory.
+    autodiff saves the normalised ones: the same activation memory. `causal`: see
+    `dot_product_attention` and `CAUSAL_SPLIT_MIN_ROWS`.
     """
     b, t, n, h = q.shape
     s_len, kv = k.shape[1], k.shape[2]
@@ -354,18 +417,32 @@ def einsum_attention(q, k, v, mask=None):
             raise ValueError(f"attention: mask of shape {mask.shape} is not [B|1, 1|N, T, S]")
         m5 = mask.reshape(mask.shape[0], 1, 1, t, s_len) if mask.shape[1] == 1 else \
             mask.reshape(mask.shape[0], kv, g, t, s_len)
-        m5 = m5.astype(bool)
-    qs = (q * jnp.asarray(h ** -0.5, q.dtype)).transpose(0, 2, 1, 3).reshape(b, kv, g * t, h)
-    o = _attention(qs, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), m5, g)
+        # An additive bias (0 / fp32 min) rather than a select: XLA CPU fuses the add into
+        # the score matmul's fusion, the select it would run as a separate pass over the
+        # [B, N, T, S] scores in every layer. s + min rounds to min for any |s| < 1e31:
+        # the same logits as `where(mask, s, min)`.
+        m5 = jnp.where(m5.astype(bool), 0.0, _NEG).astype(jnp.float32)
+    qs = (q * jnp.asarray(h ** -0.5, q.dtype)).transpose(0, 2, 1, 3).reshape(b, kv, g, t, h)
+    ks, vs = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    halves = [(0, t)]
+    if causal and m5 is not None and s_len == t and t >= 2 * CAUSAL_SPLIT_MIN_ROWS:
+        halves = [(0, t // 2), (t // 2, t)]
+    outs = []
+    for lo, hi in halves:  # query rows lo..hi attend to keys 0..hi (all of them unsplit)
+        kend = hi if len(halves) > 1 else s_len
+        o = _attention(qs[:, :, :, lo:hi].reshape(b, kv, g * (hi - lo), h), ks[:, :, :kend],
+                       vs[:, :, :kend], None if m5 is None else m5[..., lo:hi, :kend], g)
+        outs.append(o.reshape(b, kv, g, hi - lo, h))
+    o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return o.reshape(b, n, t, h).transpose(0, 2, 1, 3)
 
 
 def _attention_probs(q, k, mask, g):
     """Unnormalised probabilities exp(s - rowmax) [B, K, G*T, S] (fp32) and row sums."""
     s = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
+    if mask is not None:  # the additive bias [B|1, 1|K, 1|G, T, S] of einsum_attention
         b, kv, gt, sl = s.shape
-        s = jnp.where(mask, s.reshape(b, kv, g, gt // g, sl), _NEG).reshape(s.shape)
+        s = (s.reshape(b, kv, g, gt // g, sl) + mask).reshape(s.shape)
     p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     return p, jnp.sum(p, axis=-1, keepdims=True)
 
@@ -380,7 +457,7 @@ def _attention_fwd(q, k, v, mask, g):
     p = p.astype(v.dtype)
     o = jnp.einsum("bkqs,bksh->bkqh", p, v, preferred_element_type=jnp.float32) / l
     o = o.astype(v.dtype)
-    return o, (q, k, v, p, l, o)
+    return o, residuals(q, k, v, p, l, o)
 
 
 def _attention_bwd(g, res, do):
@@ -422,6 +499,15 @@ class SwiGLU(nn.Module):
         return Linear(x.shape[-1], (MLP, EMBED), name="down", **kw)(h, visual_mask)
 
 
+def residuals(*arrays):
+    """The residuals a custom VJP's forward saves, behind an optimization barrier: the
+    same buffers (no copy), but XLA cannot common up the backward's elementwise math with
+    the forward's (e.g. the sigmoid of SwiGLU's gate), which would make the forward write
+    that shared intermediate [tokens, features] to memory for the backward to read (one
+    more pass each way) instead of recomputing it inside the fusions that need it."""
+    return jax.lax.optimization_barrier(arrays)
+
+
 @jax.custom_vjp
 def silu_mul(gate, up):
     """silu(gate) * up, SwiGLU's gating, with a one-pass backward.
@@ -435,17 +521,15 @@ def silu_mul(gate, up):
 
 
 def _silu_mul_fwd(gate, up):
-    return silu_mul(gate, up), (gate, up)
+    return silu_mul(gate, up), residuals(gate, up)
 
 
 def _silu_mul_bwd(res, dh):
     gate, up = res
     dtype_g, dtype_u = gate.dtype, up.dtype
     gate, up, dh = (a.astype(jnp.float32) for a in (gate, up, dh))  # fp32 math, fused
-    # The sigmoid written as tanh: XLA cannot common it up with the forward's, so the
-    # backward fusions recompute it from gate instead of the forward writing sigmoid(gate)
-    # and silu(gate) [tokens, mlp] to memory for them (LLaVA benchmark step: the MLP's
-    # elementwise ops move 0.72 GB instead of 0.83 GB, peak memory -49 MB).
+    # Two fusions that each read dh, gate, up and recompute the sigmoid (tanh-based in one,
+    # exp-based in the other, so XLA does not write a shared sigmoid [tokens, mlp] for them).
     s = 0.5 * jnp.tanh(0.5 * gate) + 0.5
     d_gate = dh * up * (s * (1 + gate * (1 - s)))
     d_up = dh * gate / (1 + jnp.exp(-gate))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from vlm_jax.models import layers as L
 from vlm_jax.models import losses
-from vlm_jax.models.vit import remat_policy, stack_blocks
+from vlm_jax.models.vit import stack_blocks, with_remat
 
 Dtype = Any
 
@@ -51,21 +51,23 @@ def inv_freq_for(cfg, positions: jax.Array | None) -> jax.Array:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE. With `kv` (the normed inputs of every
-    position) the queries come from `x` (a subset of the positions, e.g. those that carry
-    loss) and attend to all of `kv`; `mask` rows then belong to the query positions."""
+    """Grouped-query self-attention with RoPE. `rope` = `layers.rope_tables` (cos, sin) of
+    the query positions. With `kv` (the normed inputs of every position) the queries come
+    from `x` (a subset of the positions, e.g. those that carry loss) and attend to all of
+    `kv` (rotated by `kv_rope`); `mask` rows then belong to the query positions."""
     cfg: Any
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, inv_freq, mask, visual_mask=None, kv=None,
-                 kv_positions=None, kv_visual_mask=None):
+    def __call__(self, x, rope, mask, visual_mask=None, kv=None, kv_rope=None,
+                 kv_visual_mask=None):
         c = self.cfg
         hd = head_dim(c)
-        if kv is None:
-            kv, kv_positions, kv_visual_mask = x, positions, visual_mask
+        self_attention = kv is None  # then the causal mask is known to be lower-triangular
+        if self_attention:
+            kv, kv_rope, kv_visual_mask = x, rope, visual_mask
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, experts=c.experts,
                   expert_impl=c.expert_impl)
         q = L.Linear((c.heads, hd), (L.EMBED, L.HEADS, L.KV), use_bias=c.qkv_bias, name="q",
@@ -74,12 +76,13 @@ class Attention(nn.Module):
                      name="k", **kw)(kv, kv_visual_mask)
         v = L.Linear((c.kv_heads, hd), (L.EMBED, L.KV_HEADS, L.KV), use_bias=c.qkv_bias,
                      name="v", **kw)(kv, kv_visual_mask)
-        q = L.apply_rope(q, positions, inv_freq)
-        k = L.apply_rope(k, kv_positions, inv_freq)
+        q = L.rope_rotate(q, *rope)
+        k = L.rope_rotate(k, *kv_rope)
         q = L.constrain(q, (L.BATCH, L.LENGTH, L.HEADS, L.KV))
         k = L.constrain(k, (L.BATCH, L.LENGTH, L.KV_HEADS, L.KV))
         v = L.constrain(v, (L.BATCH, L.LENGTH, L.KV_HEADS, L.KV))
-        o = L.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+        o = L.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl,
+                                    causal=self_attention)
         o = L.constrain(o, (L.BATCH, L.LENGTH, L.HEADS, L.KV))
         return L.Linear(c.width, (L.HEADS, L.KV, L.EMBED), in_axes=2, name="o",
                         **kw)(o, visual_mask)
@@ -105,21 +108,21 @@ class DecoderBlock(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, inv_freq, mask, visual_mask, keep=None):
+    def __call__(self, x, rope, mask, visual_mask, keep=None):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = L.RMSNorm(eps=c.norm_eps, name="attn_norm", **kw)(x)
         attn = Attention(c, attention_impl=self.attention_impl, name="attn", **kw)
         if keep is None:
-            x = x + attn(h, positions, inv_freq, mask, visual_mask)
+            x = x + attn(h, rope, mask, visual_mask)
         else:
             if mask is not None:  # query rows of the mask: [B|1, 1, T, S] -> [B, 1, n, S]
                 mask = jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:])
                 mask = jnp.take_along_axis(mask, keep[:, None, :, None], axis=2)
             vq = take_positions(visual_mask, keep)
             x = take_positions(x, keep) + attn(
-                take_positions(h, keep), take_positions(positions, keep), inv_freq, mask, vq,
-                kv=h, kv_positions=positions, kv_visual_mask=visual_mask)
+                take_positions(h, keep), tuple(take_positions(r, keep) for r in rope), mask,
+                vq, kv=h, kv_rope=rope, kv_visual_mask=visual_mask)
             visual_mask = vq
         h = L.RMSNorm(eps=c.norm_eps, name="mlp_norm", **kw)(x)
         x = x + L.SwiGLU(c.mlp_dim, experts=c.experts, expert_impl=c.expert_impl, name="mlp",
@@ -150,7 +153,7 @@ class LLM(nn.Module):
                                     (c.vocab_size, c.width), self.param_dtype)
         blk = dict(cfg=c, attention_impl=self.attention_impl, **kw)
         cls = stack_blocks(DecoderBlock, depth=c.depth, scan=c.scan_layers, remat=c.remat,
-                           num_broadcast=4, emit=False)
+                           num_broadcast=3, emit=False)
         if c.scan_layers:
             self.layers = cls(name="layers", **blk)
         else:
@@ -177,9 +180,9 @@ class LLM(nn.Module):
         b, t = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        inv_freq = inv_freq_for(self.cfg, positions)
+        rope = L.rope_tables(positions, inv_freq_for(self.cfg, positions))
         mask = L.attention_mask(segment_ids, causal=True, q_len=t)
-        args = (positions, inv_freq, mask, visual_mask)
+        args = (rope, mask, visual_mask)
         if keep is not None and self.is_initializing():  # init creates every layer as usual
             return take_positions(self.decode(x, positions, segment_ids, visual_mask), keep)
         if not self.cfg.scan_layers:
@@ -194,24 +197,20 @@ class LLM(nn.Module):
 
     def _scan_then_keep(self, x, args, keep):
         """Scanned layers with `keep`: the first depth-1 layers by `lax.scan` over their
-        slice of the stacked params, then the last one on the kept rows."""
+        slice of the stacked params, then the last one on the kept rows (each under the
+        config's remat policy, as `stack_blocks` wraps the scanned block)."""
         c = self.cfg
         stacked = nn.meta.unbox(self.variables["params"]["layers"])
         block = DecoderBlock(cfg=c, dtype=self.dtype, param_dtype=self.param_dtype,
                              attention_impl=self.attention_impl, parent=None)
 
-        def body(h, p):
-            return block.apply({"params": p}, h, *args)[0], None
-        policy = remat_policy(c.remat)
-        if policy is not None:
-            body = jax.checkpoint(body, policy=policy)
+        def run(p, h, *keep_rows):
+            return block.apply({"params": p}, h, *args, *keep_rows)[0]
         if c.depth > 1:
+            body = with_remat(lambda h, p: (run(p, h), None), c.remat, scanned=True)
             x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], stacked))
-        last = jax.tree.map(lambda a: a[-1], stacked)
-        if policy is not None:
-            return jax.checkpoint(lambda p, h: block.apply({"params": p}, h, *args, keep)[0],
-                                  policy=policy)(last, x)
-        return block.apply({"params": last}, x, *args, keep)[0]
+        last = with_remat(run, c.remat, scanned=False)
+        return last(jax.tree.map(lambda a: a[-1], stacked), x, keep)
 
     def unembedding(self):
         """(unembedding matrix, vocab_major): the embedding if tied, else lm_head; both are

@@ -55,6 +55,19 @@ def remat_policy(name: str):
     raise ValueError(f"unknown remat policy {name!r}; use none, full or dots")
 
 
+def with_remat(block, remat: str, scanned: bool):
+    """`block` under the remat policy named `remat` (returned as is for "none"): a flax
+    module class through `nn.remat`, a function of arrays through `jax.checkpoint`.
+    `scanned`: it runs as a scan body, where loop boundaries already keep XLA from
+    merging the recomputation with the forward pass (no CSE barriers needed)."""
+    policy = remat_policy(remat)
+    if policy is None:
+        return block
+    if isinstance(block, type) and issubclass(block, nn.Module):
+        return nn.remat(block, policy=policy, prevent_cse=not scanned)
+    return jax.checkpoint(block, policy=policy, prevent_cse=not scanned)
+
+
 def stack_blocks(block_cls, *, depth: int, scan: bool, remat: str, num_broadcast: int,
                  emit: bool):
     """Returns (module class, is_scanned) for a stack of `depth` blocks.
@@ -62,10 +75,7 @@ def stack_blocks(block_cls, *, depth: int, scan: bool, remat: str, num_broadcast
     Blocks have the signature `block(x, *broadcast) -> (x, y)`. Under scan, `y` are the
     per-layer outputs stacked on axis 0 (only when `emit`).
     """
-    policy = remat_policy(remat)
-    cls = block_cls
-    if policy is not None:
-        cls = nn.remat(cls, policy=policy, prevent_cse=not scan)
+    cls = with_remat(block_cls, remat, scanned=scan)
     if not scan:
         return cls
     return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -291,10 +301,7 @@ def _partial_scan(vit: ViT, x, k: int):
     def body(h, p):
         h, _ = block.apply({"params": p}, h, None)
         return h, h
-    policy = remat_policy(c.remat)
-    if policy is not None:
-        body = jax.checkpoint(body, policy=policy)
-    _, ys = jax.lax.scan(body, x, stacked)
+    _, ys = jax.lax.scan(with_remat(body, c.remat, scanned=True), x, stacked)
     return ys
 
 
