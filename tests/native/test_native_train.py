@@ -39,4 +39,7 @@ def test_native_run_counts_examples_not_rows(tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         logged = [json.loads(line) for line in f]
     assert [r["examples_seen"] for r in logged if "examples_seen" in r][-1] == examples
+    per_step = [r["perf/examples_per_sec"] * r["perf/step_time_s"] for r in logged
+                if "perf/examples_per_sec" in r]
+    np.testing.assert_allclose(per_step, [int(b["_examples"]) for b in batches], rtol=1e-6)
     assert os.path.exists(tmp_path / "run" / "result.json")

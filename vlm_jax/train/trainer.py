@@ -596,7 +596,7 @@ class Run:
         wall0 = float(meta.get("wall_time_s", 0.0))
         skipped = dict(meta.get("skipped", {}))
         images = any(k in self.batch_spec for k in ("pixels", "features", "patches"))
-        window_t, window_n, window_tok = time.time(), 0, 0
+        window_t, window_n, window_tok, window_ex = time.time(), 0, 0, 0
         step = start
         stopped = False
 
@@ -630,6 +630,7 @@ class Run:
                     meta["examples_seen"] += int(m["examples"])
                     meta["tokens_seen"] += ntok
                     window_n += 1
+                    window_ex += int(m["examples"])
                     window_tok += ntok
                     writers.console.update(1, {"loss": float(m["loss"])})
                     if not bool(m["finite"]):
@@ -653,7 +654,7 @@ class Run:
                             "train/lr": float(m["lr"]),
                             "train/skipped_steps": int(m["skipped"]),
                             "perf/step_time_s": dt,
-                            "perf/examples_per_sec": t.batch_size / dt,
+                            "perf/examples_per_sec": window_ex / window_n / dt,
                             "perf/tokens_per_sec": window_tok / window_n / dt,
                             "examples_seen": meta["examples_seen"],
                         })
@@ -669,7 +670,7 @@ class Run:
                                             kind)
                         if u is not None:
                             scalars["perf/mfu"] = u
-                        window_t, window_n, window_tok = time.time(), 0, 0
+                        window_t, window_n, window_tok, window_ex = time.time(), 0, 0, 0
                     if (eval_every and step % eval_every == 0) or step == total:
                         with ph("eval"):
                             last_eval = self.evaluate(state["params"], frozen)
