@@ -121,7 +121,9 @@ def executable_dir() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def code_hash() -> str:
-    """sha256 of every .py file of the vlm_jax package (paths and contents)."""
+    """sha256 of every .py file of the vlm_jax package (paths and contents), read once
+    when this module is imported (with the trainer, before any program is built), so a
+    source edited later in a running process's checkout does not relabel its programs."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha256()
     for d, dirs, files in os.walk(root):
@@ -252,3 +254,6 @@ def clear() -> None:
     with _lock:
         _programs.clear()
         _stats.update(hits=0, misses=0, disk_hits=0, disk_writes=0, disk_errors=0)
+
+
+code_hash()  # the sources this process runs (see code_hash)
