@@ -7,7 +7,8 @@
 
 Serving keeps JAX imported and its caches warm across runs (the local launcher's default
 executor): runs of equal shapes reuse the compiled programs of earlier runs in memory
-(`vlm_jax.train.program_cache`), so such a run skips tracing, lowering and compiling.
+(`vlm_jax.train.program_cache`), so such a run skips tracing, lowering and compiling;
+a program some earlier process built is loaded from its serialized file instead.
 While a job runs, the process's stdout/stderr (file descriptors 1 and 2, so
 XLA's C++ logs too) go to the job's log; replies use a private copy of the original
 stdout. A job's failure is reported, not raised: the worker goes on with the next one.
