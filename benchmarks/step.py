@@ -56,6 +56,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Step throughput is measured on programs at XLA's full optimisation level (what every run
+# long enough to matter compiles): the trainer would compile the tiny demo config's step
+# with FAST_COMPILE (its run is short), and no serialized program from an earlier run is
+# loaded in its place.
+os.environ["VLM_JAX_FAST_COMPILE_MAX_FLOPS"] = "0"
+os.environ["VLM_JAX_EXECUTABLE_CACHE"] = "0"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
