@@ -23,7 +23,9 @@ export TF_CPP_MIN_LOG_LEVEL=3
 # runs they start (grid workers, killed-and-resumed trainers, multi-device workers)
 # compile the same tiny programs; each is compiled once. Fresh per invocation.
 cache=$(mktemp -d "${TMPDIR:-/tmp}/vlm_jax_test_cache.XXXXXX")
-trap 'rm -rf "$cache"' EXIT
+# vlm_jax.train.program_cache serializes built programs next to the compilation cache
+# ("<dir>_executables"): removed with it.
+trap 'rm -rf "$cache" "${cache}_executables"' EXIT
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$cache}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.2}"
 workers=$(nproc 2>/dev/null || echo 2); [ "$workers" -gt 8 ] && workers=8
