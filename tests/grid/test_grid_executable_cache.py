@@ -53,3 +53,46 @@ def test_disk_roundtrip_code_key_and_bad_file(tmp_path, monkeypatch):
     monkeypatch.setenv("VLM_JAX_EXECUTABLE_CACHE", "0")
     assert program_cache.executable_dir() is None
     program_cache.clear()
+
+
+_PERSISTENT_CHILD = r'''
+import sys, jax, jax.numpy as jnp
+from vlm_jax.train import program_cache
+def f(x, y):   # many kernels: XLA:CPU splits them over several object files
+    for i in range(12):
+        x = jnp.tanh(x @ y + i) * jnp.exp(-x ** 2) + jnp.sin(x[::-1])
+    return jnp.sum(x)
+x = jnp.ones((64, 64)); y = jnp.ones((64, 64)) / 64
+c = program_cache.get_or_build("many-kernels", lambda: jax.jit(f).lower(x, y).compile())
+print(float(c(x, y)), program_cache.stats().get("disk_skipped", -1), program_cache.stats()["disk_hits"])
+'''
+
+
+def test_program_served_by_the_persistent_cache_is_not_serialized(tmp_path):
+    """jaxlib's XLA:CPU serializes an executable that jax loaded from the persistent
+    compilation cache without some of its kernels ("Function ..._fusion not found" when a
+    later process runs it): such a program is not written; one XLA compiled is."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("XLA_FLAGS", None)
+
+    def child(executables):
+        out = subprocess.run([sys.executable, "-c", _PERSISTENT_CHILD], capture_output=True,
+                             text=True, env=dict(env, VLM_JAX_EXECUTABLE_CACHE=executables),
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        value, skipped, disk_hits = out.stdout.split()
+        return float(value), int(skipped), int(disk_hits)
+
+    exe = str(tmp_path / "exe")
+    want, _, _ = child("0")                   # compiled by XLA, into the persistent cache only
+    assert child(exe) == (want, 1, 0)         # served by the persistent cache: not written
+    assert not os.path.exists(exe) or not os.listdir(exe)
+    assert child(exe) == (want, 1, 0)         # so the next process runs it from there again
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "xla2")   # a compile: written ...
+    assert child(exe) == (want, 0, 0) and len(os.listdir(exe)) == 1
+    assert child(exe) == (want, 0, 1)         # ... and a new process loads and runs it

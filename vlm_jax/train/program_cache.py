@@ -24,7 +24,9 @@ tracing, lowering and compiling it. The file name is the program key hashed with
 `fingerprint()`: jax/jaxlib/flax/optax versions, the backend and its devices, XLA_FLAGS
 and a hash of every vlm_jax source file, so a code change (a new kernel layout, a new
 loss) never loads a stale program. `VLM_JAX_EXECUTABLE_CACHE` sets the directory
-("0": off). A file that fails to load is rebuilt and rewritten; writes are atomic.
+("0": off). A file that fails to load is rebuilt and rewritten; writes are atomic. A program that
+jax's persistent compilation cache served is not written (XLA:CPU would serialize it
+without some of its kernels; see `get_or_build`).
 
 `stats()` also counts, for every program this process compiles through jax (ours or not),
 the persistent compilation cache's hits and misses (`JAX_COMPILATION_CACHE_DIR`) and the
@@ -53,7 +55,10 @@ MAX_ENTRIES = 48
 
 _lock = threading.Lock()
 _programs: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
-_stats = {"hits": 0, "misses": 0, "disk_hits": 0, "disk_writes": 0, "disk_errors": 0}
+_stats = {"hits": 0, "misses": 0, "disk_hits": 0, "disk_writes": 0, "disk_errors": 0,
+          "disk_skipped": 0}
+# persistent-compilation-cache hits of the calling thread (see `get_or_build`)
+_thread = threading.local()
 # jax monitoring events -> counters of the persistent compilation cache and XLA compiles
 _XLA_EVENTS = {"/jax/compilation_cache/cache_hits": "persistent_hits",
                "/jax/compilation_cache/cache_misses": "persistent_misses"}
@@ -73,6 +78,8 @@ def _on_event(event: str, **_) -> None:
     if name:
         with _lock:
             _xla[name] += 1
+        if name == "persistent_hits":
+            _thread.persistent_hits = getattr(_thread, "persistent_hits", 0) + 1
 
 
 def _on_duration(event: str, seconds: float, **_) -> None:
@@ -236,15 +243,26 @@ def get_or_build(key: str | None, build: Callable[[], Any], count: bool = True) 
         return build()
     program = lookup(key, count)
     if program is None:
+        hits = getattr(_thread, "persistent_hits", 0)
         program = build()
-        _write(_disk_path(key), program)
+        if getattr(_thread, "persistent_hits", 0) == hits:
+            _write(_disk_path(key), program)
+        else:
+            # XLA:CPU (jaxlib 0.10) drops kernels when an executable that jax loaded from
+            # its persistent compilation cache is serialized again: the file would load
+            # and then fail at run time ("Function ..._fusion not found"). Only programs
+            # XLA compiled in this process are written; the next process gets this one
+            # from the persistent cache again.
+            with _lock:
+                _stats["disk_skipped"] += 1
         _keep(key, program, "misses", count)
     return program
 
 
 def stats() -> dict:
     """Programs reused from memory (`hits`), loaded from disk (`disk_hits`), built
-    (`misses`) here, entries kept, files written / unreadable, and the persistent cache /
+    (`misses`) here, entries kept, files written / unreadable / not written because the
+    persistent cache served the program (`disk_skipped`), and the persistent cache /
     XLA / tracing counters (module docstring)."""
     with _lock:
         return dict(_stats, entries=len(_programs), **_xla)
@@ -253,7 +271,8 @@ def stats() -> dict:
 def clear() -> None:
     with _lock:
         _programs.clear()
-        _stats.update(hits=0, misses=0, disk_hits=0, disk_writes=0, disk_errors=0)
+        _stats.update(hits=0, misses=0, disk_hits=0, disk_writes=0, disk_errors=0,
+                      disk_skipped=0)
 
 
 code_hash()  # the sources this process runs (see code_hash)
