@@ -10,6 +10,19 @@ import pytest
 
 from configs import common
 from vlm_jax.models import clip
+from vlm_jax.train.trainer import FAST_COMPILE
+
+
+def _compiled(f, *args):
+    """f compiled for args at XLA:CPU's fast level, as the trainer compiles its small
+    programs (a third of the compile time of the default level; these programs run a few
+    times, on tiny shapes)."""
+    return jax.jit(f).lower(*args).compile(FAST_COMPILE)
+
+
+def _init(model, batch):
+    key = jax.random.key(0)
+    return _compiled(model.init, key, batch)(key, batch)["params"]
 
 
 def _config(loss="clip", class_token=True):
@@ -68,16 +81,16 @@ def test_padding_examples_do_not_change_the_loss(loss):
     c = _config(loss)
     model = clip.CLIPModel(c.model)
     b = _batch(4)
-    params = jax.jit(model.init)(jax.random.key(0), b)["params"]
+    params = _init(model, b)
     assert set(params) == {"vision", "text", "head"}
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, x))  # eager flax scans are slow
-    out = apply(params, b)
+    apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    out = _compiled(apply, params, b)(params, b)
     # Append two padding examples (valid = 0): per-example losses of the real ones and
     # the sums must not move.
     pad = _batch(2, seed=7)
     pad["valid"] = np.zeros(2, np.float32)
     both = {k: np.concatenate([b[k], pad[k]]) for k in b}
-    out2 = apply(params, both)
+    out2 = _compiled(apply, params, both)(params, both)
     assert float(out2["num_tokens"]) == 4.0
     np.testing.assert_allclose(out2["loss_sum"], out["loss_sum"], rtol=1e-5)
     np.testing.assert_allclose(out2["accuracy"], out["accuracy"], rtol=1e-6)
@@ -110,7 +123,7 @@ def test_training_learns_the_pairing(loss, class_token):
     tokens[:, 0], tokens[:, 1] = ids, 1
     batch = {"pixels": pixels, "tokens": tokens, "segment_ids": seg,
              "valid": np.ones(b, np.float32)}
-    params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
+    params = _init(model, batch)
     tx = optax.adamw(1e-3, weight_decay=0.0)
     opt = tx.init(params)
 
@@ -118,12 +131,12 @@ def test_training_learns_the_pairing(loss, class_token):
         out = model.apply({"params": p}, batch)
         return out["loss_sum"] / out["num_tokens"], out
 
-    @jax.jit
     def step(p, o):
         (l, out), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o, l, out["accuracy"]
 
+    step = _compiled(step, params, opt)
     first = None
     for _ in range(60):
         params, opt, l, acc = step(params, opt)

@@ -23,7 +23,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARG = "run,feature_cache=0,steps=24,n=512"
 # Subprocess tests: slow on a loaded machine (each process compiles its own step).
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+# One xdist worker runs the module (tests/run.sh: --dist loadgroup), so the module fixture
+# runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.xdist_group("train_resume")]
 OVERRIDES = dict(checkpoint_every_steps=4, log_every_steps=1, eval_every_steps=8,
                  checkpoint_every_secs=0.0, keep_checkpoints=2)
 

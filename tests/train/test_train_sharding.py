@@ -13,7 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 # Subprocess tests: slow on a loaded machine (each process compiles its own step).
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+# One xdist worker runs the module (tests/run.sh: --dist loadgroup), so the module fixture
+# runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.xdist_group("train_sharding")]
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",

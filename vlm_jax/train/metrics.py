@@ -113,12 +113,27 @@ class JsonlWriter:
             f.flush()
 
 
+def _import_summary_writer():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX's writer imports
+    torch when it is installed (only to accept torch tensors; ~5 s of a trainer process's
+    start on CPU); only floats are written here. Where torch is already loaded, it is used."""
+    if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while tensorboardX loads
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoardWriter:
     """TensorBoard event files via tensorboardX (no TensorFlow at run time)."""
 
     def __init__(self, logdir: str):
-        from tensorboardX import SummaryWriter
-        self._w = SummaryWriter(logdir)
+        self._w = _import_summary_writer()(logdir)
 
     def write(self, step: int, scalars: dict) -> None:
         for k, v in scalars.items():
