@@ -148,10 +148,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
         subprocess.run(argv, check=True)
     prog = _Progress(s.total, s.already_done, launcher.parallel, log)
     analyses = _Analyses(grid, root, log) if analysis else None
-    # critical path first: of the jobs that can start, those more runs wait on go first
-    # (pretraining that feeds many grid runs before a leaf run); ties keep grid order
-    waiting = dependants(grid.runs)
-    pending = sorted(jobs, key=lambda j: -len(set().union(*(waiting[r.name] for r in j.runs))))
+    pending = schedule(jobs, grid)
     running: dict[int, tuple[Job, object, float]] = {}   # slot -> (job, handle, start)
 
     def counts():
@@ -258,6 +255,58 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
         f"{len(s.skipped)} skipped, in {_fmt_s(s.wall_time_s)}; results: "
         f"{os.path.join(root, registry.RESULTS_CSV)}")
     return s
+
+
+def job_costs(jobs: Sequence[Job]) -> dict[str, float]:
+    """Estimated training FLOPs of each job (sum over its runs of steps x batch x forward
+    FLOPs per example; a WSD branch counts only its own steps after the branch point is
+    ignored: a coarse, monotone estimate). 0 where a config does not build or its model
+    has no FLOP count: such jobs keep their grid order."""
+    from vlm_jax.grid import expand
+    modules: dict[str, object] = {}
+    out = {}
+    for job in jobs:
+        total = 0.0
+        try:
+            from vlm_jax.train import flops as flops_lib
+            for r in job.runs:
+                module = modules.get(r.config_file) or expand.load_config_module(r.config_file)
+                modules[r.config_file] = module
+                cfg = expand.build_config(r.config_file, r.arg, module)
+                per = sum(flops_lib.forward_per_example(cfg).values())
+                total += per * int(cfg.train.steps) * int(cfg.train.batch_size)
+        except Exception:  # noqa: BLE001 - an estimate only; the job still runs
+            total = 0.0
+        out[job.name] = total
+    return out
+
+
+def schedule(jobs: Sequence[Job], grid: Grid, costs: Mapping[str, float] | None = None
+             ) -> list[Job]:
+    """The order jobs start in (each free slot takes the first startable one):
+    1. critical path first: jobs more runs wait on (pretraining feeding the grid);
+    2. then stage by stage, in grid order (a stage's analysis can start while the next
+       stage's jobs run);
+    3. within a stage, the biggest estimated job first (`job_costs`; longest-processing-
+       time-first leaves the short jobs for the end, so the slots finish together), where
+       jobs of equal cost (the same programs, e.g. the clean and noisy twins of one
+       (vit, llm)) go to different waves: the first of each equal-cost group, by cost,
+       then the second ones, ... (the later twin loads what the first compiled);
+    ties keep grid order."""
+    costs = job_costs(jobs) if costs is None else costs
+    waiting = dependants(grid.runs)
+    stage_pos = {}
+    for r in grid.runs:
+        stage_pos.setdefault(r.stage, len(stage_pos))
+    seen: dict[tuple, int] = {}
+    twin = {}
+    for j in jobs:
+        k = (j.runs[0].stage, round(costs.get(j.name, 0.0), 3))
+        twin[j.name] = seen.get(k, 0)
+        seen[k] = twin[j.name] + 1
+    return sorted(jobs, key=lambda j: (
+        -len(set().union(*(waiting[r.name] for r in j.runs))),
+        stage_pos[j.runs[0].stage], twin[j.name], -costs.get(j.name, 0.0)))
 
 
 def dependants(runs) -> dict[str, set[str]]:
