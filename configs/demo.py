@@ -138,6 +138,9 @@ def run(a) -> mlc.ConfigDict:
     c.data.n = a.n
     c.train.steps = a.steps or max(1, a.n // a.batch)     # one epoch
     c.train.feature_cache = a.feature_cache
+    # the eval split in one batch (the token-mean loss does not depend on the batching);
+    # the feature cache encodes its images in batches of this size too
+    c.train.eval_batch_size = a.eval_n
     c.optim.update(lr=1e-3, schedule="cosine", warmup_frac=0.03, weight_decay=0.0,
                    trainable=("projector",))
     return c

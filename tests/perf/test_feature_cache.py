@@ -115,3 +115,47 @@ def test_trainable_encoder_is_refused():
     c.model.kind = "lm"
     with pytest.raises(fc.FeatureCacheError, match="model.kind"):
         fc.check_usable(c, ["llm"])
+
+
+def test_image_batches_batched_source_equals_per_record(monkeypatch):
+    """The encoder's images come from the source's vectorised `get_batch` when it has one;
+    they equal the per-record pipeline path, bad samples included (named and skipped)."""
+    from vlm_jax.data import pipeline
+    from vlm_jax.data.errors import BadSample
+    cfg = _cfg("data=noisy")
+    records = np.array([5, 0, 17, 3, 9, 11, 2], np.int64)
+    batched = list(fc._image_batches(cfg, records, 3))
+    real = pipeline.source_for
+
+    class PerRecord:   # the same source without get_batch
+        def __init__(self, src, bad=()):
+            self.src, self.bad = src, set(bad)
+
+        def __len__(self):
+            return len(self.src)
+
+        def __getitem__(self, i):
+            if i in self.bad:
+                raise BadSample("missing_image")
+            return self.src[i]
+
+    monkeypatch.setattr(pipeline, "source_for", lambda c, *a: PerRecord(real(c, *a)))
+    per_record = list(fc._image_batches(cfg, records, 3))
+    assert len(batched) == len(per_record) == 3
+    for (g0, p0, b0), (g1, p1, b1) in zip(batched, per_record):
+        np.testing.assert_array_equal(g0, g1)
+        np.testing.assert_array_equal(p0, p1)
+        assert b0 == b1 == []
+
+    class Batched(PerRecord):  # a chunk with a bad sample fails as a whole
+        def get_batch(self, idx):
+            if self.bad & set(np.asarray(idx).tolist()):
+                raise BadSample("missing_image")
+            return self.src.get_batch(idx)
+
+    for kind in (PerRecord, Batched):
+        monkeypatch.setattr(pipeline, "source_for", lambda c, *a: kind(real(c, *a), {17}))
+        out = list(fc._image_batches(cfg, records, 3))
+        assert list(np.concatenate([g for g, _, _ in out])) == [5, 0, 3, 9, 11, 2]
+        assert sum((b for _, _, b in out), []) == [17]
+        np.testing.assert_array_equal(out[0][1], batched[0][1][:2])   # 5, 0 of 5, 0, 17

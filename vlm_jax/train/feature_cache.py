@@ -288,20 +288,37 @@ def _image_batches(config, records: np.ndarray, batch: int):
     src = pipeline.source_for(cfg)
     ts = [T.DecodeImage(draft_size=size), T.ResizeImage(size, cfg.data.get("resize", "crop"))]
     load = pipeline.LoadExample(src, ts, with_image=True)
+    if hasattr(src, "get_batch") and all(hasattr(t, "map_batch") for t in ts):
+        # sources that read many records at once (synthetic): a few array ops per chunk;
+        # a chunk holding a bad sample goes record by record (which names and skips it)
+        for start in range(0, len(records), batch):
+            chunk = np.asarray(records[start:start + batch], np.int64)
+            try:
+                out = src.get_batch(chunk)
+                for t in ts:
+                    out = t.map_batch(out)
+                yield chunk, np.asarray(out["image"]), []
+            except T.BadSample:
+                yield _split_bad(chunk, [load.map((i, int(r))) for i, r in enumerate(chunk)])
+        return
     ds = grain.MapDataset.source([(i, int(r)) for i, r in enumerate(records)]).map(load)
     it = iter(ds.to_iter_dataset(pipeline._read_options(cfg, batch)))
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
-        good, images, bad = [], [], []
-        for r in chunk:
-            ex = next(it)
-            if isinstance(ex, pipeline._Bad):
-                bad.append(int(r))
-            else:
-                good.append(int(r))
-                images.append(ex["image"])
-        pixels = np.stack(images) if images else None
-        yield np.asarray(good, np.int64), pixels, bad
+        yield _split_bad(chunk, [next(it) for _ in chunk])
+
+
+def _split_bad(records, examples) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+    """(good records, their pixels or None, bad records) of loaded `examples`."""
+    from vlm_jax.data import pipeline
+    good, images, bad = [], [], []
+    for r, ex in zip(records, examples):
+        if isinstance(ex, pipeline._Bad):
+            bad.append(int(r))
+        else:
+            good.append(int(r))
+            images.append(ex["image"])
+    return np.asarray(good, np.int64), (np.stack(images) if images else None), bad
 
 
 def feature_fn(model_cfg):
