@@ -551,27 +551,27 @@ def train_iterator(config, process_index: int = 0, process_count: int = 1):
 
 
 def eval_batches(config, process_index: int = 0, process_count: int = 1) -> list[dict]:
-    """The eval split once, one example per row (so every process runs the same number of
-    batches); padding rows and bad samples have valid=0 and loss_mask=0."""
+    """The eval split once, packed like training (`data.packing`: several examples per
+    row, each its own segment, so the token-mean loss equals the unpacked one) into
+    global batches; process p takes rows p*b..(p+1)*b of each (every process packs the
+    whole split the same way, so all run the same number of batches). Bad samples are
+    skipped and counted (`_skipped/<reason>`); empty rows have valid=0 and loss_mask=0."""
     from vlm_jax.data import pipeline as P
     config, spec, split, load = _setup(config)
-    spec = dataclasses.replace(spec, packing=False)
     global_b = int(config.train.eval_batch_size or config.train.batch_size)
     b = P._per_process(global_b, process_count, "train.eval_batch_size")
-    n_batches = math.ceil(split.eval_n / global_b)
-    out, counts = [], {}
-    for s in range(n_batches):
-        packer = RowPacker(spec, b)
-        for r in range(b):
-            pos = s * global_b + process_index * b + r
-            ex = load.map((pos, split.eval_record(pos) if pos < split.eval_n else -1))
-            if not isinstance(ex, dict):
-                if ex.reason:
-                    counts[ex.reason] = counts.get(ex.reason, 0) + 1
-                packer.count += 1  # leave the row blank (valid = 0)
-                continue
-            assert packer.add(ex)
-        batch = packer.batch
+    examples, counts = [], {}
+    for pos in range(split.eval_n):
+        ex = load.map((pos, split.eval_record(pos)))
+        if isinstance(ex, dict):
+            examples.append(ex)
+        else:
+            reason = getattr(ex, "reason", "") or "bad_sample"
+            counts[reason] = counts.get(reason, 0) + 1
+    rows = slice(process_index * b, (process_index + 1) * b)
+    out = []
+    for batch in pack(examples, spec, global_b) or [empty_batch(spec, global_b)]:
+        batch = {k: v[rows] for k, v in batch.items()}
         for reason, c in counts.items():
             batch[f"_skipped/{reason}"] = np.int64(c)
         out.append(batch)
