@@ -55,6 +55,33 @@ def test_disk_roundtrip_code_key_and_bad_file(tmp_path, monkeypatch):
     program_cache.clear()
 
 
+def test_disk_dir_is_bounded_lru(tmp_path, monkeypatch):
+    """`VLM_JAX_EXECUTABLE_CACHE_MB`: past the bound, the least recently used programs
+    (written or loaded longest ago) are removed; a removed one is simply rebuilt."""
+    monkeypatch.setenv("VLM_JAX_EXECUTABLE_CACHE", str(tmp_path))
+    calls = []
+    program_cache.clear()
+    for i, k in enumerate(("a", "b", "c")):
+        program_cache.get_or_build(k, _build(calls))
+        path = program_cache._disk_path(k)
+        os.utime(path, (1000 + i, 1000 + i))        # written in order a, b, c
+    size = os.path.getsize(program_cache._disk_path("a"))
+    program_cache.clear()
+    program_cache.lookup("a")                        # loaded: now the most recent
+    assert program_cache.stats()["disk_hits"] == 1
+    monkeypatch.setenv("VLM_JAX_EXECUTABLE_CACHE_MB", str(2.5 * size / (1 << 20)))
+    removed = program_cache.prune(str(tmp_path))
+    assert removed == [program_cache._disk_path("b")]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        os.path.basename(program_cache._disk_path(k)) for k in ("a", "c"))
+    program_cache.clear()
+    program_cache.get_or_build("b", _build(calls))   # rebuilt, and the bound holds again
+    assert calls == [1, 1, 1, 1] and len(os.listdir(tmp_path)) == 2
+    monkeypatch.setenv("VLM_JAX_EXECUTABLE_CACHE_MB", "0")   # 0: no bound
+    assert program_cache.prune(str(tmp_path), ) == []
+    program_cache.clear()
+
+
 _PERSISTENT_CHILD = r'''
 import sys, jax, jax.numpy as jnp
 from vlm_jax.train import program_cache

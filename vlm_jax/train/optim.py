@@ -100,9 +100,9 @@ def make_optimizer(optim_cfg, total_steps: int, runtime_lr: bool = False,
     flat=True: the chain runs on one fp32 vector of all leaves (`flat_transform`)."""
     if optim_cfg.name != "adamw":
         raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' is supported")
-    sched = make_schedule(optim_cfg, total_steps)
-    if runtime_lr:
-        sched = 1.0
+    # runtime_lr: the step applies the schedule (its numbers are checked by
+    # `schedule_params`, which the trainer calls); the transformation uses lr 1
+    sched = 1.0 if runtime_lr else make_schedule(optim_cfg, total_steps)
     parts = []
     if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))

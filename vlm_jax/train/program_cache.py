@@ -24,7 +24,9 @@ tracing, lowering and compiling it. The file name is the program key hashed with
 `fingerprint()`: jax/jaxlib/flax/optax versions, the backend and its devices, XLA_FLAGS
 and a hash of every vlm_jax source file, so a code change (a new kernel layout, a new
 loss) never loads a stale program. `VLM_JAX_EXECUTABLE_CACHE` sets the directory
-("0": off). A file that fails to load is rebuilt and rewritten; writes are atomic. A program that
+("0": off); it keeps at most `VLM_JAX_EXECUTABLE_CACHE_MB` (default 2048) MB, the least
+recently used files removed first (`prune`, after each write). A file that fails to load
+is rebuilt and rewritten; writes are atomic. A program that
 jax's persistent compilation cache served is not written (XLA:CPU would serialize it
 without some of its kernels; see `get_or_build`).
 
@@ -52,6 +54,7 @@ import jax
 log = logging.getLogger("vlm_jax.train")
 
 MAX_ENTRIES = 48
+DEFAULT_DISK_MB = 2048   # serialized programs kept on disk (LRU by mtime; `prune`)
 
 _lock = threading.Lock()
 _programs: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
@@ -181,7 +184,9 @@ def _read(path: str | None):
         return None
     try:
         with open(path, "rb") as f:
-            return _load(f.read())
+            program = _load(f.read())
+        os.utime(path)   # recently used: the last one `prune` removes
+        return program
     except Exception as e:  # noqa: BLE001 - a bad file is rebuilt and rewritten
         log.warning("program cache: %s does not load (%s: %s); rebuilding it", path,
                     type(e).__name__, e)
@@ -210,6 +215,45 @@ def _write(path: str | None, value) -> None:
         log.warning("program cache: cannot write %s (%s)", path, e)
         if os.path.exists(tmp):
             os.remove(tmp)
+        return
+    prune(os.path.dirname(path))
+
+
+def max_disk_bytes() -> int:
+    """Size bound of the serialized-program dir: `VLM_JAX_EXECUTABLE_CACHE_MB` (default
+    2048; 0 = no bound)."""
+    return int(float(os.environ.get("VLM_JAX_EXECUTABLE_CACHE_MB", DEFAULT_DISK_MB)) * (1 << 20))
+
+
+def prune(directory: str, limit: int | None = None) -> list[str]:
+    """Removes the least recently used programs (`.pkl` by mtime: written or loaded) of
+    `directory` until it holds at most `limit` bytes (default `max_disk_bytes()`); returns
+    the removed paths. Safe while other processes use the dir: a removed file is rebuilt
+    by whoever needs it next, a file being written is a `.tmp` (never removed here)."""
+    limit = max_disk_bytes() if limit is None else int(limit)
+    if limit <= 0:
+        return []
+    files = []
+    with os.scandir(directory) as it:
+        for e in it:
+            if e.name.endswith(".pkl"):
+                try:
+                    st = e.stat()
+                except OSError:
+                    continue
+                files.append((st.st_mtime_ns, st.st_size, e.path))
+    total = sum(f[1] for f in files)
+    removed = []
+    for _, size, path in sorted(files):
+        if total <= limit:
+            break
+        try:
+            os.remove(path)
+            removed.append(path)
+        except OSError:
+            pass
+        total -= size
+    return removed
 
 
 def lookup(key: str | None, count: bool = True) -> Any:

@@ -281,6 +281,7 @@ class Run:
         # Compiled programs are shared in-process only for models built from the config
         # (program_cache); a model or batch_spec passed in is not described by the config.
         self._share_programs = model is None and batch_spec is None
+        self._key_base = None
         if model is None:
             from vlm_jax.models import build_model
             model = build_model(config.model)
@@ -311,16 +312,18 @@ class Run:
         """program_cache key of a program of this run: everything that decides it."""
         if not self._share_programs:
             return None
-        model = config_to_dict(self.config.model)
-        for part in model.values():
-            if isinstance(part, dict):
-                part.pop("init_from", None)
-        opt = {k: v for k, v in config_to_dict(self.config.optim).items()
-               if k not in optim.RUNTIME_FIELDS}
-        return program_cache.make_key(
-            what, model, opt, int(self.config.train.grad_accum), list(self.mesh.device_ids.flat),
-            list(self.mesh.axis_names), list(self.mesh.devices.shape), str(self.rules),
-            [program_cache.signature(a) for a in args])
+        if self._key_base is None:   # the run's part of every key, built once
+            model = config_to_dict(self.config.model)
+            for part in model.values():
+                if isinstance(part, dict):
+                    part.pop("init_from", None)
+            opt = {k: v for k, v in config_to_dict(self.config.optim).items()
+                   if k not in optim.RUNTIME_FIELDS}
+            self._key_base = [model, opt, int(self.config.train.grad_accum),
+                              list(self.mesh.device_ids.flat), list(self.mesh.axis_names),
+                              list(self.mesh.devices.shape), str(self.rules)]
+        return program_cache.make_key(what, *self._key_base,
+                                      [program_cache.signature(a) for a in args])
 
     # -- params
     def init_params(self):
@@ -625,8 +628,7 @@ class Run:
                     # examples: the samples of the batch (a packed row holds several);
                     # rows: what the step ran, for the FLOPs (a checkpoint from before
                     # rows_seen counted rows as examples)
-                    meta["rows_seen"] = (meta.get("rows_seen", meta["examples_seen"])
-                                         + int(t.batch_size))
+                    meta["rows_seen"] = _rows_seen(meta) + int(t.batch_size)
                     meta["examples_seen"] += int(m["examples"])
                     meta["tokens_seen"] += ntok
                     window_n += 1
@@ -711,7 +713,7 @@ class Run:
             "examples_seen": meta["examples_seen"],
             "images_seen": meta["examples_seen"] if images else 0,
             "tokens_seen": meta["tokens_seen"],
-            "flops": self.flops_per_example * meta.get("rows_seen", meta["examples_seen"]),
+            "flops": self.flops_per_example * _rows_seen(meta),
             "wall_time_s": wall0 + time.time() - t_wall0,
             "data/skipped": skipped,
             "config_name": cfg.get("name", ""),
@@ -723,6 +725,12 @@ class Run:
         if self.is_main:
             metrics_lib.atomic_write_json(result_path, result)
         return result
+
+
+def _rows_seen(meta: dict) -> int:
+    """Batch rows trained so far (a checkpoint from before `rows_seen` counted rows as
+    examples)."""
+    return int(meta.get("rows_seen", meta["examples_seen"]))
 
 
 class _WithSchedule:
