@@ -9,20 +9,12 @@ import optax
 import pytest
 
 from configs import common
+from tests.compiled import fast, run_fast
 from vlm_jax.models import clip
-from vlm_jax.train.trainer import FAST_COMPILE
-
-
-def _compiled(f, *args):
-    """f compiled for args at XLA:CPU's fast level, as the trainer compiles its small
-    programs (a third of the compile time of the default level; these programs run a few
-    times, on tiny shapes)."""
-    return jax.jit(f).lower(*args).compile(FAST_COMPILE)
 
 
 def _init(model, batch):
-    key = jax.random.key(0)
-    return _compiled(model.init, key, batch)(key, batch)["params"]
+    return run_fast(model.init, jax.random.key(0), batch)["params"]
 
 
 def _config(loss="clip", class_token=True):
@@ -84,13 +76,13 @@ def test_padding_examples_do_not_change_the_loss(loss):
     params = _init(model, b)
     assert set(params) == {"vision", "text", "head"}
     apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-    out = _compiled(apply, params, b)(params, b)
+    out = run_fast(apply, params, b)
     # Append two padding examples (valid = 0): per-example losses of the real ones and
     # the sums must not move.
     pad = _batch(2, seed=7)
     pad["valid"] = np.zeros(2, np.float32)
     both = {k: np.concatenate([b[k], pad[k]]) for k in b}
-    out2 = _compiled(apply, params, both)(params, both)
+    out2 = run_fast(apply, params, both)
     assert float(out2["num_tokens"]) == 4.0
     np.testing.assert_allclose(out2["loss_sum"], out["loss_sum"], rtol=1e-5)
     np.testing.assert_allclose(out2["accuracy"], out["accuracy"], rtol=1e-6)
@@ -136,7 +128,7 @@ def test_training_learns_the_pairing(loss, class_token):
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o, l, out["accuracy"]
 
-    step = _compiled(step, params, opt)
+    step = fast(step, params, opt)
     first = None
     for _ in range(60):
         params, opt, l, acc = step(params, opt)

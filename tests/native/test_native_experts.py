@@ -7,8 +7,8 @@ import pytest
 
 from configs import common
 from vlm_jax.models import experts
+from tests.compiled import fast, run_fast
 from vlm_jax.models.llm import LLM
-from vlm_jax.train.trainer import FAST_COMPILE
 
 
 def _llm_cfg(experts_on: bool, impl: str = "masked"):
@@ -29,15 +29,14 @@ def _inputs(b=2, t=24, seed=0, frac=0.5):
 
 
 def _init(cfg, ids, pos, seg, vm):
-    init = jax.jit(lambda *a: LLM(cfg).init(jax.random.PRNGKey(0), *a[:3], visual_mask=a[3]))
-    args = (ids, pos, seg, vm)  # one cheap compile, as the trainer inits
-    return nn.unbox(init.lower(*args).compile(FAST_COMPILE)(*args)["params"])
+    init = lambda *a: LLM(cfg).init(jax.random.PRNGKey(0), *a[:3], visual_mask=a[3])  # noqa: E731
+    return nn.unbox(run_fast(init, ids, pos, seg, vm)["params"])  # one cheap compile
 
 
 def _apply(cfg, params, ids, pos, seg, vm=None):
     """The LLM's output, compiled (one program instead of op-by-op dispatch)."""
-    return jax.jit(lambda p, *a: LLM(cfg).apply({"params": p}, *a[:3], visual_mask=a[3]))(
-        params, ids, pos, seg, vm)
+    return run_fast(lambda p, *a: LLM(cfg).apply({"params": p}, *a[:3], visual_mask=a[3]),
+                    params, ids, pos, seg, vm)
 
 
 def _text_part(params):
@@ -50,16 +49,12 @@ def _text_part(params):
 def _perturb_visual(params, seed=1, scale=0.05):
     """Visual weights made distinct from the text ones (noise of a few times the init's
     0.02 std: routing mistakes change outputs by O(1), while the model stays well
-    conditioned; std-1 noise made fp32 rounding differ by more than 1e-4 relative)."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    key = jax.random.PRNGKey(seed)
-    out = params
-    for path, _ in leaves:
-        if "visual_" in jax.tree_util.keystr(path):
-            out = jax.tree_util.tree_map_with_path(
-                lambda p, x, path=path: x + scale * jax.random.normal(key, x.shape)
-                if p == path else x, out)
-    return out
+    conditioned; std-1 noise made fp32 rounding differ by more than 1e-4 relative). NumPy
+    noise: no per-shape random program to compile."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x + scale * rng.normal(size=x.shape).astype(x.dtype)
+        if "visual_" in jax.tree_util.keystr(p) else x, params)
 
 
 @pytest.mark.parametrize("impl", ["masked", "chunked:8"])
@@ -68,7 +63,8 @@ def test_text_only_ignores_visual_experts_and_equals_dense(impl):
     none = np.zeros(ids.shape, bool)
     cfg = _llm_cfg(True, impl)
     params = _init(cfg, ids, pos, seg, none)
-    f = jax.jit(lambda p, vm: LLM(cfg).apply({"params": p}, ids, pos, seg, visual_mask=vm))
+    f = fast(lambda p, vm: LLM(cfg).apply({"params": p}, ids, pos, seg, visual_mask=vm),
+             params, none)
     out = f(params, none)
     out2 = f(_perturb_visual(params), none)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
@@ -88,8 +84,9 @@ def test_chunked_equals_masked_forward_and_grads():
         y = LLM(_llm_cfg(True, impl)).apply({"params": p}, ids, pos, seg, visual_mask=vm)
         return jnp.sum(jnp.sin(y)), y
 
-    (lm, ym), gm = jax.jit(jax.value_and_grad(lambda p: loss(p, "masked"), has_aux=True))(params)
-    (lc, yc), gc = jax.jit(jax.value_and_grad(lambda p: loss(p, "chunked:16"), has_aux=True))(params)
+    (lm, ym), gm = run_fast(jax.value_and_grad(lambda p: loss(p, "masked"), has_aux=True), params)
+    (lc, yc), gc = run_fast(jax.value_and_grad(lambda p: loss(p, "chunked:16"), has_aux=True),
+                            params)
     np.testing.assert_allclose(yc, ym, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(lc, lm, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gm)):

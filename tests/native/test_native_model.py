@@ -11,8 +11,8 @@ from configs import native as cn
 from vlm_jax.data import native as dn
 from vlm_jax.data.tokenizer import load_tokenizer
 from vlm_jax.models import build_model, batch_spec
+from tests.compiled import fast, run_fast
 from vlm_jax.models.native import NativeVLM, init_params, merge_visual, param_counts
-from vlm_jax.train.trainer import FAST_COMPILE
 
 
 def _config(impl="chunked:16"):
@@ -31,8 +31,7 @@ def setup():
     model = NativeVLM(c.model)
     packed = dn.pack(exs, spec, rows=2)[0]
     # one cheap compile (as the trainer inits) instead of op-by-op dispatch
-    init = jax.jit(lambda b: init_params(model, jax.random.PRNGKey(0), b))
-    base = init.lower(packed).compile(FAST_COMPILE)(packed)
+    base = run_fast(lambda b: init_params(model, jax.random.PRNGKey(0), b), packed)
     # distinct visual experts, so routing mistakes would show
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x * 1.5 if "visual_" in jax.tree_util.keystr(p) else x, base)
@@ -44,8 +43,8 @@ def test_packed_equals_unpacked_per_sample(setup):
     packed = dn.pack(exs, spec, rows=2)
     assert len(packed) == 1 and packed[0]["segment_ids"].max() >= 2  # really packed
     padded = dn.pack(exs, dataclasses.replace(spec, packing=False), rows=len(exs))[0]
-    f = jax.jit(lambda b: model.apply({"params": params}, b, method=NativeVLM.logits))
-    lp, lu = np.asarray(f(packed[0])), np.asarray(f(padded))
+    f = lambda b: model.apply({"params": params}, b, method=NativeVLM.logits)  # noqa: E731
+    lp, lu = np.asarray(run_fast(f, packed[0])), np.asarray(run_fast(f, padded))
     for i, ex in enumerate(exs):
         n = len(ex["tokens"])
         # find example i in the packed batch
@@ -59,7 +58,7 @@ def test_packed_equals_unpacked_per_sample(setup):
         np.testing.assert_allclose(got, lu[i, :n], atol=1e-5, rtol=1e-5)
     # the masked reference gives the same logits
     ref = NativeVLM(_config("masked").model)
-    lm = jax.jit(lambda b: ref.apply({"params": params}, b, method=NativeVLM.logits))(packed[0])
+    lm = run_fast(lambda b: ref.apply({"params": params}, b, method=NativeVLM.logits), packed[0])
     np.testing.assert_allclose(lm, lp, atol=1e-5, rtol=1e-5)
 
 
@@ -96,17 +95,18 @@ def test_train_steps_decrease_loss(setup):
         out = model.apply({"params": p}, b)
         return out["loss_sum"] / out["num_tokens"]
 
-    @jax.jit
     def step(p, o, b):
         loss, g = jax.value_and_grad(loss_fn)(p, b)
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
 
+    step = fast(step, params, opt, batches[0])  # the packed batches all have one shape
     first = None
     for i in range(12):
         params, opt, loss = step(params, opt, batches[i % len(batches)])
         first = float(loss) if first is None else first
-    eval_loss = jax.jit(loss_fn)
-    evals = [float(eval_loss(params, b)) for b in batches]
+    # the loss at the trained params of every batch (the step's loss is taken before its
+    # update, which is dropped: no second program to compile)
+    evals = [float(step(params, opt, b)[2]) for b in batches]
     assert np.isfinite(evals).all()
     assert np.mean(evals) < first - 0.5, (first, evals)
