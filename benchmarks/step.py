@@ -135,8 +135,8 @@ def activation_estimate_bytes(c) -> float:
     return 4.0 * (l.depth * per_layer + proj + logits)
 
 
-def ours(c, feature_cache: bool):
-    """Builds and compiles our step; returns (timed step fn, info dict)."""
+def ours(c, feature_cache: bool, with_hlo: bool = False):
+    """Builds and compiles our step; returns (timed step fn, info dict[, compiled HLO text])."""
     import tempfile
     from vlm_jax.train import sharding, trainer
     batch = make_batch(c)
@@ -178,7 +178,7 @@ def ours(c, feature_cache: bool):
                 params_trainable=r.param_counts["trainable"])
     if feature_cache:  # nothing of the vision tower may remain in the compiled step
         info["vision_mentions_in_hlo"] = hlo.count("vision")
-    return step, info
+    return (step, info, hlo) if with_hlo else (step, info)
 
 
 # --------------------------------------------------------------------------- reference
