@@ -45,6 +45,9 @@ Memory: XLA's `compiled.memory_analysis()` peak (arguments + outputs - aliased +
 against an estimate of what the step must hold: all params, the trainables' gradient and
 AdamW moments, and the activations saved for the backward pass.
 
+Where our step's time goes (per part, against its matmul floor): `benchmarks/step_profile.py`,
+`docs/step.md`.
+
 Prints one JSON object.
 """
 from __future__ import annotations
