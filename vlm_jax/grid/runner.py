@@ -6,7 +6,8 @@
    grid in ROOT/grid.json;
 2. skips every run whose result.json says done; a started-but-unfinished run is simply
    launched again and resumes from its last checkpoint (the trainer's contract);
-3. launches jobs whose dependencies are done, up to `launcher.parallel` at a time; a job
+3. launches jobs whose dependencies are done, up to `launcher.parallel` at a time, in the
+   order of `schedule` (critical path, stage, biggest estimated job first); a job
    that fails is marked (grid_status.json with its log tail) and the rest go on; runs that
    need a failed run are marked skipped, saying which run and why;
 4. prints progress (done/total, failed, running, ETA) after every finished job;
@@ -258,10 +259,11 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
 
 
 def job_costs(jobs: Sequence[Job]) -> dict[str, float]:
-    """Estimated training FLOPs of each job (sum over its runs of steps x batch x forward
-    FLOPs per example; a WSD branch counts only its own steps after the branch point is
-    ignored: a coarse, monotone estimate). 0 where a config does not build or its model
-    has no FLOP count: such jobs keep their grid order."""
+    """Estimated work of each job: the sum over its runs of steps x batch x forward FLOPs
+    per example (`vlm_jax.train.flops`; coarse: a WSD branch's shared steps and the
+    backward pass are not told apart, which keeps jobs of one stage comparable). 0 where a
+    config does not build or its model has no FLOP count: such jobs keep their grid
+    order."""
     from vlm_jax.grid import expand
     modules: dict[str, object] = {}
     out = {}
