@@ -29,19 +29,13 @@ trap 'rm -rf "$cache" "${cache}_executables"' EXIT
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$cache}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.2}"
 workers=$(nproc 2>/dev/null || echo 2); [ "$workers" -gt 8 ] && workers=8
-# loadgroup: tests marked xdist_group(name) share a worker (one module-fixture subprocess
-# instead of one per worker); tests/conftest.py puts the slow tests first (balance).
+# (tests/conftest.py orders the tests so that the two workers finish together.)
 par=(-n "${TEST_WORKERS:-$workers}")
-dist=(--dist loadgroup)
 for a in "$@"; do
-  case "$a" in
-    -n|-n[0-9]*|--numprocesses*) par=() ;;
-    --dist*) dist=() ;;
-    no:xdist|-pno:xdist|-p\ no:xdist) par=(); dist=() ;;
-  esac
+  case "$a" in -n|-n[0-9]*|--numprocesses*|no:xdist|-pno:xdist|-p\ no:xdist) par=() ;; esac
 done
 set +e
-.venv/bin/python -m pytest tests "${par[@]}" "${dist[@]}" "$@"
+.venv/bin/python -m pytest tests "${par[@]}" "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then

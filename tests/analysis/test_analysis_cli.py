@@ -139,7 +139,7 @@ def test_data_efficiency_bounds_instead_of_extrapolating_below_the_data(tmp_path
     _write_results(root)
     out = os.path.join(root, "fit")
     assert main(["fit", "--runs", root, "--stage", "grid", "--out", out, "--group-cols", "llm",
-                 "--n-boot", "50"]) == 0
+                 "--n-boot", "150"]) == 0  # the first test's programs (compile cache)
     text = open(os.path.join(out, "report.md")).read()
     sentences = [l for l in text.splitlines() if "most data-efficient" in l]
     assert sentences and all("< 1e+03 (llm=B)" in s and "at least" in s for s in sentences)

@@ -21,11 +21,11 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ARG = "run,feature_cache=0,steps=24,n=512"
-# Subprocess tests: slow on a loaded machine (each process compiles its own step).
-# One xdist worker runs the module (tests/run.sh: --dist loadgroup), so the module fixture
-# runs once.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.xdist_group("train_resume")]
+ARG = "run,feature_cache=0,steps=24,n=512,vit=S,eval_n=64"  # the smallest ViT: cheap compiles
+# One test function whose subtests share the in-process reference run: under pytest-xdist a
+# module fixture shared by several tests runs again in every worker that gets one of them
+# (xdist_group does not group with pytest 9 + xdist 3.8).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 OVERRIDES = dict(checkpoint_every_steps=4, log_every_steps=1, eval_every_steps=8,
                  checkpoint_every_secs=0.0, keep_checkpoints=2)
 
@@ -70,16 +70,18 @@ def _wait_lines(path, n, proc, timeout=600):
     raise TimeoutError(path)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run, in-process (`vlm_jax.main.run`)."""
+def test_main_runs_resumes_and_distributes(tmp_path, subtests):
     from vlm_jax import main
-    w = str(tmp_path_factory.mktemp("ref") / "run")
-    result = main.run(_config(), w)
-    return w, result
+    w = str(tmp_path / "ref" / "run")
+    reference = w, main.run(_config(), w)  # the uninterrupted run, in-process
+    for check in (reference_run_files, sigterm_then_sigkill_resume_same_losses,
+                  two_processes_match_one, bad_input_fails_before_writing):
+        with subtests.test(check.__name__):
+            (tmp_path / check.__name__).mkdir()
+            check(reference, tmp_path / check.__name__)
 
 
-def test_reference_run_files(reference):
+def reference_run_files(reference, tmp_path):
     w, result = reference
     assert result["status"] == "done" and result["steps"] == 24
     with open(os.path.join(w, "result.json")) as f:
@@ -100,7 +102,7 @@ def test_reference_run_files(reference):
     assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["20", "24"]
 
 
-def test_sigterm_then_sigkill_resume_same_losses(reference, tmp_path):
+def sigterm_then_sigkill_resume_same_losses(reference, tmp_path):
     w = str(tmp_path / "run")
     metrics = os.path.join(w, "metrics.jsonl")
     # 1) SIGTERM: saves a checkpoint at the current step and exits cleanly
@@ -139,7 +141,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(reference, tmp_path):
+def two_processes_match_one(reference, tmp_path):
     w = str(tmp_path / "run")
     port = _free_port()
     procs = [subprocess.Popen(_cmd(w, f"--coordinator_address=localhost:{port}",
@@ -158,7 +160,7 @@ def test_two_processes_match_one(reference, tmp_path):
         assert json.load(f)["train"]["batch_size"] == 32
 
 
-def test_bad_input_fails_before_writing(reference, tmp_path):
+def bad_input_fails_before_writing(reference, tmp_path):
     # unknown config key: config_flags refuses it, nothing is created
     w = str(tmp_path / "new")
     p = subprocess.run(_cmd(w, "--config.train.stepz=3"), cwd=ROOT, env=_env(),
