@@ -37,3 +37,11 @@ def _estimate(item) -> float:
 
 def pytest_collection_modifyitems(session, config, items):
     items[:] = sorted(items, key=lambda item: -_estimate(item))  # stable: ties keep order
+
+
+def pytest_configure(config):
+    # pytest-xdist's `load` hands each worker a contiguous quarter of its share up front,
+    # which would give one worker all the long tests sorted first: hand them out one by one
+    # (a worker holds two at most), unless --maxschedchunk says otherwise.
+    if getattr(config.option, "maxschedchunk", "no xdist") is None:
+        config.option.maxschedchunk = 1
