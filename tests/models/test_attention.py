@@ -67,10 +67,15 @@ def test_attention_errors():
         L.dot_product_attention(q, k, v, mask=jnp.ones((2, 2, 9, 9), bool))
 
 
-def test_causal_halves_equal_full_attention():
-    """`causal=True` (T >= 2 * CAUSAL_SPLIT_MIN_ROWS: two query halves, the first against
-    half of the keys) equals the unsplit einsum attention and jax.nn, values and grads."""
-    t = 2 * L.CAUSAL_SPLIT_MIN_ROWS + 3
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_causal_blocks_equal_full_attention(blocks):
+    """`causal=True` (T >= n * CAUSAL_SPLIT_MIN_ROWS: n query blocks, each against the keys
+    up to its end) equals the unsplit einsum attention and jax.nn, values and grads."""
+    t = blocks * L.CAUSAL_SPLIT_MIN_ROWS + 3
+    spans = L.causal_blocks(t)
+    assert len(spans) == blocks and spans[0][0] == 0 and spans[-1][1] == t
+    assert all(a[1] == b[0] and b[1] - b[0] >= L.CAUSAL_SPLIT_MIN_ROWS
+               for a, b in zip(spans, spans[1:]))
     q, k, v, w = _inputs(t=t, s=t, n=2, kv=1, h=4)        # grouped-query heads
     mask = _masks(q.shape[0], t, q.shape[2])["segments"]  # causal + packed + padding
 
