@@ -20,8 +20,8 @@ runs every ViT layer (`output_hidden_states`); ours unembeds the T-K+1 positions
 carry loss, runs the last decoder layer only on them and stops the ViT at the feature
 layer. Neither computes weight gradients of the frozen towers. Ours also uses what every
 run uses on CPU: einsum attention with a flash-style backward (mask as an additive bias
-fused into the score matmul, causal attention as two query halves that skip the key
-block above the diagonal), the fused cross-entropy (loss and its gradient in one pass
+fused into the score matmul, causal attention as query blocks of >= 64 rows, 3 here,
+each against the keys up to its end: 2/3 of the score/value FLOPs), the fused cross-entropy (loss and its gradient in one pass
 over the logits), one-pass backwards of the SwiGLU gate and of RMSNorm (their residuals
 behind an optimization barrier, so XLA writes no shared intermediates for the backward),
 RoPE cos/sin tables built once per step for all layers, and 2-D matmuls for
