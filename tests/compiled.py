@@ -23,3 +23,18 @@ def run_fast(f, *args, **kwargs):
     """f(*args) through a fast-level compile (one compile per call: for a function that runs
     once on these shapes)."""
     return fast(f, *args, **kwargs)(*args, **kwargs)
+
+
+def subprocess_env(root: str, devices: int | None = None) -> dict:
+    """os.environ for a test's JAX subprocess on CPU: PYTHONPATH=root, the parent's XLA_FLAGS
+    (tests/run.sh's compile level: the subprocess shares the session's compilation cache
+    entries) without its virtual device count, and `devices` virtual devices if given."""
+    import os
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    flags = [f for f in env.pop("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    return env

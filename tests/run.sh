@@ -28,6 +28,13 @@ cache=$(mktemp -d "${TMPDIR:-/tmp}/vlm_jax_test_cache.XXXXXX")
 trap 'rm -rf "$cache" "${cache}_executables"' EXIT
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$cache}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.2}"
+# XLA:CPU's fast compile level for the session (`trainer.FAST_COMPILE`: LLVM -O0, no
+# expensive passes; the HLO passes are unchanged): the tests' programs are tiny, their
+# compiles are most of the suite's time (the model/ckpt tests: 202 -> 135 CPU-s).
+# TEST_XLA_FULL=1 keeps XLA's default level.
+if [ "${TEST_XLA_FULL:-0}" != 1 ]; then
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+fi
 workers=$(nproc 2>/dev/null || echo 2); [ "$workers" -gt 8 ] && workers=8
 # (tests/conftest.py orders the tests so that the two workers finish together.)
 par=(-n "${TEST_WORKERS:-$workers}")

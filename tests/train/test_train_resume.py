@@ -20,6 +20,8 @@ import time
 
 import pytest
 
+from tests.compiled import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARG = "run,feature_cache=0,steps=24,n=512,vit=S,eval_n=64"  # the smallest ViT: cheap compiles
 # One test function whose subtests share the in-process reference run: under pytest-xdist a
@@ -31,9 +33,7 @@ OVERRIDES = dict(checkpoint_every_steps=4, log_every_steps=1, eval_every_steps=8
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    return env
+    return subprocess_env(ROOT)
 
 
 def _cmd(workdir, *extra):

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.compiled import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -19,8 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def _run_worker(workdir):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env = subprocess_env(ROOT, devices=8)
     p = subprocess.run([sys.executable, "-m", "tests.train.sharding_worker", str(workdir)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
