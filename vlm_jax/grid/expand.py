@@ -185,6 +185,17 @@ def build_config(path: str, arg: str, module=None):
         raise GridError(f"{path}:{arg}: get_config failed: {type(e).__name__}: {e}") from e
 
 
+def build_run_configs(runs: Sequence["Run"]) -> dict[str, Any]:
+    """Run name -> its built config (`build_config`), each config file imported once."""
+    modules: dict[str, Any] = {}
+    out = {}
+    for r in runs:
+        if r.config_file not in modules:
+            modules[r.config_file] = load_config_module(r.config_file)
+        out[r.name] = build_config(r.config_file, r.arg, modules[r.config_file])
+    return out
+
+
 def load_grid_spec(spec: str) -> tuple[str, dict]:
     """Returns (abs config path, the `grid` field as a plain dict) of `FILE.py[:ARG]`."""
     path, arg = split_spec(spec)

@@ -372,13 +372,7 @@ def load_runs(spec: str, select=None) -> list[tuple[str, Any]]:
     if cfg.get("grid") is None:
         return [(spec, cfg)]
     grid = expand.load_grid(spec if arg else f"{path}:grid", select=select)
-    modules: dict = {path: module}
-    out = []
-    for r in grid.runs:
-        mod = modules.get(r.config_file) or expand.load_config_module(r.config_file)
-        modules[r.config_file] = mod
-        out.append((r.name, expand.build_config(r.config_file, r.arg, mod)))
-    return out
+    return list(expand.build_run_configs(grid.runs).items())
 
 
 def plan_runs(runs, mesh_shape, chip, mfu, compile_mode="auto", headroom=0.1):

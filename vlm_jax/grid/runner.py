@@ -265,16 +265,12 @@ def job_costs(jobs: Sequence[Job]) -> dict[str, float]:
     config does not build or its model has no FLOP count: such jobs keep their grid
     order."""
     from vlm_jax.grid import expand
-    modules: dict[str, object] = {}
+    from vlm_jax.train import flops as flops_lib
     out = {}
     for job in jobs:
         total = 0.0
         try:
-            from vlm_jax.train import flops as flops_lib
-            for r in job.runs:
-                module = modules.get(r.config_file) or expand.load_config_module(r.config_file)
-                modules[r.config_file] = module
-                cfg = expand.build_config(r.config_file, r.arg, module)
+            for cfg in expand.build_run_configs(job.runs).values():
                 per = sum(flops_lib.forward_per_example(cfg).values())
                 total += per * int(cfg.train.steps) * int(cfg.train.batch_size)
         except Exception:  # noqa: BLE001 - an estimate only; the job still runs

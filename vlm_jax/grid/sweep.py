@@ -167,18 +167,15 @@ def plan_sweep(runs: Sequence[expand.Run], root: str = "", size_axis: str = "n",
     """
     if kind not in SWEEP_KINDS:
         raise SweepError(f"stage sweep={kind!r}: supported sweeps are {list(SWEEP_KINDS)}")
-    configs = dict(configs or {})
-    modules: dict[str, Any] = {}
-    groups: dict[tuple, list] = {}
     for r in runs:
         if size_axis not in dict(r.axes):
             raise SweepError(f"sweep stage {r.stage!r}: run {r.name} has no axis "
                              f"{size_axis!r}; a sweep needs the data-size axis (axes: "
                              f"{[k for k, _ in r.axes]})")
-        if r.name not in configs:
-            module = modules.get(r.config_file) or expand.load_config_module(r.config_file)
-            modules[r.config_file] = module
-            configs[r.name] = expand.build_config(r.config_file, r.arg, module)
+    configs = dict(configs or {})
+    configs.update(expand.build_run_configs([r for r in runs if r.name not in configs]))
+    groups: dict[tuple, list] = {}
+    for r in runs:
         key = tuple((k, v) for k, v in r.axes if k != size_axis)
         wd = os.path.join(root, r.workdir) if root else r.workdir
         groups.setdefault(key, []).append((r.name, configs[r.name], wd, tuple(r.deps), r))
