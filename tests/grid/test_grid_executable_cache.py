@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tests.compiled import subprocess_env
 from vlm_jax.train import program_cache
 
 
@@ -102,10 +103,8 @@ def test_program_served_by_the_persistent_cache_is_not_serialized(tmp_path):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+    env = dict(subprocess_env(root), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env.pop("XLA_FLAGS", None)
 
     def child(executables):
         out = subprocess.run([sys.executable, "-c", _PERSISTENT_CHILD], capture_output=True,
