@@ -61,6 +61,11 @@ def test_real_runs_isolation_idempotence_and_root_checks(tmp_path, launcher):
     assert [x["job"] for x in t] == ["pre/a=1", "main/a=1,b=x", "main/a=1,b=bad",
                                      "post/a=1,b=x"]
     assert all(x["programs_reused"] > 0 and x["programs_built"] == 0 for x in t[1:]), t
+    assert all(x["slot"] == 0 for x in t), t
+    # the runner's own timeline (benchmarks/grid.py accounts for the time outside jobs)
+    ev = registry.read_events(root)
+    assert [e["event"] for e in ev] == ["start", "planned", "jobs_done", "finished"], ev
+    assert ev[0]["t"] <= t[0]["start"] and ev[2]["t"] >= t[-1]["start"] + t[-1]["seconds"]
     skip = json.load(open(os.path.join(root, "runs/post/a-1_b-bad/grid_status.json")))
     assert skip["error"] == "needs main/a=1,b=bad, which failed"
     rows = _csv(root)

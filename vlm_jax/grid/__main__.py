@@ -70,17 +70,9 @@ def _run_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    launcher = None
     try:
         select = expand.parse_selection(args.select)
-        grid = expand.load_grid(args.config, select=select)
-        if not args.no_validate:
-            errors = expand.validate_runs(grid)
-            if errors:
-                print(f"[grid] {len(errors)} run config(s) fail to build; nothing launched:",
-                      file=sys.stderr)
-                for e in errors[:20]:
-                    print("  " + e, file=sys.stderr)
-                return 2
         opts = CloudOptions(
             project=args.project, zone=args.zone, remote_root=args.remote_root,
             tpu_name=args.tpu_name, accelerator=args.accelerator,
@@ -91,6 +83,19 @@ def cmd_run(args) -> int:
         launcher = make_launcher(args.launcher, args.root, args.parallel,
                                  executor=args.executor, gpus_per_run=args.gpus_per_run,
                                  install_cuda=args.install_cuda, opts=opts)
+        if not args.dry_run:
+            # the local workers import JAX and the trainer while this process loads, builds
+            # and plans the grid (their start-up overlaps ours instead of following it)
+            launcher.prestart()
+        grid = expand.load_grid(args.config, select=select)
+        if not args.no_validate:
+            errors = expand.validate_runs(grid)
+            if errors:
+                print(f"[grid] {len(errors)} run config(s) fail to build; nothing launched:",
+                      file=sys.stderr)
+                for e in errors[:20]:
+                    print("  " + e, file=sys.stderr)
+                return 2
         if args.dry_run:
             registry.check_root(os.path.abspath(args.root), grid,
                                 allow_change=args.allow_grid_change)
@@ -103,6 +108,9 @@ def cmd_run(args) -> int:
     except expand.GridError as e:
         print(f"[grid] error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if launcher is not None:
+            launcher.close()   # idempotent; stops prestarted workers when nothing ran
     if summary.interrupted:
         return 130
     return 0 if summary.ok else 1

@@ -296,6 +296,9 @@ class Launcher:
     def close(self) -> None:
         pass
 
+    def prestart(self) -> None:
+        """Starts what runs jobs before the grid is planned (local workers); default none."""
+
     def _job_runs(self, job: Job, all_runs: Mapping[str, Run]) -> list[Run]:
         return list(job.runs) + [all_runs[d] for d in job.deps]
 
@@ -336,13 +339,24 @@ class LocalLauncher(Launcher):
         wd = self.workdirs(self._job_runs(job, all_runs))
         return [[job_argv(job, wd, self.python, trainer=self.trainer)]]
 
-    def start(self, job, all_runs, slot, log_path):
-        if self.executor == "process":
-            return super().start(job, all_runs, slot, log_path)
+    def prestart(self) -> None:
+        """Starts the persistent workers now: they import JAX and the trainer while the
+        runner loads and plans the grid (`close` stops them if nothing runs)."""
+        if self.executor == "worker":
+            for slot in range(self.parallel):
+                self._worker(slot)
+
+    def _worker(self, slot: int) -> Worker:
         worker = self._workers.get(slot)
         if worker is None or not worker.alive():
             worker = Worker(self.python, {**os.environ, **self.env(slot)})
             self._workers[slot] = worker
+        return worker
+
+    def start(self, job, all_runs, slot, log_path):
+        if self.executor == "process":
+            return super().start(job, all_runs, slot, log_path)
+        worker = self._worker(slot)
         spec = job_spec(job, self.workdirs(self._job_runs(job, all_runs)))
         return WorkerHandle(worker, spec, log_path)
 

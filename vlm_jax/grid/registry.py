@@ -31,7 +31,8 @@ STATUS = "grid_status.json"
 LOG = "run.log"
 GRID_JSON = "grid.json"
 RESULTS_CSV = "results.csv"
-TIMINGS = "timings.jsonl"   # one line per finished job: job, runs, rc, start, seconds
+TIMINGS = "timings.jsonl"   # one line per finished job: job, runs, rc, start, seconds, slot
+EVENTS = "runner_events.jsonl"  # the runner's own timeline: start, planned, analysis, end
 
 # results.csv columns after `run, status, stage, <axes...>` (docs/contracts.md).
 METRIC_COLUMNS = ("params_vision", "params_projector", "params_llm", "params_total",
@@ -148,10 +149,22 @@ def append_timing(root: str, **entry) -> None:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
-def read_timings(root: str) -> list[dict]:
+def append_event(root: str, event: str, **entry) -> None:
+    """Appends one event of the runner's timeline (`t`: Unix time) to ROOT/runner_events.jsonl:
+    where its wall time went outside jobs (benchmarks/grid.py)."""
+    with open(os.path.join(root, EVENTS), "a") as f:
+        f.write(json.dumps(dict(entry, event=event, t=round(time.time(), 3)),
+                           sort_keys=True) + "\n")
+
+
+def read_events(root: str) -> list[dict]:
+    return read_timings(root, EVENTS)
+
+
+def read_timings(root: str, name: str = TIMINGS) -> list[dict]:
     out = []
     try:
-        with open(os.path.join(root, TIMINGS)) as f:
+        with open(os.path.join(root, name)) as f:
             for line in f:
                 try:
                     out.append(json.loads(line))

@@ -121,6 +121,7 @@ def run_grid(grid: Grid, root: str, launcher: Launcher, *, retry_failed: bool = 
 
 
 def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -> Summary:
+    registry.append_event(root, "start", t0=round(t0, 3))
     full = registry.record_grid(root, grid)
     csv_grid = registry.load_recorded_grid(root)  # results.csv covers every known run
     runs = grid.by_name()
@@ -147,6 +148,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
     for argv in launcher.setup_commands():
         log(f"[grid] setup: {format_command(argv)}")
         subprocess.run(argv, check=True)
+    registry.append_event(root, "planned", jobs=len(jobs), parallel=launcher.parallel)
     prog = _Progress(s.total, s.already_done, launcher.parallel, log)
     analyses = _Analyses(grid, root, log) if analysis else None
     pending = schedule(jobs, grid)
@@ -157,7 +159,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
                 sum(v == "failed" for v in state.values()),
                 sum(v == "skipped" for v in state.values()))
 
-    def finish(job: Job, rc: int, started: float, info: Mapping):
+    def finish(job: Job, rc: int, started: float, info: Mapping, slot: int):
         prog.finished += len(job.runs)
         log_path = _log_path(root, job)
         tail = registry.log_tail(log_path)
@@ -183,7 +185,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
         registry.write_results_csv(root, csv_grid)
         registry.append_timing(root, job=job.name, runs=[r.name for r in job.runs], rc=rc,
                                start=started, seconds=round(time.time() - started, 3),
-                               status=status.lower(), **info)
+                               status=status.lower(), slot=slot, **info)
 
     try:
         while pending or running:
@@ -231,9 +233,9 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
                 rc = handle.poll()
                 if rc is not None:
                     del running[slot]
-                    finish(job, rc, started, getattr(handle, "info", {}))
+                    finish(job, rc, started, getattr(handle, "info", {}), slot)
             if analyses is not None and (pending or running):
-                analyses.start_ready(state)
+                analyses.start_ready(state, pending)
     except KeyboardInterrupt:
         s.interrupted = True
         log(f"[grid] interrupted: stopping {len(running)} running job(s) (they checkpoint on "
@@ -246,12 +248,14 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
         if analyses is not None:
             analyses.stop()
     finally:
+        registry.append_event(root, "jobs_done", interrupted=s.interrupted)
         launcher.close()
         registry.write_results_csv(root, csv_grid)
     s.done = sum(v == "done" for v in state.values())
     if analyses is not None and not s.interrupted:
         s.analysis_failed = analyses.finish(state)
     s.wall_time_s = time.time() - t0
+    registry.append_event(root, "finished", wall_time_s=round(s.wall_time_s, 3))
     log(f"[grid] finished: {s.done}/{s.total} done, {len(s.failed)} failed, "
         f"{len(s.skipped)} skipped, in {_fmt_s(s.wall_time_s)}; results: "
         f"{os.path.join(root, registry.RESULTS_CSV)}")
@@ -337,19 +341,22 @@ def _log_path(root: str, job: Job) -> str:
 
 class _Analyses:
     """The grid's analysis entries as subprocesses: `start_ready` (while jobs run) starts,
-    one at a time, an entry whose stage's runs are all done; `finish` runs the rest once
-    every job has ended and returns the failed entries."""
+    one at a time, an entry whose stage's runs are all done, and arms (`preload`: imports
+    done, waiting for "go") the next entry whose stage has no job left to start, so its
+    start-up overlaps the stage's last jobs; `finish` runs the rest once every job has
+    ended and returns the failed entries."""
 
     def __init__(self, grid: Grid, root: str, log: Callable[[str], None]):
         self.grid, self.root, self.log = grid, root, log
         self.todo = list(range(len(grid.analysis)))
         self.running: tuple | None = None     # (entry index, Popen, log file, log path)
+        self.armed: dict[int, tuple] = {}     # entry index -> (Popen, log file, log path)
         self.failed: list[str] = []
 
     def _stage_runs(self, i: int) -> list[Run]:
         return [r for r in self.grid.runs if r.stage == self.grid.analysis[i].stage]
 
-    def _start(self, i: int) -> None:
+    def _spawn(self, i: int, armed: bool) -> tuple:
         a = self.grid.analysis[i]
         argv = analysis_argv(a, self.root, [sys.executable])
         out_dir = os.path.join(self.root, "report", a.out)
@@ -362,9 +369,50 @@ class _Analyses:
         env["PYTHONPATH"] = os.pathsep.join(
             [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
             + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
+        if armed:  # python -m vlm_jax.grid.preload vlm_jax.analysis CMD ...
+            argv = [sys.executable, "-m", "vlm_jax.grid.preload", *argv[2:]]
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.PIPE if armed else subprocess.DEVNULL)
+        return proc, f, log_path
+
+    def _start(self, i: int) -> None:
+        if i in self.armed:
+            proc, f, log_path = self.armed.pop(i)
+            if not self._go(proc):   # the armed process died: start it afresh
+                f.close()
+                proc, f, log_path = self._spawn(i, armed=False)
+        else:
+            proc, f, log_path = self._spawn(i, armed=False)
         self.todo.remove(i)
+        a = self.grid.analysis[i]
+        registry.append_event(self.root, "analysis_start", cmd=a.cmd, stage=a.stage)
         self.running = (i, proc, f, log_path)
+
+    @staticmethod
+    def _go(proc) -> bool:
+        try:
+            proc.stdin.write(b"go\n")
+            proc.stdin.close()
+            return True
+        except (BrokenPipeError, OSError):
+            proc.wait()
+            return False
+
+    def _arm(self, i: int) -> None:
+        self.armed[i] = self._spawn(i, armed=True)
+
+    def _disarm(self, i: int) -> None:
+        proc, f, _ = self.armed.pop(i)
+        try:
+            proc.stdin.close()   # end of input: it exits without doing anything
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        f.close()
 
     def _reap(self, wait: bool) -> bool:
         """Collects the running entry (waiting for it if `wait`); True when none runs."""
@@ -377,6 +425,7 @@ class _Analyses:
         f.close()
         self.running = None
         a = self.grid.analysis[i]
+        registry.append_event(self.root, "analysis_end", cmd=a.cmd, stage=a.stage, rc=rc)
         if rc:
             self.failed.append(f"{a.cmd}:{a.stage}")
             self.log(f"[grid] analysis {a.cmd} {a.stage} FAILED (exit {rc}); log {log_path}:\n"
@@ -386,16 +435,25 @@ class _Analyses:
             self.log(f"[grid] analysis {a.cmd} {a.stage}: {os.path.dirname(log_path)}")
         return True
 
-    def start_ready(self, state: Mapping[str, str]) -> None:
+    def start_ready(self, state: Mapping[str, str], pending: Sequence[Job] = ()) -> None:
         """Starts the first entry (not `report`) whose stage's runs are all done, unless
-        one is running."""
-        if not self._reap(wait=False):
+        one is running; arms (at most one at a time) the first other entry whose stage
+        has no job left in `pending`."""
+        if self._reap(wait=False):
+            for i in self.todo:
+                runs = self._stage_runs(i)
+                if (self.grid.analysis[i].cmd != "report" and runs
+                        and all(state.get(r.name) == "done" for r in runs)):
+                    self._start(i)
+                    break
+        if self.armed:
             return
+        waiting = {r.stage for job in pending for r in job.runs}
         for i in self.todo:
-            runs = self._stage_runs(i)
-            if (self.grid.analysis[i].cmd != "report" and runs
-                    and all(state.get(r.name) == "done" for r in runs)):
-                self._start(i)
+            a = self.grid.analysis[i]
+            if (self.running is None or self.running[0] != i) and a.cmd != "report" \
+                    and self._stage_runs(i) and a.stage not in waiting:
+                self._arm(i)
                 return
 
     def finish(self, state: Mapping[str, str]) -> list[str]:
@@ -408,16 +466,23 @@ class _Analyses:
             if not done:
                 self.log(f"[grid] analysis {a.cmd} {a.stage}: no done runs, not run")
                 self.todo.remove(i)
+                if i in self.armed:
+                    self._disarm(i)
                 continue
             if len(done) < len(stage_runs):
                 self.log(f"[grid] analysis {a.cmd} {a.stage}: on {len(done)}/"
                          f"{len(stage_runs)} runs")
             self._start(i)
             self._reap(wait=True)
+        for i in list(self.armed):
+            self._disarm(i)
         return self.failed
 
     def stop(self) -> None:
-        """Ctrl-C: terminates the running entry (the next `run` runs it again)."""
+        """Ctrl-C: terminates the running entry (the next `run` runs it again) and the
+        armed ones."""
+        for i in list(self.armed):
+            self._disarm(i)
         if self.running is not None:
             i, proc, f, _ = self.running
             proc.terminate()

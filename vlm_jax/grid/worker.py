@@ -111,8 +111,32 @@ def _setup_logging() -> None:
     train_main.setup_logging()
 
 
+# What a job imports (a run, a sweep, the feature cache, checkpoints, the models, the data
+# pipeline) and the backend it starts: a worker does both before it reads its first job,
+# so a worker started with the runner (`LocalLauncher.prestart`) is ready when the first
+# job arrives instead of spending its first seconds importing.
+# (+ every model kind's module, `vlm_jax.models.KINDS`)
+WARM_MODULES = ("vlm_jax.train.trainer", "vlm_jax.train.feature_cache", "vlm_jax.grid.sweep",
+                "vlm_jax.data.pipeline")
+
+
+def warm_up() -> None:
+    """Imports `WARM_MODULES` and starts JAX's backend; a failure here is left to the
+    first job, which reports it in its own log."""
+    import importlib
+    try:
+        from vlm_jax.models import KINDS
+        for name in (*WARM_MODULES, *(m for m, _ in KINDS.values())):
+            importlib.import_module(name)
+        import jax
+        jax.devices()
+    except Exception:  # noqa: BLE001 - the job that needs it raises it where it is seen
+        pass
+
+
 def serve() -> int:
     _setup_logging()
+    warm_up()
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     # Our own stdout must never mix with the protocol: everything printed goes to stderr
     # until a job redirects it to its log.
