@@ -45,13 +45,20 @@ def test_store_roundtrip_atomic_and_bf16(tmp_path):
 
 def test_key_invalidation(tmp_path):
     base = fc.cache_key(_cfg())
-    same = [_cfg("llm=M"), _cfg("n=16"), _cfg("eval_n=16"), _cfg("steps=5")]
-    for c in same:   # LLM size, data size, eval size, steps: same features
+    same = [_cfg("llm=M"), _cfg("n=16"), _cfg("eval_n=16"), _cfg("steps=5"),
+            _cfg("data=noisy")]
+    for c in same:   # LLM size, data size, eval size, steps, captions: same features
         assert fc.cache_key(c) == base
+    # the noisy variant shares the store because its images are the clean ones
+    from vlm_jax.data import pipeline
+    idx = np.arange(0, 64, 7)
+    clean, noisy = (pipeline.source_for(_cfg(a)).get_batch(idx) for a in ("", "data=noisy"))
+    np.testing.assert_array_equal(clean["image"], noisy["image"])
+    assert list(clean["text"]) != list(noisy["text"])
     c = _cfg()
     c.model.vision.scan_layers = True                     # execution only
     assert fc.cache_key(c) == base
-    changed = [_cfg("vit=M"), _cfg("data=noisy")]
+    changed = [_cfg("vit=M")]
     for field, value in [("feature_layer", -1), ("feature_select", "cls_patch"),
                          ("image_size", 48)]:
         c = _cfg()

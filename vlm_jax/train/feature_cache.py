@@ -14,8 +14,9 @@ store does not hold yet (a new shard). The key hashes (`cache_key`):
   `remat`), the compute / param / frozen dtypes;
 - the identity of `model.vision.init_from` (every file's path, size and mtime; a random
   init is identified by `train.seed`);
-- the data source identity (resolved `data` fields that decide a record's image: name,
-  source, path, image column, seed, caption noise, resize mode) and the resolution;
+- the data source identity (resolved `data` fields that decide a record's image: source,
+  path, image column, seed, resize mode; not the dataset's name nor its caption noise:
+  a clean and a noisy-caption variant of one source share the store) and the resolution;
 so any change lands in a new key (a new directory) and never reads stale features.
 
 Layout: `DIR/<key>/meta.json` (the key's fields, feature shape and dtype) and one
@@ -52,8 +53,10 @@ log = logging.getLogger("vlm_jax.feature_cache")
 FORMAT_VERSION = 2   # 2: encoders with [out, in] kernels (layers.Linear), new inits
 # model.vision fields that change how the encoder runs, not what it computes.
 _EXEC_ONLY = ("init_from", "scan_layers", "remat")
-# resolved data fields that decide the image of a record index.
-_DATA_FIELDS = ("name", "source", "path", "image_column", "seed", "caption_noise", "resize")
+# resolved data fields that decide the image of a record index (`pipeline.source_for`
+# opens the source from these; `name` only names them and `caption_noise` changes captions,
+# never images: the clean and noisy variants of a source share one store).
+_DATA_FIELDS = ("source", "path", "image_column", "seed", "resize")
 # numpy has no bfloat16: such features are stored as their bits.
 _BITS = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 
