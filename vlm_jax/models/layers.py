@@ -434,17 +434,60 @@ def einsum_attention(q, k, v, mask=None, causal: bool = False):
         m5 = jnp.where(m5.astype(bool), 0.0, _NEG).astype(jnp.float32)
     qs = (q * jnp.asarray(h ** -0.5, q.dtype)).transpose(0, 2, 1, 3).reshape(b, kv, g, t, h)
     ks, vs = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    blocks = [(0, t)]
-    if causal and m5 is not None and s_len == t:
-        blocks = causal_blocks(t)
-    outs = []
-    for lo, hi in blocks:  # query rows lo..hi attend to keys 0..hi (all of them unsplit)
-        kend = hi if len(blocks) > 1 else s_len
-        o = _attention(qs[:, :, :, lo:hi].reshape(b, kv, g * (hi - lo), h), ks[:, :, :kend],
-                       vs[:, :, :kend], None if m5 is None else m5[..., lo:hi, :kend], g)
-        outs.append(o.reshape(b, kv, g, hi - lo, h))
-    o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    blocks = causal_blocks(t) if causal and m5 is not None and s_len == t else [(0, t)]
+    if len(blocks) > 1:
+        o = _causal_attention(qs, ks, vs, m5, g, tuple(blocks))
+    else:
+        o = _attention(qs.reshape(b, kv, g * t, h), ks, vs, m5, g)
     return o.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _causal_attention(qs, ks, vs, m5, g, blocks):
+    """Causal attention as query blocks: rows lo..hi of qs [B, K, G, T, H] against keys
+    0..hi of ks / vs [B, K, S, H] (bias m5 [.., T, S]) -> [B, K, G, T, H].
+
+    Its own VJP so that the blocks' gradients are assembled, not padded and summed: as
+    autodiff of the slices, every block's dQ, dK, dV became a zero-padded [B, K, S, H]
+    copy (5 per layer at 3 blocks) and a sum over them; here dQ is the concatenation of
+    the blocks' rows, and each key block of dK / dV the sum of the query blocks that reach
+    it, in one pass."""
+    return _causal_attention_fwd(qs, ks, vs, m5, g, blocks)[0]
+
+
+def _causal_attention_fwd(qs, ks, vs, m5, g, blocks):
+    b, kv, _, _, h = qs.shape
+    outs, res = [], []
+    for lo, hi in blocks:
+        o, r = _attention_fwd(qs[:, :, :, lo:hi].reshape(b, kv, g * (hi - lo), h),
+                              ks[:, :, :hi], vs[:, :, :hi], m5[..., lo:hi, :hi], g)
+        outs.append(o.reshape(b, kv, g, hi - lo, h))
+        res.append(r)
+    return jnp.concatenate(outs, axis=3), tuple(res)
+
+
+def _causal_attention_bwd(g, blocks, res, do):
+    b, kv = do.shape[:2]
+    h = do.shape[-1]
+    dqs, dks, dvs = [], [], []
+    for (lo, hi), r in zip(blocks, res):
+        dq, dk, dv, _ = _attention_bwd(g, r, do[:, :, :, lo:hi].reshape(b, kv, g * (hi - lo), h))
+        dqs.append(dq.reshape(b, kv, g, hi - lo, h))
+        dks.append(dk)
+        dvs.append(dv)
+
+    def assemble(parts):  # key block j gets the gradients of query blocks j, j+1, ...
+        out = []
+        for j, (lo, hi) in enumerate(blocks):
+            acc = parts[j][:, :, lo:hi]
+            for p in parts[j + 1:]:
+                acc = acc + p[:, :, lo:hi]
+            out.append(acc)
+        return jnp.concatenate(out, axis=2)
+    return jnp.concatenate(dqs, axis=3), assemble(dks), assemble(dvs), None
+
+
+_causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
 def _attention_probs(q, k, mask, g):
