@@ -456,13 +456,20 @@ def _causal_attention(qs, ks, vs, m5, g, blocks):
 
 
 def _causal_attention_fwd(qs, ks, vs, m5, g, blocks):
+    # Each block keeps its unnormalised output (the value matmul's result, saved for the
+    # backward in place of the normalised one): the division by the row sums then runs
+    # inside the pass that concatenates the blocks (and transposes them back to
+    # token-major), not as a pass of its own per block.
     b, kv, _, _, h = qs.shape
     outs, res = [], []
     for lo, hi in blocks:
-        o, r = _attention_fwd(qs[:, :, :, lo:hi].reshape(b, kv, g * (hi - lo), h),
-                              ks[:, :, :hi], vs[:, :, :hi], m5[..., lo:hi, :hi], g)
-        outs.append(o.reshape(b, kv, g, hi - lo, h))
-        res.append(r)
+        q = qs[:, :, :, lo:hi].reshape(b, kv, g * (hi - lo), h)
+        k, v = ks[:, :, :hi], vs[:, :, :hi]
+        p, l = _attention_probs(q, k, m5[..., lo:hi, :hi], g)
+        p = p.astype(v.dtype)
+        o = jnp.einsum("bkqs,bksh->bkqh", p, v, preferred_element_type=jnp.float32)
+        outs.append((o / l).astype(v.dtype).reshape(b, kv, g, hi - lo, h))
+        res.append(residuals(q, k, v, p, l, o.astype(v.dtype)))
     return jnp.concatenate(outs, axis=3), tuple(res)
 
 
@@ -471,7 +478,8 @@ def _causal_attention_bwd(g, blocks, res, do):
     h = do.shape[-1]
     dqs, dks, dvs = [], [], []
     for (lo, hi), r in zip(blocks, res):
-        dq, dk, dv, _ = _attention_bwd(g, r, do[:, :, :, lo:hi].reshape(b, kv, g * (hi - lo), h))
+        dq, dk, dv, _ = _attention_bwd(g, r, do[:, :, :, lo:hi].reshape(b, kv, g * (hi - lo), h),
+                                       normalised=False)
         dqs.append(dq.reshape(b, kv, g, hi - lo, h))
         dks.append(dk)
         dvs.append(dv)
@@ -513,12 +521,15 @@ def _attention_fwd(q, k, v, mask, g):
     return o, residuals(q, k, v, p, l, o)
 
 
-def _attention_bwd(g, res, do):
+def _attention_bwd(g, res, do, normalised: bool = True):
+    """The flash backward; `normalised=False`: the saved o is unnormalised (o * rowsum)."""
     del g
     q, k, v, p, l, o = res
     f32 = jnp.float32
     dn = do.astype(f32) / l                    # dO / rowsum: folds the normalisation in
-    d = jnp.sum(dn * o.astype(f32), axis=-1, keepdims=True)
+    d = jnp.sum(dn * o.astype(f32), axis=-1, keepdims=True)   # rowsum(dO * O) / rowsum
+    if not normalised:
+        d = d / l
     dn_c = dn.astype(v.dtype)
     dv = jnp.einsum("bkqs,bkqh->bksh", p, dn_c, preferred_element_type=f32)
     dp = jnp.einsum("bkqh,bksh->bkqs", dn_c, v, preferred_element_type=f32)
