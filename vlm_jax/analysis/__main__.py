@@ -89,6 +89,31 @@ def _auto_kind(N, D) -> str:
     return "joint"   # check_design names what is missing
 
 
+def _fit_law(args, N, D, loss, kind, **kw) -> fitlib.Fit:
+    """`fitlib.fit_law`, kept in `--cache-dir` (one file per distinct input: the points,
+    the law, the options and the source of analysis/fit.py): a grid's `fit --partial`
+    passes fill it while later runs train, the final `fit` reads what they fitted."""
+    if not getattr(args, "cache_dir", None):
+        return fitlib.fit_law(N, D, loss, kind, **kw)
+    import hashlib
+    import pickle
+    h = hashlib.sha256()
+    with open(fitlib.__file__, "rb") as f:
+        h.update(f.read())
+    for a in (N, D, loss):
+        h.update(b"-" if a is None else np.asarray(a, np.float64).tobytes() + b"|")
+    h.update(repr((kind, sorted(kw.items()))).encode())
+    path = os.path.join(args.cache_dir, h.hexdigest()[:32] + ".pkl")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        pass
+    fit = fitlib.fit_law(N, D, loss, kind, **kw)   # raises FitError: not kept
+    io.atomic_write(path, pickle.dumps(fit))
+    return fit
+
+
 def _fit_group(g: io.Group, args, flops_model) -> dict:
     N, D, loss = (np.asarray(g.cols[k]) for k in ("N", "D", "loss"))
     out: dict = {"n_points": len(loss), "runs": g.runs, "keys": g.keys}
@@ -96,7 +121,7 @@ def _fit_group(g: io.Group, args, flops_model) -> dict:
     common = dict(n_boot=args.n_boot, seed=args.seed)
     fits = {}
     try:
-        f = fitlib.fit_law(N, D, loss, kind, **common)
+        f = _fit_law(args, N, D, loss, kind, **common)
         fits["_fit"] = f
         out.update(f.to_json())
         if args.law == "auto" and kind != "joint":
@@ -116,7 +141,7 @@ def _fit_group(g: io.Group, args, flops_model) -> dict:
             if sel.sum() < 2:
                 continue
             try:
-                c = fitlib.fit_law(N[sel], D[sel], loss[sel], var, **common)
+                c = _fit_law(args, N[sel], D[sel], loss[sel], var, **common)
                 curves[key][v] = c
                 j = c.to_json()
                 j.pop("residuals")
@@ -229,6 +254,19 @@ def cmd_fit(args) -> int:
     except io.InputError as e:
         return _fail(out, "fit.json", str(e), md)
     flops_model = _flops_model(args, groups)
+    if args.partial:   # fill --cache-dir with the complete groups' fits, write nothing else
+        if "status" in table.columns:
+            stage_rows = [r for r in table.rows
+                          if not args.stage or r.get("stage") == args.stage]
+            open_ = {tuple(str(r.get(c, "")) for c in group_cols) for r in stage_rows
+                     if r.get("status") != "done"}
+            groups = [g for g in groups
+                      if tuple(str(g.keys.get(c, "")) for c in group_cols) not in open_]
+        for g in groups:
+            _fit_group(g, args, flops_model)
+        print(f"fitted {len(groups)} complete group(s) into {args.cache_dir}: "
+              + ", ".join(g.name for g in groups))
+        return 0
     res = {"source": table.source, "roles": cols, "group_cols": group_cols,
            "n_boot": args.n_boot, "delta": fitlib.DELTA, "groups": {},
            "excluded": excluded + bad, "plots": {}}
@@ -367,6 +405,12 @@ def main(argv=None) -> int:
     f.add_argument("--budgets", help="comma list of FLOP budgets for the compute-optimal table")
     f.add_argument("--flops-per-nd", type=float, default=None,
                    help="FLOPs = this x N x D (default: fitted to the runs' flops, else 6)")
+    f.add_argument("--cache-dir", default=None,
+                   help="keep every fit here (by its points and options) and reuse it")
+    f.add_argument("--partial", action="store_true",
+                   help="with --cache-dir: only fit the groups whose runs are all done "
+                        "(results.csv status) into the cache; write no outputs (the grid "
+                        "runner's early passes while other runs train)")
     o = sub.add_parser("optimal", help="NaViL optimal-encoder rule and log V* vs log N_LLM")
     _add_common(o, ["llm", "encoder", "loss"])
     o.add_argument("--tol", type=float, default=0.01, help="the rule's tolerance (1%%)")
@@ -376,6 +420,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if getattr(args, "stage", None) and not args.runs:
         p.error("--stage needs --runs")
+    if getattr(args, "partial", False) and not args.cache_dir:
+        p.error("--partial needs --cache-dir")
     return {"fit": cmd_fit, "optimal": cmd_optimal, "report": cmd_report}[args.cmd](args)
 
 

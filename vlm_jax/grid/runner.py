@@ -14,7 +14,12 @@
 5. writes ROOT/results.csv after every finished job (atomic) and runs the grid's analysis
    entries: one whose stage's runs are all done starts in the background while the other
    stages' jobs go on (one at a time); the rest (and `report`, which combines the others)
-   run at the end on the stage's done runs.
+   run at the end on the stage's done runs. An entry whose stage has no job left to start
+   is armed first (`vlm_jax.grid.preload`: its imports done while the last jobs train),
+   and a `fit` entry with `--group-cols` fits each group as soon as its runs are done
+   (`fit --partial` into the entry's `--cache-dir`, which the entry then reuses).
+The runner's timeline (start, planned, jobs done, analysis start/end, finished) goes to
+ROOT/runner_events.jsonl and each job's line in ROOT/timings.jsonl names its slot.
 Ctrl-C stops the running jobs with SIGTERM (they checkpoint) and leaves everything
 resumable: the next `run` picks up where this one stopped.
 """
@@ -60,8 +65,25 @@ def analysis_argv(a, root: str, python: Sequence[str]) -> list[str]:
     if a.cmd == "report":  # combines every ROOT/report/*/ into ROOT/report/report.md
         return [*python, "-m", "vlm_jax.analysis", "report", "--runs", root, "--out",
                 os.path.join(root, "report"), *a.args]
-    return [*python, "-m", "vlm_jax.analysis", a.cmd, "--runs", root, "--out",
-            os.path.join(root, "report", a.out), "--stage", a.stage, *a.args]
+    out = os.path.join(root, "report", a.out)
+    # fits are kept by their points: the `--partial` passes while the stage trains fill
+    # the cache, the entry itself reuses them
+    cache = ["--cache-dir", os.path.join(out, FIT_CACHE)] if a.cmd == "fit" else []
+    return [*python, "-m", "vlm_jax.analysis", a.cmd, "--runs", root, "--out", out,
+            "--stage", a.stage, *a.args, *cache]
+
+
+FIT_CACHE = ".fit_cache"
+
+
+def _group_cols(args: Sequence[str]) -> list[str]:
+    """The `--group-cols` of a fit entry's arguments."""
+    for i, x in enumerate(args):
+        if x == "--group-cols" and i + 1 < len(args):
+            return [c for c in args[i + 1].split(",") if c]
+        if x.startswith("--group-cols="):
+            return [c for c in x.split("=", 1)[1].split(",") if c]
+    return []
 
 
 def dry_run(grid: Grid, root: str, launcher: Launcher, out=sys.stdout) -> list[str]:
@@ -150,7 +172,10 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
         subprocess.run(argv, check=True)
     registry.append_event(root, "planned", jobs=len(jobs), parallel=launcher.parallel)
     prog = _Progress(s.total, s.already_done, launcher.parallel, log)
-    analyses = _Analyses(grid, root, log) if analysis else None
+    # the analysis processes share the workers' compilation cache (the fits' programs)
+    cache_env = {k: v for k, v in launcher.env(0).items()
+                 if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    analyses = _Analyses(grid, root, log, cache_env) if analysis else None
     pending = schedule(jobs, grid)
     running: dict[int, tuple[Job, object, float]] = {}   # slot -> (job, handle, start)
 
@@ -341,31 +366,36 @@ def _log_path(root: str, job: Job) -> str:
 
 class _Analyses:
     """The grid's analysis entries as subprocesses: `start_ready` (while jobs run) starts,
-    one at a time, an entry whose stage's runs are all done, and arms (`preload`: imports
-    done, waiting for "go") the next entry whose stage has no job left to start, so its
-    start-up overlaps the stage's last jobs; `finish` runs the rest once every job has
-    ended and returns the failed entries."""
+    one at a time, an entry whose stage's runs are all done, else a `fit --partial` pass
+    for a fit entry whose groups completed since its last pass, and arms (`preload`:
+    imports done, waiting for "go") the next entry whose stage has no job left to start,
+    so its start-up overlaps the stage's last jobs; `finish` runs the rest once every job
+    has ended and returns the failed entries."""
 
-    def __init__(self, grid: Grid, root: str, log: Callable[[str], None]):
+    def __init__(self, grid: Grid, root: str, log: Callable[[str], None],
+                 env: Mapping[str, str] | None = None):
         self.grid, self.root, self.log = grid, root, log
+        self.env = dict(env or {})
         self.todo = list(range(len(grid.analysis)))
-        self.running: tuple | None = None     # (entry index, Popen, log file, log path)
+        # (entry index, Popen, log file, log path, partial: a `fit --partial` pass)
+        self.running: tuple | None = None
         self.armed: dict[int, tuple] = {}     # entry index -> (Popen, log file, log path)
+        self.prefit: dict[int, set] = {}      # fit entry -> groups its partial passes fitted
         self.failed: list[str] = []
 
     def _stage_runs(self, i: int) -> list[Run]:
         return [r for r in self.grid.runs if r.stage == self.grid.analysis[i].stage]
 
-    def _spawn(self, i: int, armed: bool) -> tuple:
+    def _spawn(self, i: int, armed: bool, extra: Sequence[str] = ()) -> tuple:
         a = self.grid.analysis[i]
-        argv = analysis_argv(a, self.root, [sys.executable])
+        argv = analysis_argv(a, self.root, [sys.executable]) + list(extra)
         out_dir = os.path.join(self.root, "report", a.out)
         os.makedirs(out_dir, exist_ok=True)
         log_path = os.path.join(out_dir, "analysis.log")
         f = open(log_path, "ab")
         f.write(f"$ {format_command(argv)}\n".encode())
         f.flush()
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(
             [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
             + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -386,7 +416,34 @@ class _Analyses:
         self.todo.remove(i)
         a = self.grid.analysis[i]
         registry.append_event(self.root, "analysis_start", cmd=a.cmd, stage=a.stage)
-        self.running = (i, proc, f, log_path)
+        self.running = (i, proc, f, log_path, False)
+
+    def _complete_groups(self, i: int, state: Mapping[str, str]) -> set:
+        """The groups (values of the entry's `--group-cols`, all stage axes) of fit entry
+        `i` whose runs are all done; empty when the entry is not such a fit."""
+        a = self.grid.analysis[i]
+        cols = _group_cols(a.args) if a.cmd == "fit" else []
+        if not cols:
+            return set()
+        groups: dict[tuple, bool] = {}
+        for r in self._stage_runs(i):
+            axes = dict(r.axes)
+            if any(c not in axes for c in cols):
+                return set()
+            key = tuple(str(axes[c]) for c in cols)
+            groups[key] = groups.get(key, True) and state.get(r.name) == "done"
+        return {k for k, done in groups.items() if done}
+
+    def _start_partial(self, state: Mapping[str, str]) -> None:
+        """Starts `fit --partial` for a fit entry with groups completed since its last
+        pass (their fits land in the entry's cache while the other runs train)."""
+        for i in self.todo:
+            new = self._complete_groups(i, state) - self.prefit.get(i, set())
+            if new:
+                self.prefit.setdefault(i, set()).update(new)
+                proc, f, log_path = self._spawn(i, armed=False, extra=["--partial"])
+                self.running = (i, proc, f, log_path, True)
+                return
 
     @staticmethod
     def _go(proc) -> bool:
@@ -418,13 +475,15 @@ class _Analyses:
         """Collects the running entry (waiting for it if `wait`); True when none runs."""
         if self.running is None:
             return True
-        i, proc, f, log_path = self.running
+        i, proc, f, log_path, partial = self.running
         rc = proc.wait() if wait else proc.poll()
         if rc is None:
             return False
         f.close()
         self.running = None
         a = self.grid.analysis[i]
+        if partial:   # a cache-filling pass: the entry itself still runs (and reports)
+            return True
         registry.append_event(self.root, "analysis_end", cmd=a.cmd, stage=a.stage, rc=rc)
         if rc:
             self.failed.append(f"{a.cmd}:{a.stage}")
@@ -446,12 +505,15 @@ class _Analyses:
                         and all(state.get(r.name) == "done" for r in runs)):
                     self._start(i)
                     break
+            else:
+                self._start_partial(state)
         if self.armed:
             return
         waiting = {r.stage for job in pending for r in job.runs}
         for i in self.todo:
             a = self.grid.analysis[i]
-            if (self.running is None or self.running[0] != i) and a.cmd != "report" \
+            if (self.running is None or self.running[0] != i or self.running[4]) \
+                    and a.cmd != "report" \
                     and self._stage_runs(i) and a.stage not in waiting:
                 self._arm(i)
                 return
@@ -484,11 +546,12 @@ class _Analyses:
         for i in list(self.armed):
             self._disarm(i)
         if self.running is not None:
-            i, proc, f, _ = self.running
+            i, proc, f, _, partial = self.running
             proc.terminate()
             proc.wait()
             f.close()
-            self.todo.insert(0, i)
+            if not partial:
+                self.todo.insert(0, i)
             self.running = None
 
 
