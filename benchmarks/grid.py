@@ -102,7 +102,8 @@ def measure(config: str, root: str, parallel: int, select: list[str], extra: lis
            "--parallel", str(parallel), *[a for s in select for a in ("--select", s)], *extra]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
+    t_end = time.time()
+    wall = t_end - t0
     grid = registry.load_recorded_grid(root)
     runs, step_s, trainer_s = [], 0.0, 0.0
     phases: dict[str, dict] = {}     # stage -> phase -> seconds (result.json "timings")
@@ -143,6 +144,9 @@ def measure(config: str, root: str, parallel: int, select: list[str], extra: lis
         "train_step_s_sum": round(step_s, 2), "trainer_wall_s_sum": round(trainer_s, 2),
         "overhead_frac": round(1 - step_s / max(1e-9, wall * parallel), 4),
         "overhead_frac_in_jobs": round(1 - step_s / max(1e-9, job_s), 4),
+        # slot-seconds outside jobs (wall x parallel - job seconds), by where they went
+        "slot_s_outside_jobs": slot_timeline(timings, t0, t_end, parallel),
+        "analysis_s": _analysis_seconds(registry.read_events(root), t_end),
         "train_steps": sum(r["steps"] for r in runs),
         # compiled programs (init/train/eval) the warm workers reused in memory, loaded
         # from the serialized executables (program_cache), or built (traced, lowered and
@@ -154,6 +158,52 @@ def measure(config: str, root: str, parallel: int, select: list[str], extra: lis
         "log_tail": p.stdout.strip().splitlines()[-3:],
         "per_run": runs,
     }
+
+
+def _analysis_seconds(events: list[dict], t_end: float) -> dict:
+    """Seconds of each analysis entry (runner_events.jsonl) and how many of them came
+    after the last job (`after_jobs_s`: both slots idle)."""
+    out, open_, jobs_done = {}, {}, None
+    for e in events:
+        if e["event"] == "jobs_done":
+            jobs_done = e["t"]
+        name = f"{e.get('cmd')}:{e.get('stage')}"
+        if e["event"] == "analysis_start":
+            open_[name] = e["t"]
+        elif e["event"] == "analysis_end" and name in open_:
+            out[name] = round(e["t"] - open_.pop(name), 2)
+    if jobs_done is not None:
+        out["after_jobs_s"] = round(t_end - jobs_done, 2)
+    return out
+
+
+def slot_timeline(timings: list[dict], t0: float, t_end: float, parallel: int) -> dict:
+    """Where the slots' time outside jobs went (slot-seconds): `start` (the runner's
+    start until each slot's first job: imports, loading and planning the grid, worker
+    start), `gaps` (between a slot's jobs: waits on dependencies, polling), `tail` (after
+    each slot's last job until the runner exits: the analysis left at the end, closing).
+    Jobs are placed on their `slot` (timings.jsonl), or, in roots from before that field,
+    on the first slot free at their start."""
+    ends = [t0] * parallel
+    first: list[float | None] = [None] * parallel
+    gaps = [0.0] * parallel
+    for t in sorted(timings, key=lambda x: x["start"]):
+        slot = t.get("slot")
+        if slot is None or not 0 <= int(slot) < parallel:
+            slot = min(range(parallel), key=lambda i: (ends[i] > t["start"] + 1e-3, ends[i]))
+        slot = int(slot)
+        if first[slot] is None:
+            first[slot] = t["start"]
+        else:
+            gaps[slot] += max(0.0, t["start"] - ends[slot])
+        ends[slot] = t["start"] + t["seconds"]
+    start = sum((f if f is not None else t_end) - t0 for f in first)
+    tail = sum(max(0.0, t_end - e) for e, f in zip(ends, first) if f is not None)
+    return {"start": round(start, 2), "gaps": round(sum(gaps), 2), "tail": round(tail, 2),
+            "total": round(start + sum(gaps) + tail, 2),
+            "first_job_after_s": round(min((f for f in first if f is not None),
+                                           default=t_end) - t0, 2),
+            "last_job_end_to_exit_s": round(t_end - max(ends), 2)}
 
 
 def with_arg(config: str, extra: str) -> str:

@@ -1,7 +1,7 @@
 """In-process program reuse (vlm_jax.train.program_cache), what makes the grid's warm
 worker fast: a second run of equal shapes reuses the compiled init/train/eval programs and
-trains exactly as the first; runs that differ only in runtime inputs (lr) share them, a
-different architecture does not."""
+trains exactly as the first (and evaluates the same cached eval batches); runs that differ
+only in runtime inputs (lr) share them, a different architecture does not."""
 import json
 
 import jax
@@ -29,6 +29,19 @@ def test_equal_shapes_reuse_compiled_programs(tmp_path):
     assert a["compile_levels"] == b["compile_levels"] == {"train": "fast", "eval": "fast"}
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     assert a["final/eval_loss"] == b["final/eval_loss"]
+    # the eval batches too: built once, the second run evaluates the same device arrays;
+    # another train subset size shares them, another eval split size does not; a data module passed in is never shared
+    ra, rb = (trainer.Run(cfg("b=x"), str(tmp_path / n)) for n in ("ea", "eb"))
+    assert ra._eval_key() == rb._eval_key() is not None
+    assert ra.eval_batches() is rb.eval_batches()
+    other = cfg("b=x")
+    other.data.eval_n = 4
+    assert trainer.Run(other, str(tmp_path / "ec"))._eval_key() != ra._eval_key()
+    smaller = cfg("b=x")                             # another train subset: same eval split
+    smaller.data.n = 64
+    assert trainer.Run(smaller, str(tmp_path / "ee"))._eval_key() == ra._eval_key()
+    own = trainer.Run(cfg("b=x"), str(tmp_path / "ed"), data=ra.data)
+    assert own._eval_key() is None and own.eval_batches() is not ra.eval_batches()
 
     def key(config):
         r = trainer.Run(config, str(tmp_path / "k"))

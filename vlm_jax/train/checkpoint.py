@@ -18,9 +18,7 @@ twin) read it once per worker process.
 """
 from __future__ import annotations
 
-import collections
 import os
-import threading
 import time
 
 import grain.python as gp
@@ -29,6 +27,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from vlm_jax.models import layers
+from vlm_jax.train import program_cache
 
 STATE, DATA, META, FROZEN = "state", "data", "meta", "frozen"
 ITEMS = (STATE, DATA, META, FROZEN)
@@ -129,29 +128,8 @@ def _restore_host(mgr, step, item):
         **{item: ocp.args.StandardRestore(target)}))[item]
 
 
-_params_lock = threading.Lock()
-_params_cache: "collections.OrderedDict[tuple, tuple[dict, int]]" = collections.OrderedDict()
-
-
-def _cache_limit() -> int:
-    return int(float(os.environ.get("VLM_JAX_INIT_FROM_CACHE_MB", "512")) * (1 << 20))
-
-
-def _cached_params(key: tuple, load) -> dict:
-    """`load()` (a params tree), kept in memory under `key` within _cache_limit() bytes."""
-    with _params_lock:
-        if key in _params_cache:
-            _params_cache.move_to_end(key)
-            return _params_cache[key][0]
-    params = load()
-    size = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(params))
-    limit = _cache_limit()
-    if size <= limit:
-        with _params_lock:
-            _params_cache[key] = (params, size)
-            while sum(v[1] for v in _params_cache.values()) > limit:
-                _params_cache.popitem(last=False)
-    return params
+# init_from params read by this process, VLM_JAX_INIT_FROM_CACHE_MB (see the docstring)
+_params_cache = program_cache.BoundedCache("VLM_JAX_INIT_FROM_CACHE_MB", 512)
 
 
 def restore_params(workdir: str, subtree: str | None = None, step: int | None = None):
@@ -180,7 +158,7 @@ def restore_params(workdir: str, subtree: str | None = None, step: int | None = 
             frozen = (_restore_host(mgr, step, FROZEN) if FROZEN in _present_items(mgr, step)
                       else {})
             return merge_params(state["params"], frozen or {})
-        params = _cached_params(key, load)
+        params = _params_cache.get_or_load(key, load)
     finally:
         mgr.close()
     if subtree is None:

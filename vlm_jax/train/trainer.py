@@ -87,6 +87,10 @@ class Phases:
         return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
+# Eval batches kept across the runs of a process (a grid worker), VLM_JAX_EVAL_CACHE_MB.
+_EVAL_BATCHES = program_cache.BoundedCache("VLM_JAX_EVAL_CACHE_MB", 256)
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps (`train.max_nonfinite`)."""
 
@@ -267,6 +271,7 @@ class Run:
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.data = data or default_data()
+        self._own_data = data is None   # the pipeline of the config (eval batches shareable)
         self.pi, self.pc = jax.process_index(), jax.process_count()
         self.is_main = self.pi == 0
         validate(config)
@@ -499,10 +504,42 @@ class Run:
         return self.train_step, self.eval_step
 
     # -- eval
+    def _eval_key(self) -> str | None:
+        """What decides this run's eval batches (on its mesh), or None when they may not be
+        shared: the data config (not its train subset's size), the model config without
+        `init_from` (weights never change a batch; cached features are identified by the
+        feature store's key), the seed, the eval batch size, the processes and the mesh."""
+        if not (self._own_data and self._share_programs):
+            return None
+        model = config_to_dict(self.config.model)
+        for part in model.values():
+            if isinstance(part, dict):
+                part.pop("init_from", None)
+        fc = getattr(self, "feature_cache_info", None) or {}
+        data = config_to_dict(self.config.data)
+        if self.config.model.get("kind") != "native":
+            # the eval records are the first eval_n of the source's permutation whatever
+            # the train subset's size (data.n): only the source's record count matters
+            from vlm_jax.data import pipeline
+            data["n"] = f"source of {pipeline.split_for(self.config).total} records"
+        return json.dumps([data, model,
+                           int(self.config.train.seed), self.eval_bs, self.pi, self.pc,
+                           list(self.mesh.device_ids.flat), list(self.mesh.axis_names),
+                           fc.get("key", "")], sort_keys=True, default=str)
+
+    def eval_batches(self) -> list[dict]:
+        """The eval split as global batches on the mesh; kept in memory (`_EVAL_BATCHES`)
+        for the next run of this process with the same `_eval_key` (a sweep's runs, the
+        runs of one data set and model): built once per worker, not once per eval."""
+        def build():
+            return [sharding.global_batch(local, self.mesh)
+                    for local in self.data.eval_batches(self.config, self.pi, self.pc)]
+        key = self._eval_key()
+        return build() if key is None else _EVAL_BATCHES.get_or_load(key, build)
+
     def evaluate(self, params, frozen) -> dict:
         sums, counts = [], []
-        for local in self.data.eval_batches(self.config, self.pi, self.pc):
-            gb = sharding.global_batch(local, self.mesh)
+        for gb in self.eval_batches():
             out = jax.device_get(self.eval_step(params, frozen, gb))
             sums.append(float(out["loss_sum"]))
             counts.append(float(out["num_tokens"]))
