@@ -61,3 +61,28 @@ def test_equal_shapes_reuse_compiled_programs(tmp_path):
     r = trainer.Run(cfg("b=x"), str(tmp_path / "m"), model=trainer.Run(
         cfg("b=x"), str(tmp_path / "n")).model)
     assert r._program_key("train") is None
+
+
+def test_frozen_init_from_parts_are_shared_trainable_ones_are_not(tmp_path):
+    """A frozen `init_from` part is placed on the mesh once per process (the train step
+    never donates it); a trainable one is rebuilt for every run (its state is donated)."""
+    from configs import demo
+    vit = str(tmp_path / "vit")
+    trainer.run(demo.get_config("clip_run,vit=S,steps=1,batch=4,eval_n=4"), vit)
+
+    def vlm(name):
+        c = demo.get_config("run,vit=S,llm=S,n=8,batch=4,eval_n=4,feature_cache=0")
+        c.model.vision.init_from = vit
+        return trainer.Run(c, str(tmp_path / name))
+    (_, fa), (_, fb) = vlm("a").init_params(), vlm("b").init_params()
+    assert jax.tree.leaves(fa["vision"])[0] is jax.tree.leaves(fb["vision"])[0]
+    pre = str(tmp_path / "pre")
+    trainer.run(expand.build_config(TINY_GRID, "run,steps=1"), pre)
+
+    def lm(name):   # all params trainable
+        c = expand.build_config(TINY_GRID, "run,steps=1")
+        c.model.llm.init_from = pre
+        return trainer.Run(c, str(tmp_path / name))
+    (ta, _), (tb, _) = lm("c").init_params(), lm("d").init_params()
+    x, y = jax.tree.leaves(ta["llm"])[0], jax.tree.leaves(tb["llm"])[0]
+    assert x is not y and bool((x == y).all())

@@ -132,6 +132,17 @@ def _restore_host(mgr, step, item):
 _params_cache = program_cache.BoundedCache("VLM_JAX_INIT_FROM_CACHE_MB", 512)
 
 
+def latest_step_dir(workdir: str) -> str | None:
+    """WORKDIR/checkpoints/<step> of the newest finished checkpoint (orbax's temporary
+    directories of a save in progress do not count), or None; no manager is opened."""
+    path = checkpoint_dir(workdir)
+    try:
+        steps = [int(n) for n in os.listdir(path) if n.isdigit()]
+    except OSError:
+        return None
+    return os.path.join(path, str(max(steps))) if steps else None
+
+
 def restore_params(workdir: str, subtree: str | None = None, step: int | None = None):
     """Params of another vlm_jax workdir's latest (or `step`) checkpoint, on one device.
 

@@ -87,6 +87,9 @@ class Phases:
         return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
+# Frozen init_from parts on the mesh kept across the runs of a process,
+# VLM_JAX_INIT_FROM_CACHE_MB (like checkpoint.restore_params' host copies).
+_FROZEN_PARTS = program_cache.BoundedCache("VLM_JAX_INIT_FROM_CACHE_MB", 512)
 # Eval batches kept across the runs of a process (a grid worker), VLM_JAX_EVAL_CACHE_MB.
 _EVAL_BATCHES = program_cache.BoundedCache("VLM_JAX_EVAL_CACHE_MB", 256)
 
@@ -391,11 +394,28 @@ class Run:
         sub = self.config.model[part]
         src = sub.init_from
         pdt = jax.tree.leaves(like)[0].dtype
-        loaded = _load_init_from(part, src, sub, pdt)
-        if part == "llm":  # NaViL: missing visual experts start as the text weights
-            from vlm_jax.models.experts import fill_visual_experts
-            loaded = fill_visual_experts(loaded, like)
-        return _graft(like, part, loaded, src)
+
+        def load():
+            loaded = _load_init_from(part, src, sub, pdt)
+            if part == "llm":  # NaViL: missing visual experts start as the text weights
+                from vlm_jax.models.experts import fill_visual_experts
+                loaded = fill_visual_experts(loaded, like)
+            return _graft(like, part, loaded, src)
+        # A frozen part is never donated (the train step donates only the train state), so
+        # its arrays on the mesh can serve the next run of this process from the same
+        # checkpoint (a sweep's runs, the runs of one pretrained encoder); a trainable one
+        # is rebuilt every time.
+        pats = optim._patterns(self.config.optim.trainable)
+        flat = optim.traverse_util.flatten_dict(like, sep="/")
+        if not _is_workdir(src) or any(optim.is_trainable(f"{part}/{k}", pats) for k in flat):
+            return load()
+        step_dir = ckpt.latest_step_dir(src)
+        if step_dir is None:
+            return load()
+        key = json.dumps([os.path.realpath(step_dir), os.stat(step_dir).st_mtime_ns, part,
+                          [(k, str(v.dtype), list(v.shape), str(v.sharding))
+                           for k, v in sorted(flat.items())]])
+        return _FROZEN_PARTS.get_or_load(key, load)
 
     def init_state(self, trainable):
         cfg = self.config
