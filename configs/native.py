@@ -33,8 +33,9 @@ import math
 import ml_collections as mlc
 
 from configs import common
-from vlm_jax.data import native as data_native
-from vlm_jax.data.subsets import parse_size
+
+# No module-level import of vlm_jax.data / jax (grain, PIL, numpy): the grid runner imports
+# config files before it starts its first job, so run_config imports them when called.
 
 # --------------------------------------------------------------------------- size tables
 # LLMs (transformers config values). vocab includes room for the 5 NaViL special tokens.
@@ -136,6 +137,8 @@ def run_config(llm: dict, enc: dict, *, experts: bool = True, expert_impl: str =
                lr: float = 5e-5, warmup: int = 200, llm_dir: str = "",
                data_path: str = "", n: str | int = "all") -> mlc.ConfigDict:
     """One native run (NaViL's recipe: AdamW (0.9, 0.95), wd 0.05, constant lr, warmup)."""
+    from vlm_jax.data import native as data_native
+    from vlm_jax.data.subsets import parse_size
     c = common.base_config()
     c.model.kind = "native"
     c.model.vision = _vision(enc)

@@ -86,3 +86,18 @@ def test_demo_grid_expands():
         c = cn.get_config(r.arg)
         dn.spec_from_config(c)
         assert c.data.source == "synthetic"
+
+
+def test_importing_the_config_does_not_import_jax():
+    """The grid runner imports config files before its first job: configs/native.py (and its
+    grid presets) must not pull in jax, grain or PIL at import time."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import sys; import configs.native as n; n.get_config('demo'); n.get_config('grid');"
+            "print(sorted(m for m in ('jax', 'grain', 'PIL', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=root), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
