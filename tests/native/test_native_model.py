@@ -110,3 +110,27 @@ def test_train_steps_decrease_loss(setup):
     evals = [float(step(params, opt, b)[2]) for b in batches]
     assert np.isfinite(evals).all()
     assert np.mean(evals) < first - 0.5, (first, evals)
+
+
+def test_fused_loss_equals_logits_reference(setup):
+    """__call__'s fused cross-entropy (LLM.loss) = next_token_loss on the logits: value and
+    gradient w.r.t. every param (fp32 rounding), with padding rows (`valid` 0) masked."""
+    c, spec, exs, model, params, _ = setup
+    batch = dict(dn.pack(exs, spec, rows=3)[0])
+    batch["valid"] = np.array([1, 1, 0], np.int32)   # the last row: eval padding
+
+    def both(p, b):
+        fused = lambda q: model.apply({"params": q}, b)["loss_sum"]  # noqa: E731
+        ref = lambda q: model.apply({"params": q}, b, method=NativeVLM.reference_loss)[0]  # noqa: E731
+        return jax.value_and_grad(fused)(p), jax.value_and_grad(ref)(p)
+
+    (lf, gf), (lr, gr) = run_fast(both, params, batch)
+    assert float(lr) > 0
+    np.testing.assert_allclose(lf, lr, rtol=1e-5)
+    for path, a in jax.tree_util.tree_flatten_with_path(gf)[0]:
+        b = dict(jax.tree_util.tree_flatten_with_path(gr)[0])[path]
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()) + 1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
+    # the count excludes the padded row
+    out = run_fast(lambda p, b: model.apply({"params": p}, b), params, batch)
+    assert float(out["num_tokens"]) == float((batch["loss_mask"][:2] > 0).sum())

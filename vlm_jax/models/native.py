@@ -155,16 +155,19 @@ class NativeVLM(nn.Module):
         self.projector = Connector(c.llm.width, merge, dtype, pdtype)
         self.llm = LLM(c.llm, dtype, pdtype, impl)
 
-    def logits(self, batch):
-        """Logits [b, T, V] of a native batch."""
+    def hidden(self, batch):
+        """Final LLM hidden states [b, T, D] of a native batch."""
         feats = self.vision(batch["patches"], batch["patch_rows"], batch["patch_cols"],
                             batch["patch_segment_ids"])
         vis = self.projector(feats)
         x = self.llm.embed(batch["tokens"])
         x = merge_visual(x, vis, batch["visual_mask"])
         vm = batch["visual_mask"] if self.cfg.llm.experts else None
-        h = self.llm.decode(x, batch["positions"], batch["segment_ids"], vm)
-        return self.llm.logits(h)
+        return self.llm.decode(x, batch["positions"], batch["segment_ids"], vm)
+
+    def logits(self, batch):
+        """Logits [b, T, V] of a native batch."""
+        return self.llm.logits(self.hidden(batch))
 
     def token_losses(self, batch):
         """Per-token cross-entropy [b, T] (0 outside loss_mask)."""
@@ -174,6 +177,11 @@ class NativeVLM(nn.Module):
                                      axis=-1)[..., 0]
         return (lse - picked) * self._mask(batch)
 
+    def reference_loss(self, batch):
+        """(loss_sum, num_tokens) by autodiff-able logits + `layers.next_token_loss`: the
+        reference of `__call__`'s fused loss (tests, benchmarks/native_compile.py)."""
+        return L.next_token_loss(self.logits(batch), batch["targets"], self._mask(batch))
+
     @staticmethod
     def _mask(batch):
         m = batch["loss_mask"].astype(jnp.float32)
@@ -182,10 +190,12 @@ class NativeVLM(nn.Module):
         return m
 
     def __call__(self, batch, deterministic: bool = True):
+        """Token loss sum and count: the LLM's fused cross-entropy (`LLM.loss`, the math of
+        `layers.next_token_loss` on `logits`, which `reference_loss` computes), whose
+        backward pass is one hand-written pass instead of autodiff's over [b, T, V]."""
         del deterministic  # no dropout
-        lg = self.logits(batch)
         m = self._mask(batch)
-        loss_sum, num = L.next_token_loss(lg, batch["targets"], m)
+        loss_sum, num = self.llm.loss(self.hidden(batch), batch["targets"], m)
         return {"loss_sum": loss_sum, "num_tokens": num,
                 "visual_tokens": jnp.sum(batch["visual_mask"].astype(jnp.float32))}
 
