@@ -45,6 +45,16 @@ Memory: XLA's `compiled.memory_analysis()` peak (arguments + outputs - aliased +
 against an estimate of what the step must hold: all params, the trainables' gradient and
 AdamW moments, and the activations saved for the backward pass.
 
+Allocator: XLA CPU allocates each execution's temporaries (hundreds of MB here) with
+malloc, which glibc serves by mmap and returns by munmap for blocks over 32 MB, so every
+step faults in and zeroes fresh pages (~98k minor faults, ~0.3 s of system CPU per llava
+step, ~9 % of its CPU time). `main()` therefore re-executes the process once with
+`GLIBC_TUNABLES` = `MALLOC_TUNABLES` (one arena, no mmap, no trimming: freed blocks stay
+mapped and the next step reuses them; 0 faults, ~0.01 s system CPU per step). Both sides
+run in that one process, so torch's allocations get the same allocator (`--system-malloc`
+keeps glibc's defaults; `glibc_tunables` in the JSON says which ran). A run's launcher can
+set the same variable (`docs/step.md`).
+
 Where our step's time goes (per part, against its matmul floor): `benchmarks/step_profile.py`,
 `docs/step.md`.
 
@@ -69,6 +79,22 @@ os.environ["VLM_JAX_EXECUTABLE_CACHE"] = "0"
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+# glibc malloc settings under which the steps are timed (see the module docstring).
+MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                   "glibc.malloc.trim_threshold=4294967296")
+
+
+def reexec_with_malloc_tunables(argv: list[str]) -> None:
+    """Re-executes this program with GLIBC_TUNABLES = MALLOC_TUNABLES (glibc reads them at
+    process start only), unless GLIBC_TUNABLES is already set or this is not Linux. Call it
+    from a `main()` before any work: it does not return when it re-executes."""
+    if "GLIBC_TUNABLES" in os.environ or not sys.platform.startswith("linux"):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable] + list(argv),
+              dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES))
 
 
 # --------------------------------------------------------------------------- configs
@@ -263,7 +289,11 @@ def main():
                     help="ours from pixels and/or from cached features (`features`)")
     ap.add_argument("--feature-cache", action="store_true", help="same as --modes features")
     ap.add_argument("--quick", action="store_true", help="tiny: --configs demo --steps 2")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="keep glibc's default malloc settings (no MALLOC_TUNABLES re-exec)")
     args = ap.parse_args()
+    if not args.system_malloc:
+        reexec_with_malloc_tunables(sys.argv)
     if args.quick:
         args.configs, args.steps = "demo", 2
     import torch
@@ -272,7 +302,7 @@ def main():
     makers = {"llava": llava_config, "demo": demo_config}
     out = {"benchmark": "train_step", "device": jax.devices()[0].device_kind,
            "cores": len(os.sched_getaffinity(0)), "modes": modes, "steps": args.steps,
-           "loadavg_start": os.getloadavg()}
+           "loadavg_start": os.getloadavg(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     for name in args.configs.split(","):
         c = makers[name]()
         steps, infos = {}, {}

@@ -181,12 +181,16 @@ def main():
     ap.add_argument("--modes", default="pixels,features")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (and timed ones)")
     ap.add_argument("--quick", action="store_true", help="demo config, features, 2 steps")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="keep glibc's default malloc settings (see benchmarks/step.py)")
     args = ap.parse_args()
+    if not args.system_malloc:
+        bench_step.reexec_with_malloc_tunables(sys.argv)
     if args.quick:
         args.config, args.modes, args.steps = "demo", "features", 2
     c = bench_step.llava_config() if args.config == "llava" else bench_step.demo_config()
     out = {"benchmark": "step_profile", "config": args.config, "steps": args.steps,
-           "loadavg_start": os.getloadavg()}
+           "loadavg_start": os.getloadavg(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     rate = matmul_rate()
     out["matmul_gflops_per_s"] = rate
     for mode in args.modes.split(","):
