@@ -150,7 +150,8 @@ def test_analysis_commands():
     fit = expand.Analysis(cmd="fit", stage="grid", out="fit", args=("--group-cols", "llm,data"))
     assert runner.analysis_argv(fit, "/r", ["py"]) == [
         "py", "-m", "vlm_jax.analysis", "fit", "--runs", "/r", "--out", "/r/report/fit",
-        "--stage", "grid", "--group-cols", "llm,data"]
+        "--stage", "grid", "--group-cols", "llm,data",
+        "--cache-dir", "/r/report/fit/" + runner.FIT_CACHE]   # kept fits (fit --partial)
     rep = expand.Analysis(cmd="report", stage="grid", out="report", args=())
     assert runner.analysis_argv(rep, "/r", ["py"]) == [
         "py", "-m", "vlm_jax.analysis", "report", "--runs", "/r", "--out", "/r/report"]
