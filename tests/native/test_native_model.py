@@ -113,24 +113,39 @@ def test_train_steps_decrease_loss(setup):
 
 
 def test_fused_loss_equals_logits_reference(setup):
-    """__call__'s fused cross-entropy (LLM.loss) = next_token_loss on the logits: value and
-    gradient w.r.t. every param (fp32 rounding), with padding rows (`valid` 0) masked."""
+    """__call__'s fused cross-entropy (LLM.loss) = next_token_loss on the logits: the whole
+    model's loss and count (padded rows, `valid` 0, masked), and the gradient of the loss
+    head w.r.t. the hidden states and every LLM param (fp32 rounding)."""
+    from vlm_jax.models import layers as L
     c, spec, exs, model, params, _ = setup
     batch = dict(dn.pack(exs, spec, rows=3)[0])
     batch["valid"] = np.array([1, 1, 0], np.int32)   # the last row: eval padding
 
-    def both(p, b):
-        fused = lambda q: model.apply({"params": q}, b)["loss_sum"]  # noqa: E731
-        ref = lambda q: model.apply({"params": q}, b, method=NativeVLM.reference_loss)[0]  # noqa: E731
-        return jax.value_and_grad(fused)(p), jax.value_and_grad(ref)(p)
+    def forward(p, b):
+        out = model.apply({"params": p}, b)
+        ref = model.apply({"params": p}, b, method=NativeVLM.reference_loss)
+        return out, ref, model.apply({"params": p}, b, method=NativeVLM.hidden)
 
-    (lf, gf), (lr, gr) = run_fast(both, params, batch)
-    assert float(lr) > 0
-    np.testing.assert_allclose(lf, lr, rtol=1e-5)
-    for path, a in jax.tree_util.tree_flatten_with_path(gf)[0]:
-        b = dict(jax.tree_util.tree_flatten_with_path(gr)[0])[path]
+    out, (ref_sum, ref_num), h = run_fast(forward, params, batch)
+    assert float(ref_sum) > 0
+    np.testing.assert_allclose(out["loss_sum"], ref_sum, rtol=1e-5)
+    assert float(out["num_tokens"]) == float(ref_num) == float((batch["loss_mask"][:2] > 0).sum())
+
+    mask = NativeVLM._mask(batch)
+    heads = {"fused": lambda m, h: m.llm.loss(h, batch["targets"], mask)[0],
+             "reference": lambda m, h: L.next_token_loss(m.llm.logits(h), batch["targets"],
+                                                         mask)[0]}
+
+    def grads(p, h):
+        return {k: jax.grad(lambda p, h, f=f: model.apply({"params": p}, h, method=f),
+                            argnums=(0, 1))(p, h) for k, f in heads.items()}
+
+    g = run_fast(grads, params, h)
+    (pf, hf), (pr, hr) = g["fused"], g["reference"]
+    np.testing.assert_allclose(hf, hr, rtol=1e-4, atol=1e-6 * float(np.abs(hr).max()))
+    ref_leaves = dict(jax.tree_util.tree_flatten_with_path(pr["llm"])[0])
+    for path, a in jax.tree_util.tree_flatten_with_path(pf["llm"])[0]:
+        b = ref_leaves[path]
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()) + 1e-7,
                                    err_msg=jax.tree_util.keystr(path))
-    # the count excludes the padded row
-    out = run_fast(lambda p, b: model.apply({"params": p}, b), params, batch)
-    assert float(out["num_tokens"]) == float((batch["loss_mask"][:2] > 0).sum())
+    assert float(np.abs(pf["llm"]["lm_head"]).max()) > 0
