@@ -12,6 +12,10 @@ covers. overhead = 1 - train-step time / (wall time x parallel): everything that
 train step (process start, imports, init, compile, init_from, eval, checkpoints, data
 start-up, idle slots waiting on dependencies). Target <= 25% with a shared compilation
 cache. Per job: ROOT/timings.jsonl (written by the runner) vs the runs' step time.
+Outside jobs: `slot_s_outside_jobs` splits wall x parallel - job seconds into `start`
+(launch until each slot's first job), `gaps` (between a slot's jobs: dependency waits)
+and `tail` (after a slot's last job: the analysis left at the end), and `analysis_s`
+gives each analysis entry's seconds (ROOT/runner_events.jsonl).
 
 Two measurements, both reported against the target: `cold_cache` (a fresh root and a
 fresh, empty compilation cache: every program is compiled) and `warm_cache` (a second grid
