@@ -413,6 +413,7 @@ class Run:
         if step_dir is None:
             return load()
         key = json.dumps([os.path.realpath(step_dir), os.stat(step_dir).st_mtime_ns, part,
+                          [int(d) for d in self.mesh.device_ids.flat],
                           [(k, str(v.dtype), list(v.shape), str(v.sharding))
                            for k, v in sorted(flat.items())]])
         return _FROZEN_PARTS.get_or_load(key, load)
