@@ -21,7 +21,9 @@ the gradient norm, the skip-on-non-finite select, over every parameter leaf).
 Variants, measured in the same run on the same shapes (interleaved):
 - `fused` (the model): `NativeVLM.__call__`'s loss is the LLM's fused cross-entropy
   (`LLM.loss`), one hand-written backward pass;
-- `reference` (before): logits + `layers.next_token_loss` (autodiff over [b, T, V]).
+- `reference` (before): logits + `layers.next_token_loss` (autodiff over [b, T, V]);
+- `tree_update`: the fused model with the update run leaf by leaf (the step before its
+  flat-vector update; `--variants fused,tree_update`).
 `ratio` = reference / fused train-program compile CPU seconds (summed over shapes);
 `step_ratio` the same for the step time. CPU seconds, not wall: fair on a shared machine,
 still noisy (+-15% under load).
@@ -29,6 +31,7 @@ still noisy (+-15% under load).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -61,7 +64,23 @@ class ReferenceLoss(NativeVLM):
                 "visual_tokens": batch["visual_mask"].astype("float32").sum()}
 
 
-VARIANTS = {"fused": NativeVLM, "reference": ReferenceLoss}
+VARIANTS = {"fused": NativeVLM, "reference": ReferenceLoss, "tree_update": NativeVLM}
+
+
+@contextlib.contextmanager
+def _update_path(variant: str):
+    """`tree_update`: the train step's update over the parameter tree (what the step did
+    before the flat one: scaling, finite check, norm, lr and skip-select per leaf, the
+    flat AdamW fed by `flat_transform`'s ravel/unravel); other variants: the step as is."""
+    if variant != "tree_update":
+        yield
+        return
+    real = step_lib.flat_update_of
+    step_lib.flat_update_of = lambda tx: None
+    try:
+        yield
+    finally:
+        step_lib.flat_update_of = real
 
 
 def cpu_s() -> float:
@@ -95,8 +114,9 @@ def measure(llm: str, vit: str, variant: str, steps: int, breakdown: bool) -> di
               "eval": run._compile_level("eval", n_eval)}
     opts = {k: tr.FAST_COMPILE if v == "fast" else None for k, v in levels.items()}
     with run.ctx():
-        train = jax.jit(step_lib.make_train_step(run.model, run.tx, run.schedule, 1),
-                        donate_argnums=(0,))
+        with _update_path(variant):
+            train = jax.jit(step_lib.make_train_step(run.model, run.tx, run.schedule, 1),
+                            donate_argnums=(0,))
         low, out["train_lower_s"] = _timed(lambda: train.lower(
             ckpt.abstract_like(state), ckpt.abstract_like(frozen), b_train,
             ckpt.abstract_like(hp)))

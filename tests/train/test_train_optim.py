@@ -176,6 +176,8 @@ def test_flat_optimizer_equals_per_leaf_update():
         s_flat, m_flat = r_flat.train_step(s_flat, f_flat, b)
         assert float(m_leaf["grad_norm"]) > 0.05                 # the clip is active
         np.testing.assert_allclose(float(m_flat["loss"]), float(m_leaf["loss"]), rtol=1e-5)
+        np.testing.assert_allclose(float(m_flat["grad_norm"]), float(m_leaf["grad_norm"]),
+                                   rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                                          rtol=1e-5, atol=1e-6),
                  s_flat["params"], s_leaf["params"])

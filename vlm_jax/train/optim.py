@@ -149,7 +149,16 @@ def flat_transform(inner: optax.GradientTransformation) -> optax.GradientTransfo
                                    None if params is None else ravel(params))
         return unravel(updates, flat), state
 
+    # vectors in, vectors out: the train step ravels the gradient once and runs the
+    # scaling, finite check, norm, update and skip-select on the vector
+    # (step.make_train_step); `flat_update` is how it recognises a flat transformation
+    update.flat_update = inner.update
     return optax.GradientTransformation(init, update)
+
+
+def flat_update_of(tx: optax.GradientTransformation):
+    """The vector update of a `flat_transform` (None for any other transformation)."""
+    return getattr(tx.update, "flat_update", None)
 
 
 def use_flat(optim_cfg, trainable) -> bool:

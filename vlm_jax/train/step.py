@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlm_jax.train.optim import merge_params, traced_schedule
+from vlm_jax.train.optim import flat_update_of, merge_params, ravel, traced_schedule, unravel
 
 
 def model_inputs(batch: dict) -> dict:
@@ -65,6 +65,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable 
         return out["loss_sum"].astype(jnp.float32), out
 
     grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
+    flat_update = flat_update_of(tx)   # a flat_transform: update one raveled vector
 
     def train_step(state, frozen, batch, hp=None):
         params = state["params"]
@@ -93,17 +94,30 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable 
                 body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
             extras = jax.tree.map(jnp.mean, ex)
         denom = jnp.maximum(num_tokens, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
         loss = loss_sum / denom
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        updates, new_opt = tx.update(grads, state["opt_state"], params)
-        if schedule is None:
-            updates = jax.tree.map(lambda u: (u * lr).astype(u.dtype), updates)
-        new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        if flat_update is not None:
+            # one fp32 vector: scaling, finite check, norm, AdamW, learning rate and the
+            # skip-select are a few fused kernels, not a handful per leaf
+            g = ravel(grads) / denom
+            finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(g))
+            grad_norm = jnp.sqrt(jnp.sum(g * g))
+            p = ravel(params)
+            u, new_opt = flat_update(g, state["opt_state"], p)
+            if schedule is None:
+                u = u * lr
+            new_params = unravel(params, jnp.where(finite, p + u, p))
+        else:
+            grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+            finite = jnp.isfinite(loss) & _all_finite(grads)
+            grad_norm = optax.tree.norm(grads)
+            updates, new_opt = tx.update(grads, state["opt_state"], params)
+            if schedule is None:
+                updates = jax.tree.map(lambda u: (u * lr).astype(u.dtype), updates)
+            new_params = keep(optax.apply_updates(params, updates), params)
         new_state = dict(
             step=state["step"] + 1,
-            params=keep(new_params, params),
+            params=new_params,
             opt_state=keep(new_opt, state["opt_state"]),
             nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
             skipped=(state["skipped"] + (~finite).astype(jnp.int32)).astype(jnp.int32),
@@ -118,7 +132,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable 
         metrics = dict(loss=loss, loss_sum=loss_sum, num_tokens=num_tokens,
                        input_tokens=input_tokens.astype(jnp.int32),
                        examples=examples.astype(jnp.int32),
-                       grad_norm=optax.tree.norm(grads), lr=jnp.asarray(lr, jnp.float32),
+                       grad_norm=grad_norm, lr=jnp.asarray(lr, jnp.float32),
                        finite=finite, nonfinite=new_state["nonfinite"],
                        skipped=new_state["skipped"], **extras)
         return new_state, metrics
