@@ -53,6 +53,20 @@ def test_gpu_env_and_install(tmp_path):
     assert cmds[0].endswith(f"'jax[cuda12]=={launchers.JAX_VERSION}'")
 
 
+def test_cpu_workers_get_the_malloc_setting(tmp_path, monkeypatch):
+    """Local CPU workers start with vlm_jax.malloc's GLIBC_TUNABLES (XLA:CPU temporaries
+    reuse mapped memory); a user's own setting wins; GPU hosts do not get it."""
+    from vlm_jax import malloc
+    root = str(tmp_path / "r")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert launchers.make_launcher("local", root, 2).env(0)["GLIBC_TUNABLES"] == malloc.TUNABLES
+    assert "GLIBC_TUNABLES" not in launchers.make_launcher("gpu", root, 1).env(0)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    for kind in ("local", "gpu"):
+        assert launchers.make_launcher(kind, root, 1).env(0)["GLIBC_TUNABLES"] == \
+            "glibc.malloc.arena_max=2"
+
+
 def _remote_cmd(argv, flag="--command="):
     return next(a[len(flag):] for a in argv if a.startswith(flag))
 

@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Mapping, Sequence
 
+from vlm_jax import malloc
 from vlm_jax.grid.expand import GridError, Run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -332,6 +333,8 @@ class LocalLauncher(Launcher):
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0"),
             "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
         }
+        if malloc.env_value():   # XLA:CPU step temporaries reuse mapped memory (vlm_jax.malloc)
+            env["GLIBC_TUNABLES"] = malloc.env_value()
         env.update(self.extra_env)
         return env
 
@@ -385,6 +388,8 @@ class GpuLauncher(LocalLauncher):
 
     def env(self, slot: int = 0) -> dict[str, str]:
         env = super().env(slot)
+        if "GLIBC_TUNABLES" not in {**os.environ, **self.extra_env}:   # CPU-only setting
+            env.pop("GLIBC_TUNABLES", None)
         env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
                                                   GPU_XLA_FLAGS]))
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = os.environ.get(
