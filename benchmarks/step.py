@@ -53,7 +53,7 @@ step, ~9 % of its CPU time). `main()` therefore re-executes the process once wit
 mapped and the next step reuses them; 0 faults, ~0.01 s system CPU per step). Both sides
 run in that one process, so torch's allocations get the same allocator (`--system-malloc`
 keeps glibc's defaults; `glibc_tunables` in the JSON says which ran). A run's launcher can
-set the same variable (`docs/step.md`).
+set the same variable (`vlm_jax.malloc`; the local grid launcher does).
 
 Where our step's time goes (per part, against its matmul floor): `benchmarks/step_profile.py`,
 `docs/step.md`.
@@ -81,20 +81,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-# glibc malloc settings under which the steps are timed (see the module docstring).
-MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                   "glibc.malloc.trim_threshold=4294967296")
+# glibc malloc settings under which the steps are timed (see the module docstring): the
+# ones the local launcher gives its CPU workers (`vlm_jax.malloc`).
+from vlm_jax import malloc as _malloc  # noqa: E402
 
-
-def reexec_with_malloc_tunables(argv: list[str]) -> None:
-    """Re-executes this program with GLIBC_TUNABLES = MALLOC_TUNABLES (glibc reads them at
-    process start only), unless GLIBC_TUNABLES is already set or this is not Linux. Call it
-    from a `main()` before any work: it does not return when it re-executes."""
-    if "GLIBC_TUNABLES" in os.environ or not sys.platform.startswith("linux"):
-        return
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable] + list(argv),
-              dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES))
+MALLOC_TUNABLES = _malloc.TUNABLES
+reexec_with_malloc_tunables = _malloc.reexec
 
 
 # --------------------------------------------------------------------------- configs
