@@ -465,9 +465,7 @@ def _causal_attention_fwd(qs, ks, vs, m5, g, blocks):
     for lo, hi in blocks:
         q = qs[:, :, :, lo:hi].reshape(b, kv, g * (hi - lo), h)
         k, v = ks[:, :, :hi], vs[:, :, :hi]
-        p, l = _attention_probs(q, k, m5[..., lo:hi, :hi], g)
-        p = p.astype(v.dtype)
-        o = jnp.einsum("bkqs,bksh->bkqh", p, v, preferred_element_type=jnp.float32)
+        p, l, o = _attention_unnormalised(q, k, v, m5[..., lo:hi, :hi], g)
         outs.append((o / l).astype(v.dtype).reshape(b, kv, g, hi - lo, h))
         res.append(residuals(q, k, v, p, l, o.astype(v.dtype)))
     return jnp.concatenate(outs, axis=3), tuple(res)
@@ -513,11 +511,17 @@ def _attention(q, k, v, mask, g):
     return _attention_fwd(q, k, v, mask, g)[0]
 
 
-def _attention_fwd(q, k, v, mask, g):
+def _attention_unnormalised(q, k, v, mask, g):
+    """(probabilities exp(s - rowmax) in v's dtype, row sums, p @ v in fp32): the output
+    before its division by the row sums."""
     p, l = _attention_probs(q, k, mask, g)
     p = p.astype(v.dtype)
-    o = jnp.einsum("bkqs,bksh->bkqh", p, v, preferred_element_type=jnp.float32) / l
-    o = o.astype(v.dtype)
+    return p, l, jnp.einsum("bkqs,bksh->bkqh", p, v, preferred_element_type=jnp.float32)
+
+
+def _attention_fwd(q, k, v, mask, g):
+    p, l, o = _attention_unnormalised(q, k, v, mask, g)
+    o = (o / l).astype(v.dtype)
     return o, residuals(q, k, v, p, l, o)
 
 
