@@ -529,7 +529,14 @@ class Run:
         """What decides this run's eval batches (on its mesh), or None when they may not be
         shared: the data config (not its train subset's size), the model config without
         `init_from` (weights never change a batch; cached features are identified by the
-        feature store's key), the seed, the eval batch size, the processes and the mesh."""
+        feature store's key), the seed, the eval batch size, the processes and the mesh.
+        Built at the run's first eval (after the feature store is set up) and kept: it
+        opens the data source to count its records."""
+        if not hasattr(self, "_eval_key_value"):
+            self._eval_key_value = self._build_eval_key()
+        return self._eval_key_value
+
+    def _build_eval_key(self) -> str | None:
         if not (self._own_data and self._share_programs):
             return None
         model = config_to_dict(self.config.model)
