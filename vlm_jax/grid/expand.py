@@ -185,9 +185,11 @@ def build_config(path: str, arg: str, module=None):
         raise GridError(f"{path}:{arg}: get_config failed: {type(e).__name__}: {e}") from e
 
 
-def build_run_configs(runs: Sequence["Run"]) -> dict[str, Any]:
-    """Run name -> its built config (`build_config`), each config file imported once."""
-    modules: dict[str, Any] = {}
+def build_run_configs(runs: Sequence["Run"], modules: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """Run name -> its built config (`build_config`), each config file imported once
+    (`modules`: config file -> module, shared by a caller's several calls)."""
+    modules = {} if modules is None else modules
     out = {}
     for r in runs:
         if r.config_file not in modules:

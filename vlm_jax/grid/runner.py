@@ -295,11 +295,11 @@ def job_costs(jobs: Sequence[Job]) -> dict[str, float]:
     order."""
     from vlm_jax.grid import expand
     from vlm_jax.train import flops as flops_lib
-    out = {}
+    out, modules = {}, {}   # each config file imported once for all jobs
     for job in jobs:
         total = 0.0
         try:
-            for cfg in expand.build_run_configs(job.runs).values():
+            for cfg in expand.build_run_configs(job.runs, modules).values():
                 per = sum(flops_lib.forward_per_example(cfg).values())
                 total += per * int(cfg.train.steps) * int(cfg.train.batch_size)
         except Exception:  # noqa: BLE001 - an estimate only; the job still runs
