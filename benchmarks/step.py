@@ -49,7 +49,7 @@ Allocator: XLA CPU allocates each execution's temporaries (hundreds of MB here) 
 malloc, which glibc serves by mmap and returns by munmap for blocks over 32 MB, so every
 step faults in and zeroes fresh pages (~98k minor faults, ~0.3 s of system CPU per llava
 step, ~9 % of its CPU time). `main()` therefore re-executes the process once with
-`GLIBC_TUNABLES` = `MALLOC_TUNABLES` (one arena, no mmap, no trimming: freed blocks stay
+`GLIBC_TUNABLES` = `vlm_jax.malloc.TUNABLES` (one arena, no mmap, no trimming: freed blocks stay
 mapped and the next step reuses them; 0 faults, ~0.01 s system CPU per step). Both sides
 run in that one process, so torch's allocations get the same allocator (`--system-malloc`
 keeps glibc's defaults; `glibc_tunables` in the JSON says which ran). A run's launcher can
@@ -80,13 +80,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-
 # glibc malloc settings under which the steps are timed (see the module docstring): the
-# ones the local launcher gives its CPU workers (`vlm_jax.malloc`).
-from vlm_jax import malloc as _malloc  # noqa: E402
-
-MALLOC_TUNABLES = _malloc.TUNABLES
-reexec_with_malloc_tunables = _malloc.reexec
+# ones the local launcher gives its CPU workers.
+from vlm_jax import malloc  # noqa: E402
 
 
 # --------------------------------------------------------------------------- configs
@@ -282,10 +278,10 @@ def main():
     ap.add_argument("--feature-cache", action="store_true", help="same as --modes features")
     ap.add_argument("--quick", action="store_true", help="tiny: --configs demo --steps 2")
     ap.add_argument("--system-malloc", action="store_true",
-                    help="keep glibc's default malloc settings (no MALLOC_TUNABLES re-exec)")
+                    help="keep glibc's default malloc settings (no vlm_jax.malloc re-exec)")
     args = ap.parse_args()
     if not args.system_malloc:
-        reexec_with_malloc_tunables(sys.argv)
+        malloc.reexec(sys.argv)
     if args.quick:
         args.configs, args.steps = "demo", 2
     import torch

@@ -185,7 +185,7 @@ def main():
                     help="keep glibc's default malloc settings (see benchmarks/step.py)")
     args = ap.parse_args()
     if not args.system_malloc:
-        bench_step.reexec_with_malloc_tunables(sys.argv)
+        bench_step.malloc.reexec(sys.argv)
     if args.quick:
         args.config, args.modes, args.steps = "demo", "features", 2
     c = bench_step.llava_config() if args.config == "llava" else bench_step.demo_config()

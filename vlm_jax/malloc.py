@@ -40,7 +40,7 @@ def reexec(argv: Sequence[str]) -> None:
     """Re-executes this Python program with GLIBC_TUNABLES = `TUNABLES`, unless it is
     already set or this is not Linux. Call it first thing in a `main()`: it does not return
     when it re-executes."""
-    if "GLIBC_TUNABLES" in os.environ or not sys.platform.startswith("linux"):
+    if "GLIBC_TUNABLES" in os.environ or not env_value():
         return
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable] + list(argv),

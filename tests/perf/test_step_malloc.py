@@ -1,5 +1,5 @@
-"""benchmarks/step.py's allocator setting: `reexec_with_malloc_tunables` re-executes the
-program once with GLIBC_TUNABLES, and under those settings a freed large block stays mapped
+"""The allocator setting of benchmarks/step.py and the local launcher (`vlm_jax.malloc`):
+`reexec` re-executes the program once with GLIBC_TUNABLES, and under those settings a freed large block stays mapped
 (the next allocation of that size faults in no fresh pages), which is what spares the train
 step its per-step page faults."""
 import os
@@ -8,13 +8,15 @@ import sys
 
 import pytest
 
+from vlm_jax import malloc
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CHILD = r"""
 import os, resource, sys
-sys.path.insert(0, os.path.join(sys.argv[1], "benchmarks"))
-import step
-step.reexec_with_malloc_tunables(sys.argv)
+sys.path.insert(0, sys.argv[1])
+from vlm_jax import malloc
+malloc.reexec(sys.argv)
 import numpy as np
 np._core.multiarray._set_madvise_hugepage(False)   # 4 KiB pages: one fault per page
 
@@ -38,13 +40,8 @@ def test_reexec_sets_tunables_and_freed_blocks_stay_mapped(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, str(script), _ROOT], env=env, capture_output=True,
                          text=True, timeout=300, check=True).stdout.split()
-    sys.path.insert(0, os.path.join(_ROOT, "benchmarks"))
-    try:
-        import step
-    finally:
-        sys.path.pop(0)
     tunables, first, second = out[0], int(out[1]), int(out[2])
-    assert tunables == step.MALLOC_TUNABLES          # re-executed once, with the setting
+    assert tunables == malloc.TUNABLES          # re-executed once, with the setting
     assert first > 8000                              # the first 64 MiB faulted in
     assert second < first // 10, (first, second)     # the second reused the freed block
 
