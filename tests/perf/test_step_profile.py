@@ -13,7 +13,15 @@ def _module():
     spec = importlib.util.spec_from_file_location(
         "step_profile", os.path.join(_ROOT, "benchmarks", "step_profile.py"))
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    # it imports benchmarks/step.py, which sets the benchmark's compile env vars
+    # (VLM_JAX_FAST_COMPILE_MAX_FLOPS, VLM_JAX_EXECUTABLE_CACHE): not for this process's
+    # other tests
+    saved = dict(os.environ)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return mod
 
 
