@@ -70,8 +70,8 @@ def test_analysis_of_a_finished_stage_overlaps_later_jobs(tmp_path, monkeypatch,
 
     def argv(a, root, python):  # stands in for `python -m vlm_jax.analysis ...`
         return [sys.executable, "-c", "import sys,time; open(sys.argv[1],'a').write("
-                "sys.argv[2]+' %r %r\\n' % (time.time(), time.sleep(1)))", stamps,
-                f"{a.cmd}:{a.stage}"]
+                "sys.argv[2]+' %r %r\\n' % (time.time(), time.sleep(float(sys.argv[3]))))",
+                stamps, f"{a.cmd}:{a.stage}", "1" if a.stage == "main" else "0"]
     monkeypatch.setattr(runner, "analysis_argv", argv)
     g = expand.expand({"name": "overlap", "stages": [
         dict(name="pre", arg="run", axes={"a": [1]}),
@@ -89,3 +89,7 @@ def test_analysis_of_a_finished_stage_overlaps_later_jobs(tmp_path, monkeypatch,
     assert float(lines[0][1]) < main["start"] + main["seconds"]   # ran during main's job
     assert float(lines[1][1]) >= main["start"] + main["seconds"]
     assert any("analysis fit pre" in ln for ln in logs)
+    # the last stage's entry starts as its last job ends (the first entry ended during
+    # that job), not after the workers closed
+    ev = [(e["event"], e.get("stage")) for e in registry.read_events(root)]
+    assert ev.index(("analysis_start", "main")) < ev.index(("jobs_done", None)), ev

@@ -45,9 +45,17 @@ def test_real_runs_isolation_idempotence_and_root_checks(tmp_path, launcher):
     assert [r.name for r in g.runs] == ["pre/a=1", "main/a=1,b=x", "main/a=1,b=bad",
                                         "post/a=1,b=x", "post/a=1,b=bad"]
     logs = []
-    # one slot: the worker goes on with the next job after the diverging run failed
-    s = runner.run_grid(g, root, launcher(root, parallel=1), log=logs.append)
+    # one slot: the worker goes on with the next job after the diverging run failed.
+    # poll_s=600: the runner must learn of each job's end from the worker's reply
+    # (launcher.wait), not from its poll, or this test would take 10 minutes a job
+    s = runner.run_grid(g, root, launcher(root, parallel=1), log=logs.append, poll_s=600)
     out = "\n".join(logs)
+    # the freed slot takes its next job before the finished job's bookkeeping (progress
+    # line, results.csv, timings)
+    starts = [i for i, m in enumerate(logs) if m.startswith("[grid] start ")]
+    reports = [i for i, m in enumerate(logs) if " done, " in m and "elapsed" in m]
+    assert len(starts) == 4 and len(reports) == 4, out
+    assert all(starts[k + 1] < reports[k] for k in range(3)), out
     # the diverging run failed, the run that needs it was skipped, the rest finished
     assert s.failed == ["main/a=1,b=bad"], out
     assert s.skipped == ["post/a=1,b=bad"], out
@@ -62,6 +70,8 @@ def test_real_runs_isolation_idempotence_and_root_checks(tmp_path, launcher):
                                      "post/a=1,b=x"]
     assert all(x["programs_reused"] > 0 and x["programs_built"] == 0 for x in t[1:]), t
     assert all(x["slot"] == 0 for x in t), t
+    # each job started when the one before it ended (not a poll interval later)
+    assert all(b["start"] - (a["start"] + a["seconds"]) < 30 for a, b in zip(t, t[1:])), t
     # the runner's own timeline (benchmarks/grid.py accounts for the time outside jobs)
     ev = registry.read_events(root)
     assert [e["event"] for e in ev] == ["start", "planned", "jobs_done", "finished"], ev

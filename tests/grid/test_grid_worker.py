@@ -1,6 +1,7 @@
 """The persistent worker: a failing job is reported (with its traceback in the job's log)
 and the worker goes on with the next job; a dead worker reads as a failed job."""
 import os
+import threading
 import time
 
 from tests.grid.conftest import PY, TINY_GRID, cli_env
@@ -24,13 +25,18 @@ def test_worker_isolates_failures_and_dead_worker_is_a_failed_job(tmp_path):
     g = expand.expand({"name": "w", "stages": [
         dict(name="s", arg="run,broken=True", axes={"a": [1, 2]})]}, TINY_GRID)
     wd = {r.name: str(tmp_path / r.workdir) for r in g.runs}
-    w = Worker([PY], cli_env())
+    wakeup = threading.Event()
+    w = Worker([PY], cli_env(), wakeup)
     try:
         logs = []
         for job in make_jobs(g.runs):
             log = os.path.join(wd[job.name], "run.log")
             logs.append(log)
-            assert _wait(WorkerHandle(w, job_spec(job, wd), log)) == 1
+            h = WorkerHandle(w, job_spec(job, wd), log)
+            # the reply wakes the runner (launcher.wait) and is there when it polls
+            assert wakeup.wait(120), "the worker's reply did not wake the runner"
+            wakeup.clear()
+            assert h.poll() == 1
             assert w.alive()
         text = open(logs[1]).read()
         assert "broken=True: this config does not build" in text and "FAILED" in text

@@ -6,7 +6,10 @@ A launcher turns a `Job` (one run, or the runs of one WSD sweep) into processes:
 - `job_commands(job)`: the steps of one job; a step is a list of argvs that run at the
   same time (several TPU slices), steps run one after the other;
 - `start(job, slot, log_path)`: starts the job and returns a `Handle` (`poll() -> None |
-  exit code`, `terminate()`).
+  exit code`, `terminate()`);
+- `wait(timeout)`: blocks until a job of this launcher may have ended (a worker's reply,
+  a process's exit: `wakeup` is set) or `timeout` passes, so the runner dispatches the
+  next job the moment a slot frees instead of at its next poll.
 Every command is an argv list; whatever must pass through a remote shell (`--command`)
 is built with `shlex.join`, so a config value never reaches a shell unquoted.
 `--dry-run` prints exactly these commands (`format_command`). Credentials are never put
@@ -148,13 +151,22 @@ def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
             p.wait()
 
 
+def _notify_on_exit(proc: subprocess.Popen, wakeup: threading.Event | None) -> None:
+    """Sets `wakeup` when `proc` exits (a daemon thread waits on it)."""
+    if wakeup is not None:
+        threading.Thread(target=lambda: (proc.wait(), wakeup.set()), daemon=True).start()
+
+
 class StepsHandle(Handle):
-    """Runs steps one after the other; the argvs of one step run at the same time."""
+    """Runs steps one after the other; the argvs of one step run at the same time.
+    `wakeup` (optional) is set whenever one of its processes exits."""
 
     def __init__(self, steps: Sequence[Sequence[Sequence[str]]], log_path: str,
-                 env: Mapping[str, str] | None = None):
+                 env: Mapping[str, str] | None = None,
+                 wakeup: threading.Event | None = None):
         self._steps = [list(s) for s in steps]
         self._env = dict(env) if env is not None else None
+        self._wakeup = wakeup
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         self._log = open(log_path, "ab")
         self._procs: list[subprocess.Popen] = []
@@ -174,6 +186,7 @@ class StepsHandle(Handle):
             self._procs.append(subprocess.Popen(
                 list(argv), stdout=self._log, stderr=subprocess.STDOUT, env=self._env,
                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO))
+            _notify_on_exit(self._procs[-1], self._wakeup)
 
     def poll(self) -> int | None:
         if self._rc is not None:
@@ -198,23 +211,31 @@ class StepsHandle(Handle):
 
 class Worker:
     """A persistent `python -m vlm_jax.grid.worker` process: imports JAX once and runs
-    jobs in-process one after the other (saves the start-up of a process per run)."""
+    jobs in-process one after the other (saves the start-up of a process per run).
+    Its reader thread queues each reply, then sets `wakeup` (the runner's signal)."""
 
-    def __init__(self, python: Sequence[str], env: Mapping[str, str] | None):
+    def __init__(self, python: Sequence[str], env: Mapping[str, str] | None,
+                 wakeup: threading.Event | None = None):
         self.proc = subprocess.Popen(
             [*python, "-m", "vlm_jax.grid.worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=None, env=dict(env) if env is not None else None,
             start_new_session=True, cwd=REPO, text=True, bufsize=1)
         self.replies: queue.Queue = queue.Queue()
+        self.wakeup = wakeup
         threading.Thread(target=self._read, daemon=True).start()
+
+    def _put(self, reply: dict | None) -> None:
+        self.replies.put(reply)   # queued first: a waiter woken by the set finds it
+        if self.wakeup is not None:
+            self.wakeup.set()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             try:
-                self.replies.put(json.loads(line))
+                self._put(json.loads(line))
             except ValueError:
                 continue
-        self.replies.put(None)  # EOF: the worker died
+        self._put(None)  # EOF: the worker died
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -224,12 +245,18 @@ class Worker:
         self.proc.stdin.flush()
 
     def close(self, grace_s: float = 20.0) -> None:
-        if self.alive():
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            _stop([self.proc], grace_s)
+        close_workers([self], grace_s)
+
+
+def close_workers(workers: Sequence[Worker], grace_s: float = 20.0) -> None:
+    """Ends idle workers all at once (end of input, SIGTERM), then waits for them."""
+    alive = [w for w in workers if w.alive()]
+    for w in alive:
+        try:
+            w.proc.stdin.close()
+        except OSError:
+            pass
+    _stop([w.proc for w in alive], grace_s)
 
 
 class WorkerHandle(Handle):
@@ -274,6 +301,15 @@ class Launcher:
         self.root = os.path.abspath(root)
         self.parallel = max(1, int(parallel))
         self.python = list(python or [sys.executable])
+        self.wakeup = threading.Event()   # set when one of its jobs may have ended
+
+    def wait(self, timeout: float) -> bool:
+        """Blocks until a job may have ended (`wakeup`) or `timeout` passes; True when
+        woken. Clears `wakeup` before returning: a job that ends after this is seen
+        by the caller's next `poll`s and wakes the next `wait`."""
+        woken = self.wakeup.wait(timeout)
+        self.wakeup.clear()
+        return woken
 
     # workdir of every run as the job's processes see it
     def workdirs(self, runs: Sequence[Run]) -> dict[str, str]:
@@ -292,7 +328,7 @@ class Launcher:
     def start(self, job: Job, all_runs: Mapping[str, Run], slot: int,
               log_path: str) -> Handle:
         env = {**os.environ, **self.env(slot)}
-        return StepsHandle(self.job_commands(job, all_runs), log_path, env)
+        return StepsHandle(self.job_commands(job, all_runs), log_path, env, self.wakeup)
 
     def close(self) -> None:
         pass
@@ -352,7 +388,7 @@ class LocalLauncher(Launcher):
     def _worker(self, slot: int) -> Worker:
         worker = self._workers.get(slot)
         if worker is None or not worker.alive():
-            worker = Worker(self.python, {**os.environ, **self.env(slot)})
+            worker = Worker(self.python, {**os.environ, **self.env(slot)}, self.wakeup)
             self._workers[slot] = worker
         return worker
 
@@ -364,8 +400,7 @@ class LocalLauncher(Launcher):
         return WorkerHandle(worker, spec, log_path)
 
     def close(self) -> None:
-        for w in self._workers.values():
-            w.close()
+        close_workers(list(self._workers.values()))
         self._workers.clear()
 
 
@@ -469,7 +504,7 @@ class _CloudLauncher(Launcher):
     def start(self, job, all_runs, slot, log_path):
         for r in job.runs:
             os.makedirs(os.path.join(self.root, r.workdir), exist_ok=True)
-        return StepsHandle(self.job_commands(job, all_runs), log_path, None)
+        return StepsHandle(self.job_commands(job, all_runs), log_path, None, self.wakeup)
 
 
 class TpuLauncher(_CloudLauncher):

@@ -184,66 +184,86 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
                 sum(v == "failed" for v in state.values()),
                 sum(v == "skipped" for v in state.values()))
 
-    def finish(job: Job, rc: int, started: float, info: Mapping, slot: int):
-        prog.finished += len(job.runs)
-        log_path = _log_path(root, job)
-        tail = registry.log_tail(log_path)
+    def settle(job: Job) -> str:
+        """The state of a job's runs from their result.json (what dispatch needs)."""
         for r in job.runs:
             if registry.is_done(root, r):
                 state[r.name] = "done"
-                registry.clear_mark(root, r)
             else:
                 state[r.name] = "failed"
                 s.failed.append(r.name)
+        return "done" if all(state[r.name] == "done" for r in job.runs) else "FAILED"
+
+    def record(job: Job, rc: int, started: float, ended: float, info: Mapping, slot: int,
+               status: str):
+        """A settled job's bookkeeping (after its slot took the next job): markers,
+        progress, results.csv, its timings.jsonl line (`seconds`: until the runner saw
+        it end)."""
+        prog.finished += len(job.runs)
+        log_path = _log_path(root, job)
+        tail = registry.log_tail(log_path) if status == "FAILED" else ""
+        for r in job.runs:
+            if state[r.name] == "done":
+                registry.clear_mark(root, r)
+            else:
                 res = registry.read_result(root, r)
                 why = (f"result.json status {res.get('status')!r}" if res
                        else f"exit code {rc}")
                 registry.mark(root, r, "failed", why, log=log_path, log_tail=tail,
-                              seconds=round(time.time() - started, 1))
+                              seconds=round(ended - started, 1))
         d, f, k = counts()
-        status = "done" if all(state[r.name] == "done" for r in job.runs) else "FAILED"
         prog.report(d, f, k, len(running), f"{job.name} {status} in "
-                    f"{_fmt_s(time.time() - started)}")
+                    f"{_fmt_s(ended - started)}")
         if status == "FAILED":
             log(f"[grid]   {job.name} failed ({rc=}); log {log_path}; last lines:\n"
                 + "\n".join("[grid]   | " + ln for ln in tail.splitlines()[-8:]))
         registry.write_results_csv(root, csv_grid)
         registry.append_timing(root, job=job.name, runs=[r.name for r in job.runs], rc=rc,
-                               start=started, seconds=round(time.time() - started, 3),
+                               start=started, seconds=round(ended - started, 3),
                                status=status.lower(), slot=slot, **info)
 
+    def skip_unreachable():
+        """Skips jobs whose dependencies failed (transitively: skipped counts as failed)."""
+        for job in list(pending):
+            bad = [d for d in job.deps if state.get(d) in ("failed", "skipped")
+                   or (d not in state and not _dep_done(root, runs, d))]
+            if bad:
+                pending.remove(job)
+                for r in job.runs:
+                    why = f"needs {bad[0]}, which {state.get(bad[0], 'is not done')}"
+                    state[r.name] = "skipped"
+                    s.skipped.append(r.name)
+                    registry.mark(root, r, "skipped", why)
+                log(f"[grid] skip {job.name}: needs {bad[0]}, which "
+                    f"{state.get(bad[0], 'is not done')}")
+
+    def dispatch():
+        """Starts startable jobs (in `pending` order) on the free slots."""
+        free = [i for i in range(launcher.parallel) if i not in running]
+        for job in list(pending):
+            if not free:
+                break
+            if all(state.get(d) == "done" or (d not in state and _dep_done(root, runs, d))
+                   for d in job.deps):
+                pending.remove(job)
+                slot = free.pop(0)
+                log_path = _log_path(root, job)
+                log(f"[grid] start {job.name}" + (f" ({len(job.runs)} runs, {job.sweep} "
+                                                  "sweep)" if job.sweep else ""))
+                started = time.time()
+                handle = launcher.start(job, runs, slot, log_path)
+                running[slot] = (job, handle, started)
+                for r in job.runs:
+                    registry.mark(root, r, "running")
+                s.ran += len(job.runs)
+
+    wait = getattr(launcher, "wait", None) or time.sleep
+    ended: list[tuple] = []   # settled jobs whose bookkeeping is left
     try:
+        skip_unreachable()
+        dispatch()
         while pending or running:
-            # skip jobs whose dependencies failed (transitively: skipped counts as failed)
-            for job in list(pending):
-                bad = [d for d in job.deps if state.get(d) in ("failed", "skipped")
-                       or (d not in state and not _dep_done(root, runs, d))]
-                if bad:
-                    pending.remove(job)
-                    for r in job.runs:
-                        why = f"needs {bad[0]}, which {state.get(bad[0], 'is not done')}"
-                        state[r.name] = "skipped"
-                        s.skipped.append(r.name)
-                        registry.mark(root, r, "skipped", why)
-                    log(f"[grid] skip {job.name}: needs {bad[0]}, which "
-                        f"{state.get(bad[0], 'is not done')}")
-            free = [i for i in range(launcher.parallel) if i not in running]
-            for job in list(pending):
-                if not free:
-                    break
-                if all(state.get(d) == "done" or (d not in state and _dep_done(root, runs, d))
-                       for d in job.deps):
-                    pending.remove(job)
-                    slot = free.pop(0)
-                    for r in job.runs:
-                        registry.mark(root, r, "running")
-                    log_path = _log_path(root, job)
-                    log(f"[grid] start {job.name}" + (f" ({len(job.runs)} runs, {job.sweep} "
-                                                      "sweep)" if job.sweep else ""))
-                    handle = launcher.start(job, runs, slot, log_path)
-                    running[slot] = (job, handle, time.time())
-                    s.ran += len(job.runs)
-            if not running and pending:
+            if not running:
                 # nothing can start and nothing runs: the rest waits on runs outside
                 # the selection that are not done
                 for job in pending:
@@ -253,13 +273,21 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
                         registry.mark(root, r, "skipped", "a dependency is not done")
                 pending.clear()
                 break
-            time.sleep(poll_s)
+            wait(poll_s)   # returns as soon as a job ends (launcher.wakeup)
             for slot, (job, handle, started) in list(running.items()):
                 rc = handle.poll()
                 if rc is not None:
+                    t_end = time.time()
                     del running[slot]
-                    finish(job, rc, started, getattr(handle, "info", {}), slot)
-            if analyses is not None and (pending or running):
+                    ended.append((job, rc, started, t_end, getattr(handle, "info", {}),
+                                  slot, settle(job)))
+            if ended:   # the freed slots take their next jobs first, bookkeeping after
+                skip_unreachable()
+                dispatch()
+            while ended:
+                record(*ended[0])
+                ended.pop(0)
+            if analyses is not None:   # also after the last job: its entry starts now
                 analyses.start_ready(state, pending)
     except KeyboardInterrupt:
         s.interrupted = True
@@ -270,6 +298,8 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
             for r in job.runs:
                 registry.clear_mark(root, r)
         running.clear()
+        for e in ended:   # jobs that ended before the interrupt keep their timing line
+            record(*e)
         if analyses is not None:
             analyses.stop()
     finally:
