@@ -257,15 +257,22 @@ def _finished(workdir: str) -> dict | None:
 
 
 def run_sweep(entries: Sequence[tuple[Any, str]], axis: str = "n", run_fn=None,
-              allow_repeats: bool = False) -> list[dict]:
+              allow_repeats: bool = False, in_memory: bool | None = None) -> list[dict]:
     """Trains one sweep in this process (the grid worker's entry point).
 
     entries: (run config, workdir) of the runs of one sweep job (configs built, `needs`
     applied); they must differ only in data size (`axis` names it in messages).
-    run_fn(config, workdir) -> result dict trains one run (default `vlm_jax.main.run`).
+    run_fn(config, workdir[, sweep=]) -> result dict trains one run (default
+    `vlm_jax.main.run`).
+    in_memory: hand the stable run's branch points and setup to the branches in memory
+    (`vlm_jax.train.trainer.SweepMemory`, passed to run_fn as `sweep=`; the branch-point
+    checkpoints are written all the same). None: on for the default run_fn, off for one
+    passed in (True passes `sweep=` to it too).
     Runs already done (result.json status "done") are skipped; a partly trained run
     resumes from its own checkpoint. Returns the result dicts in plan order.
     """
+    if in_memory is None:
+        in_memory = run_fn is None
     if run_fn is None:
         from vlm_jax import main
         run_fn = main.run
@@ -275,11 +282,19 @@ def run_sweep(entries: Sequence[tuple[Any, str]], axis: str = "n", run_fn=None,
     except SweepError as e:
         raise SweepError(f"{e} (sweep over axis {axis!r})") from None
     configs = {wd: c for _, c, wd in members}
+    kw = {}
+    if in_memory:
+        from vlm_jax.train.trainer import SweepMemory
+        kw["sweep"] = SweepMemory()
     results = []
-    for item in items:
-        done = _finished(item.workdir)
-        if done is not None:
-            results.append(done)
-            continue
-        results.append(run_fn(item.apply(configs[item.name]), item.workdir))
+    try:
+        for item in items:
+            done = _finished(item.workdir)
+            if done is not None:
+                results.append(done)
+                continue
+            results.append(run_fn(item.apply(configs[item.name]), item.workdir, **kw))
+    finally:
+        if kw:
+            kw["sweep"].clear()
     return results

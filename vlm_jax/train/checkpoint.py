@@ -18,6 +18,7 @@ twin) read it once per worker process.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -72,6 +73,44 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_iter=None, meta=None
     if frozen:
         items[FROZEN] = ocp.args.StandardSave(frozen)
     mgr.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+
+def iterator_state(data_iter) -> str:
+    """The data iterator's state as the checkpoint's `data` item stores it (grain's
+    handler: JSON of a DatasetIterator's state, a DataLoader iterator's bytes decoded)."""
+    if isinstance(data_iter, gp.DatasetIterator):
+        return json.dumps(data_iter.get_state(), indent=4)
+    return data_iter.get_state().decode()
+
+
+def set_iterator_state(data_iter, state: str) -> None:
+    """Sets a state from `iterator_state` as restoring the `data` item does."""
+    data_iter.set_state(json.loads(state) if isinstance(data_iter, gp.DatasetIterator)
+                        else state.encode())
+    data_iter.start_prefetch()
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of the arrays of `tree` (global sizes)."""
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
+
+
+def copy_onto(tree, target):
+    """Fresh device copies of the arrays of `tree` placed with the shardings of `target`
+    (arrays or abstract arrays of the same structure, shapes and dtypes), bit for bit:
+    what restoring a checkpoint of `tree` onto `target` gives, without the disk. Raises
+    ValueError when the trees differ."""
+    if jax.tree.structure(tree) != jax.tree.structure(target):
+        raise ValueError("copy_onto: the trees differ in structure")
+    bad = [(x.shape, x.dtype, t.shape, t.dtype) for x, t in
+           zip(jax.tree.leaves(tree), jax.tree.leaves(target))
+           if x.shape != t.shape or x.dtype != t.dtype]
+    if bad:
+        raise ValueError(f"copy_onto: shapes/dtypes differ: {bad[:3]}")
+    # may_alias=False: a new buffer even where the sharding is the same (the train step
+    # donates its state, which must not take the kept copy with it)
+    return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding, may_alias=False),
+                        tree, target)
 
 
 def abstract_like(tree):

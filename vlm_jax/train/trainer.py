@@ -94,6 +94,100 @@ _FROZEN_PARTS = program_cache.BoundedCache("VLM_JAX_INIT_FROM_CACHE_MB", 512)
 _EVAL_BATCHES = program_cache.BoundedCache("VLM_JAX_EVAL_CACHE_MB", 256)
 
 
+# --------------------------------------------------------------------------- sweep hand-off
+# Config keys in which a sweep branch may differ from the run whose setup it adopts (what
+# `vlm_jax.grid.sweep` changes between its runs): none of them changes the mesh, the
+# params' shapes, the frozen params, the compiled programs or the eval batches (the
+# schedule is a runtime input of the train step; a smaller nested train subset needs no
+# new cached features, which `_adopt_setup` checks).
+SETUP_FREE = ("name", "data.n", "train.steps", "train.branch_from", "train.checkpoint_steps",
+              *(f"optim.{k}" for k in optim.RUNTIME_FIELDS))
+# The train-state bytes a sweep's stable run may keep in memory for its branches.
+SWEEP_MEMORY_MB = 1024
+
+
+class SweepMemory:
+    """What the runs of one WSD sweep hand each other in this process
+    (`vlm_jax.grid.sweep.run_sweep` makes one per sweep and passes it as `sweep=`).
+
+    Branch points: at each of its `train.checkpoint_steps` the stable run keeps what that
+    checkpoint holds -- a device copy of the train state (the train step donates its
+    input), the data iterator's state and the meta counters as the checkpoint stores them
+    (JSON) -- while the kept states total at most `limit_mb` (VLM_JAX_SWEEP_MEMORY_MB,
+    default 1024; 0 = none: branches restore from disk). The checkpoints are still
+    written: a branch in another process, or after a restart, reads them.
+    Setup: a run offers its mesh, model, frozen params (with attached cached features),
+    train-state shardings, compiled programs and data module; a branch whose config
+    differs only in `SETUP_FREE` adopts them instead of initialising its params and
+    optimizer state, attaching the feature cache and looking its programs up.
+    `clear()` drops everything (the sweep calls it when it ends).
+    """
+
+    def __init__(self, limit_mb: float | None = None):
+        if limit_mb is None:
+            limit_mb = float(os.environ.get("VLM_JAX_SWEEP_MEMORY_MB", SWEEP_MEMORY_MB))
+        self.limit = int(float(limit_mb) * (1 << 20))
+        self._points: dict[tuple[str, int], tuple] = {}
+        self._setup = None
+        self.stats = {"kept": 0, "not_kept": 0, "taken": 0, "setups_adopted": 0}
+
+    def keep(self, workdir: str, step: int, state, data_iter, meta: dict) -> bool:
+        """Keeps the branch point `step` of the run in `workdir` (False: over the limit)."""
+        size = ckpt.tree_bytes(state)
+        used = sum(ckpt.tree_bytes(p[0]) for p in self._points.values())
+        if used + size > self.limit:
+            self.stats["not_kept"] += 1
+            log.info("sweep: the train state at step %d (%.1f MB) is not kept in memory "
+                     "(VLM_JAX_SWEEP_MEMORY_MB=%.0f); its branches restore the checkpoint",
+                     step, size / 2**20, self.limit / 2**20)
+            return False
+        copy = ckpt.copy_onto(state, state)
+        it_state = None if data_iter is None else ckpt.iterator_state(data_iter)
+        self._points[(os.path.abspath(workdir), int(step))] = (
+            copy, it_state, json.loads(json.dumps(meta)))
+        self.stats["kept"] += 1
+        return True
+
+    def take(self, workdir: str, step: int, target, data_iter):
+        """(state placed like `target`, meta) of the kept branch point, the iterator set
+        to its state; None when it is not kept or does not fit `target`."""
+        hit = self._points.get((os.path.abspath(workdir), int(step)))
+        if hit is None or (data_iter is not None) != (hit[1] is not None):
+            return None
+        state, it_state, meta = hit
+        try:
+            state = ckpt.copy_onto(state, target)
+        except ValueError as e:
+            log.warning("sweep: the kept state of %s:%d does not fit this run (%s); "
+                        "restoring its checkpoint", workdir, step, e)
+            return None
+        if data_iter is not None:
+            ckpt.set_iterator_state(data_iter, it_state)
+        self.stats["taken"] += 1
+        return state, json.loads(json.dumps(meta))
+
+    def offer_setup(self, run: "Run", frozen, state) -> None:
+        """Makes `run`'s setup (after compile) adoptable by the next runs."""
+        self._setup = (setup_key(run.config), run, frozen, ckpt.abstract_like(state))
+
+    def setup_for(self, run: "Run"):
+        """(run, frozen, abstract state) of an offered setup `run` may adopt, or None."""
+        if self._setup is None or self._setup[0] != setup_key(run.config):
+            return None
+        return self._setup[1:]
+
+    def clear(self) -> None:
+        self._points.clear()
+        self._setup = None
+
+
+def setup_key(config) -> str:
+    """The config without `SETUP_FREE`: runs with equal keys can share one setup."""
+    flat = _flat(config_to_dict(config))
+    return json.dumps({k: v for k, v in flat.items() if k not in SETUP_FREE},
+                      sort_keys=True, default=str)
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps (`train.max_nonfinite`)."""
 
@@ -270,8 +364,9 @@ class Run:
     tests and benchmarks can use its pieces (mesh, params, compiled steps)."""
 
     def __init__(self, config, workdir: str, *, model=None, batch_spec=None, data=None,
-                 devices=None):
+                 devices=None, sweep: SweepMemory | None = None):
         self.config = config
+        self.sweep = sweep   # the in-process hand-off of a WSD sweep's runs, or None
         self.workdir = os.path.abspath(workdir)
         self.data = data or default_data()
         self._own_data = data is None   # the pipeline of the config (eval batches shareable)
@@ -444,6 +539,50 @@ class Run:
                 ckpt.abstract_like(trainable)).compile(FAST_COMPILE))
         return init(trainable)
 
+    # -- a sweep's shared setup
+    # What a run's setup leaves on it (init_params, feature_cache.attach, init_state,
+    # compile) and a branch takes over from the run whose setup it adopts.
+    _ADOPTED = ("mesh", "rules", "model", "data", "batch_spec", "eval_spec",
+                "feature_cache_info", "components", "trainable_components", "param_counts",
+                "flat_optimizer", "state_shardings", "eval_step", "compile_levels",
+                "_key_base")
+
+    def _adopt_setup(self):
+        """(frozen, abstract train state) of the setup a branch of a sweep adopts
+        (`SweepMemory`), or None: this run sets itself up. Only a branch (it restores its
+        state, never initialises it) whose config differs from the offering run's only in
+        `SETUP_FREE`, on the same mesh, with its model and data from the config, and (with
+        the feature cache) whose records are all in the store."""
+        t = self.config.train
+        if self.sweep is None or not t.get("branch_from") or not (
+                self._share_programs and self._own_data):
+            return None
+        found = self.sweep.setup_for(self)
+        if found is None:
+            return None
+        src, frozen, abstract = found
+        if src.mesh != self.mesh or not src._share_programs or not src._own_data:
+            return None
+        if t.get("feature_cache", False):
+            from vlm_jax.train import feature_cache
+            store = getattr(src.data, "store", None)
+            if store is None or len(store.missing(feature_cache.needed_records(self.config))):
+                return None
+        for name in self._ADOPTED:
+            if hasattr(src, name):
+                setattr(self, name, getattr(src, name))
+        if self.config.model.get("kind") != "native" and hasattr(src, "_eval_key_value"):
+            # the eval key has the source's record count in place of data.n: equal
+            self._eval_key_value = src._eval_key_value
+        cfg = self.config
+        self.tx, self.schedule = optim.make_optimizer(cfg.optim, t.steps, runtime_lr=True,
+                                                      flat=self.flat_optimizer)
+        self.schedule_hp = optim.schedule_params(cfg.optim, t.steps)
+        hp = jax.device_put(self.schedule_hp, sharding.replicated(self.mesh))
+        self.train_step = _WithSchedule(src.train_step.compiled, hp)
+        self.sweep.stats["setups_adopted"] += 1
+        return frozen, abstract
+
     # -- compiled steps
     def _abstract_batch(self, spec):
         return {k: jax.ShapeDtypeStruct(s.shape, s.dtype,
@@ -599,6 +738,12 @@ class Run:
             log.info("resumed from step %d of %s", start, self.workdir)
         elif t.get("branch_from"):
             src, bstep = parse_branch(t.branch_from)
+            kept = self.sweep.take(src, bstep, state, it) if self.sweep else None
+            if kept is not None:   # the sweep's stable run kept it in this process
+                state, meta = kept
+                meta["branched_from"] = t.branch_from
+                log.info("branched from step %d of %s (kept in memory)", bstep, src)
+                return bstep, state, meta
             other = ckpt.make_manager(src, 1, read_only=True)
             if bstep not in other.all_steps():
                 raise ValueError(f"train.branch_from={t.branch_from!r}: {src} has no "
@@ -622,16 +767,23 @@ class Run:
             metrics_lib.atomic_write_json(os.path.join(self.workdir, "config.json"),
                                           config_to_dict(cfg))
         ph = self.phases
-        trainable, frozen = self.init_params()
-        if t.get("feature_cache", False):  # frozen encoder: features computed once, reused
-            from vlm_jax.train import feature_cache
-            with ph("feature_cache"):
-                frozen = feature_cache.attach(self, frozen)
-        with ph("opt_init"):
-            state = self.init_state(trainable)
-        del trainable
-        with ph("compile"):
-            self.compile(state, frozen)
+        with ph("adopt"):
+            adopted = self._adopt_setup()
+        if adopted is not None:   # a sweep's branch: the stable run's setup
+            frozen, state = adopted   # state: abstract (restored below)
+        else:
+            trainable, frozen = self.init_params()
+            if t.get("feature_cache", False):  # frozen encoder: features computed once
+                from vlm_jax.train import feature_cache
+                with ph("feature_cache"):
+                    frozen = feature_cache.attach(self, frozen)
+            with ph("opt_init"):
+                state = self.init_state(trainable)
+            del trainable
+            with ph("compile"):
+                self.compile(state, frozen)
+            if self.sweep is not None and self._share_programs and self._own_data:
+                self.sweep.offer_setup(self, frozen, state)
         self.flops_per_example = flops_lib.train_per_example(cfg, self.trainable_components)
 
         with ph("data_start"):
@@ -673,6 +825,8 @@ class Run:
             with ph("checkpoint"):
                 ckpt.save(mgr, s, state, it, meta_now, frozen if save_frozen else None)
                 timer.saved()
+                if self.sweep is not None and s in keep_steps:   # a branch point
+                    self.sweep.keep(self.workdir, s, state, it, meta_now)
                 if force_wait:
                     mgr.wait_until_finished()
 
