@@ -137,7 +137,7 @@ def run_config(llm: dict, enc: dict, *, experts: bool = True, expert_impl: str =
                lr: float = 5e-5, warmup: int = 200, llm_dir: str = "",
                data_path: str = "", n: str | int = "all") -> mlc.ConfigDict:
     """One native run (NaViL's recipe: AdamW (0.9, 0.95), wd 0.05, constant lr, warmup)."""
-    from vlm_jax.data import native as data_native
+    from vlm_jax.data import native_config as data_native   # no Grain / JAX
     from vlm_jax.data.subsets import parse_size
     c = common.base_config()
     c.model.kind = "native"

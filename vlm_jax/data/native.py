@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_jax.data.errors import BadSample
+from vlm_jax.data.native_config import native_data_config, special_ids  # noqa: F401
 
 TAU = math.sqrt(2) / 2
 # InternViT / ImageNet normalisation.
@@ -78,23 +79,6 @@ class NativeSpec:
     @property
     def patch_dim(self) -> int:
         return self.patch_size * self.patch_size * 3
-
-
-def special_ids(vocab_size: int) -> dict[str, int]:
-    """Default ids of the special tokens: the top 5 rows of the LLM vocabulary (unused
-    padding rows in Qwen2/InternLM2 embeddings; the toy vocab reserves them)."""
-    return {name: vocab_size - 5 + i for i, name in enumerate(
-        ("boi_id", "eoi_id", "eol_id", "eos_scale_id", "image_token_id"))}
-
-
-def native_data_config(**overrides):
-    """The `config.data.native` block (defaults) used by configs/native.py."""
-    import ml_collections as mlc
-    d = dict(max_patches=0,          # 0 = 2 * data.seq_len
-             max_image_tokens=256, min_image_tokens=1, num_scales=1,
-             image_sizes=(64,), aspect_ratios=(1.0,))  # synthetic mixed-res source
-    d.update(overrides)
-    return mlc.ConfigDict(d)
 
 
 def spec_from_config(config, tokenizer=None) -> NativeSpec:

@@ -20,7 +20,6 @@ import functools
 import re
 
 import numpy as np
-from grain.experimental import index_shuffle
 
 _ROUNDS = 4
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
@@ -77,6 +76,8 @@ def permute(i: int, size: int, seed: int) -> int:
         return 0
     if size <= _DENSE_MAX:
         return int(_dense_permutation(int(size), int(seed))[i])
+    # imported here: Grain imports JAX, and config files import this module (parse_size)
+    from grain.experimental import index_shuffle
     return int(index_shuffle(int(i), max_index=size - 1, seed=seed, rounds=_ROUNDS))
 
 

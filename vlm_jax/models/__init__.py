@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-import jax
-import jax.numpy as jnp
+import numpy as np   # JAX is imported when a spec is built (config tools stay light)
 
 KINDS = {
     "vlm": ("vlm_jax.models.vlm", "VLM"),
@@ -33,16 +32,17 @@ def build_model(model_cfg):
 
 
 def _sds(shape, dtype):
+    import jax
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), dtype)
 
 
 def text_spec(b: int, t: int, with_targets: bool = True) -> dict:
     """tokens/positions/segment_ids (+ targets/loss_mask) [b, t] and valid [b]."""
-    out = {"tokens": _sds((b, t), jnp.int32), "positions": _sds((b, t), jnp.int32),
-           "segment_ids": _sds((b, t), jnp.int32), "valid": _sds((b,), jnp.float32)}
+    out = {"tokens": _sds((b, t), np.int32), "positions": _sds((b, t), np.int32),
+           "segment_ids": _sds((b, t), np.int32), "valid": _sds((b,), np.float32)}
     if with_targets:
-        out["targets"] = _sds((b, t), jnp.int32)
-        out["loss_mask"] = _sds((b, t), jnp.float32)
+        out["targets"] = _sds((b, t), np.int32)
+        out["loss_mask"] = _sds((b, t), np.float32)
     return out
 
 
@@ -60,7 +60,7 @@ def batch_spec(config, batch_size: int) -> dict:
         s = config.model.vision.image_size
         out = text_spec(b, config.model.clip.text_max_len, with_targets=False)
         out.pop("positions")
-        out["pixels"] = _sds((b, s, s, 3), jnp.uint8)
+        out["pixels"] = _sds((b, s, s, 3), np.uint8)
         return out
     if kind == "lm":
         return text_spec(b, config.data.seq_len)
@@ -68,6 +68,6 @@ def batch_spec(config, batch_size: int) -> dict:
     t = num_image_tokens(config.model) + config.data.seq_len
     s = config.model.vision.image_size
     out = text_spec(b, t)
-    out["pixels"] = _sds((b, s, s, 3), jnp.uint8)  # raw RGB; the ViT normalises
-    out["visual_mask"] = _sds((b, t), jnp.bool_)
+    out["pixels"] = _sds((b, s, s, 3), np.uint8)  # raw RGB; the ViT normalises
+    out["visual_mask"] = _sds((b, t), np.bool_)
     return out

@@ -11,7 +11,6 @@ adds `norm`.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -19,24 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.models import layers as L
+from vlm_jax.models.counts import num_linear, num_output_tokens  # noqa: F401 (re-exported)
 
 Dtype = Any
-_MLP = re.compile(r"^mlp(\d+)x_gelu$")
-
-
-def num_linear(ptype: str) -> int:
-    """Number of Linear layers of a projector type (validates the name)."""
-    if ptype == "linear":
-        return 1
-    if ptype == "pixel_shuffle":
-        return 2
-    m = _MLP.match(ptype)
-    if not m or int(m.group(1)) < 1:
-        raise ValueError(f"unknown projector.type {ptype!r}; use 'linear', 'mlp<N>x_gelu' "
-                         "(e.g. mlp2x_gelu) or 'pixel_shuffle'")
-    return int(m.group(1))
-
-
 def pixel_shuffle(x: jax.Array, ratio: float) -> jax.Array:
     """[B, K, C] tokens on a square grid -> [B, K*r^2, C/r^2] (InternVL/NaViL pixel shuffle:
     ratio 0.5 merges each 2x2 block of neighbouring tokens into one token)."""
@@ -49,12 +33,6 @@ def pixel_shuffle(x: jax.Array, ratio: float) -> jax.Array:
         raise ValueError(f"shuffle_ratio {ratio} must be 1/n with n dividing the grid {g}")
     x = x.reshape(b, g // s, s, g // s, s, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, (g // s) * (g // s), s * s * c)
-
-
-def num_output_tokens(cfg, num_input_tokens: int) -> int:
-    if cfg.type == "pixel_shuffle":
-        return int(round(num_input_tokens * cfg.shuffle_ratio ** 2))
-    return num_input_tokens
 
 
 class Projector(nn.Module):

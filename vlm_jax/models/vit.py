@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import layers as L
+from vlm_jax.models.counts import num_feature_tokens, num_patches  # noqa: F401 (re-exported)
 
 Dtype = Any
 
@@ -303,19 +304,6 @@ def _partial_scan(vit: ViT, x, k: int):
         return h, h
     _, ys = jax.lax.scan(with_remat(body, c.remat, scanned=True), x, stacked)
     return ys
-
-
-def num_patches(cfg, image_size: int | None = None) -> int:
-    g = (image_size or cfg.image_size) // cfg.patch_size
-    return g * g
-
-
-def num_feature_tokens(cfg) -> int:
-    """Tokens per image that `ViT.features` returns."""
-    n = num_patches(cfg)
-    if cfg.class_token and cfg.feature_select == "cls_patch":
-        n += 1
-    return n
 
 
 def param_shapes(cfg) -> dict[str, tuple[int, ...]]:

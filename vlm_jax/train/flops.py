@@ -52,7 +52,7 @@ def llm_forward(c, t: int, logits_tokens: int | None = None) -> float:
 
 
 def projector_forward(p, k: int, din: int, dout: int) -> float:
-    from vlm_jax.models.projector import num_linear
+    from vlm_jax.models.counts import num_linear
     n = num_linear(p.type)
     if p.type == "pixel_shuffle":
         s = round(1 / p.shuffle_ratio)
@@ -97,13 +97,13 @@ def forward_per_example(config) -> dict[str, float]:
     if kind in ("vlm", "native"):
         v = m.vision
         if v.get("variant", "clip") == "clip":
-            from vlm_jax.models.vit import num_feature_tokens
+            from vlm_jax.models.counts import num_feature_tokens
             k = num_feature_tokens(v)
             fv = vit_forward(v, vit_feature_layers(v))
         else:  # native ViT: same block shapes (no CLS); an estimate
             k = (v.image_size // v.patch_size) ** 2
             fv = vit_forward(v, v.depth) * 1.0
-        from vlm_jax.models.projector import num_output_tokens
+        from vlm_jax.models.counts import num_output_tokens
         k_out = num_output_tokens(m.projector, k)
         t = k_out + config.data.seq_len
         return {"vision": fv, "projector": projector_forward(m.projector, k, v.width,
