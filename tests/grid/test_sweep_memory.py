@@ -76,8 +76,19 @@ def _memory_branches(caplog):
     return [r.getMessage() for r in caplog.records if MEMORY_LOG in r.getMessage()]
 
 
-def test_in_memory_branches_match_checkpoint_restore(tmp_path, caplog):
+def test_sweep_memory(tmp_path, caplog, monkeypatch, subtests):
+    """One test function (the checks share the compiled programs: under pytest-xdist
+    separate tests may land in separate worker processes and compile twice)."""
     caplog.set_level(logging.INFO, logger="vlm_jax.train")
+    for check in (in_memory_branches_match_checkpoint_restore,
+                  memory_limit_and_interrupted_sweep_resume_from_disk):
+        with subtests.test(check.__name__):
+            (tmp_path / check.__name__).mkdir()
+            check(tmp_path / check.__name__, caplog, monkeypatch)
+
+
+def in_memory_branches_match_checkpoint_restore(tmp_path, caplog, monkeypatch):
+    caplog.clear()
     disk, mem = str(tmp_path / "disk"), str(tmp_path / "mem")
     # the checkpoint-restore path: every branch opens the stable run's checkpoint
     ref = sweep.run_sweep(_entries(disk), run_fn=trainer.run)
@@ -102,8 +113,8 @@ def test_in_memory_branches_match_checkpoint_restore(tmp_path, caplog):
     assert sorted(os.listdir(os.path.join(mem, "n128", "checkpoints"))) == ["16", "2", "4"]
 
 
-def test_memory_limit_and_interrupted_sweep_resume_from_disk(tmp_path, caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="vlm_jax.train")
+def memory_limit_and_interrupted_sweep_resume_from_disk(tmp_path, caplog, monkeypatch):
+    caplog.clear()
     ref, root = str(tmp_path / "ref"), str(tmp_path / "run")
     # no state kept (limit 0): the branches adopt the setup and restore from disk
     monkeypatch.setenv("VLM_JAX_SWEEP_MEMORY_MB", "0")
@@ -121,7 +132,7 @@ def test_memory_limit_and_interrupted_sweep_resume_from_disk(tmp_path, caplog, m
         sweep.run_sweep(_entries(root), run_fn=killed, in_memory=True)
     assert os.path.exists(os.path.join(root, "n128", "result.json"))
     # 2) run again: the stable run is done; the first branch is preempted (SIGTERM) after
-    # one step, saving its own checkpoint; the second adopts its setup
+    # one step, saving its own checkpoint, which ends the sweep
     caplog.clear()
     real = trainer._StopFlag
 
@@ -140,7 +151,8 @@ def test_memory_limit_and_interrupted_sweep_resume_from_disk(tmp_path, caplog, m
     monkeypatch.setattr(trainer, "_StopFlag", StopOnce)
     res = sweep.run_sweep(_entries(root))
     monkeypatch.setattr(trainer, "_StopFlag", real)
-    assert [r["status"] for r in res] == ["done", "preempted", "done"]
+    assert [r["status"] for r in res] == ["done", "preempted"]
+    assert not os.path.exists(os.path.join(root, "n64"))
     assert not _memory_branches(caplog)      # the stable run was not in this process
     assert os.listdir(os.path.join(root, "n32", "checkpoints")) == ["3"]
     # 3) the preempted branch resumes from its own checkpoint, adopting a setup
@@ -152,6 +164,10 @@ def test_memory_limit_and_interrupted_sweep_resume_from_disk(tmp_path, caplog, m
     r = trainer.run(items[1].apply(entries[0][0]), items[1].workdir, sweep=mem)
     assert mem.stats["setups_adopted"] == 1 and mem.stats["taken"] == 0
     assert r["status"] == "done" and r["steps"] == 4
+    # 4) the last branch: from the stable run's checkpoint, with its own setup
+    caplog.clear()
+    assert [r["status"] for r in sweep.run_sweep(_entries(root))] == ["done"] * 3
+    assert not _memory_branches(caplog)
     got = _outcome(root)
     for n in SIZES:
         assert got[n] == expected[n], n

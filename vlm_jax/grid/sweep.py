@@ -269,7 +269,9 @@ def run_sweep(entries: Sequence[tuple[Any, str]], axis: str = "n", run_fn=None,
     checkpoints are written all the same). None: on for the default run_fn, off for one
     passed in (True passes `sweep=` to it too).
     Runs already done (result.json status "done") are skipped; a partly trained run
-    resumes from its own checkpoint. Returns the result dicts in plan order.
+    resumes from its own checkpoint. A run preempted by SIGTERM (status "preempted",
+    checkpoint saved) ends the sweep: the runs after it are not started. Returns the
+    result dicts in plan order (up to a preempted run).
     """
     if in_memory is None:
         in_memory = run_fn is None
@@ -294,6 +296,8 @@ def run_sweep(entries: Sequence[tuple[Any, str]], axis: str = "n", run_fn=None,
                 results.append(done)
                 continue
             results.append(run_fn(item.apply(configs[item.name]), item.workdir, **kw))
+            if results[-1].get("status") == "preempted":
+                break
     finally:
         if kw:
             kw["sweep"].clear()
