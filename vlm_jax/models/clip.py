@@ -95,6 +95,21 @@ class CLIPModel(nn.Module):
     and the logit scale (and bias for SigLIP)}."""
     cfg: object  # config.model
 
+    @nn.nowrap
+    def init_rules(self) -> tuple:
+        """`vlm_jax.models.fast_init` rules beyond its defaults (normal(0.02), ones for
+        scales, zeros for biases): the ViT's class / position embeddings are
+        normal(width^-1/2), the text positions normal(0.01), the logit scale / bias
+        constants of the loss."""
+        siglip = self.cfg.clip.loss == "siglip"
+        return (
+            (r"(^|/)vision/(class_embed|pos_embed)$", ("normal", lambda shape: shape[-1] ** -0.5)),
+            (r"(^|/)text/position_embedding$", ("normal", 0.01)),
+            (r"(^|/)head/logit_scale$", ("constant", math.log(10.0) if siglip
+                                     else float(self.cfg.clip.init_logit_scale))),
+            (r"(^|/)head/logit_bias$", ("constant", -10.0)),
+        )
+
     def setup(self):
         m = self.cfg
         c = m.clip

@@ -38,6 +38,12 @@ class LM(nn.Module):
     """`__call__(batch) -> {"loss_sum", "num_tokens"}`; `logits(batch) -> [B, T, V]`."""
     cfg: Any  # config.model
 
+    @staticmethod
+    def init_rules() -> tuple:
+        """`vlm_jax.models.fast_init` rules: its defaults (normal(0.02) embeddings,
+        kernels and head, ones for norm scales, zeros for biases) are the LLM's."""
+        return ()
+
     def setup(self):
         dt, pdt, impl = compute_dtypes(self.cfg)
         self.llm = LLM(self.cfg.llm, dtype=dt, param_dtype=pdt, attention_impl=impl)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.models import fast_init
 from vlm_jax.models import layers as L
 from vlm_jax.models.experts import init_visual_experts
 from vlm_jax.models.native_vit import NativeViT
@@ -83,9 +84,10 @@ def merge_visual(text_embeds, visual_tokens, visual_mask):
 
 # Initial values by param name (every initialiser of the native model's layers): norm
 # scales are ones, biases zeros, every other weight (kernels, embeddings, lm_head) normal
-# with this std (`layers.normal_init()`, the default of Linear and the LLM's embeddings).
-INIT_STD = 0.02
-ONE_DRAW_MAX = 1 << 24        # parameters; above it, flax's per-parameter init
+# with this std (`layers.normal_init()`, the default of Linear and the LLM's embeddings):
+# `fast_init`'s default rules, which `NativeVLM.init_rules` leaves as they are.
+INIT_STD = fast_init.DEFAULT_STD
+ONE_DRAW_MAX = fast_init.MAX_PARAMS   # parameters; above it, flax's per-parameter init
 _ONES = ("scale",)
 _ZEROS = ("bias", "visual_bias")
 
@@ -98,23 +100,12 @@ def _leaf_name(path) -> str:
 def one_draw_init(abstract, rng):
     """Values for an abstract variables tree (`jax.eval_shape` of `Module.init`, boxed or
     not): ones / zeros / normal(INIT_STD) by param name, the normal ones sliced from a
-    single draw of `rng` (distinct parameters get disjoint slices: independent)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    names = [_leaf_name(p) for p, _ in leaves]
-    drawn = [i for i, n in enumerate(names) if n not in _ONES + _ZEROS]
-    sizes = [int(np.prod(leaves[i][1].shape)) for i in drawn]
-    flat = jax.random.normal(rng, (max(sum(sizes), 1),), jnp.float32) * INIT_STD
-    start = dict(zip(drawn, np.cumsum([0] + sizes)))
-    values = []
-    for i, ((_, a), n) in enumerate(zip(leaves, names)):
-        if n in _ONES:
-            values.append(jnp.ones(a.shape, a.dtype))
-        elif n in _ZEROS:
-            values.append(jnp.zeros(a.shape, a.dtype))
-        else:
-            o = int(start[i])
-            values.append(flat[o:o + int(np.prod(a.shape))].reshape(a.shape).astype(a.dtype))
-    return jax.tree_util.tree_unflatten(treedef, values)
+    single draw of `rng` (distinct parameters get disjoint slices: independent). The
+    layout of `fast_init.layout` (bit for bit what the trainer's host-side init gives)."""
+    p = fast_init.layout(abstract, NativeVLM.init_rules())
+    if p is None:
+        raise ValueError(f"one_draw_init: more than {fast_init.MAX_PARAMS} parameters")
+    return fast_init.traced_values(p, rng)
 
 
 class NativeVLM(nn.Module):
@@ -136,6 +127,12 @@ class NativeVLM(nn.Module):
             return flax_init(rngs)
         key = rngs["params"] if isinstance(rngs, dict) else rngs
         return one_draw_init(abstract, key)
+
+    @staticmethod
+    def init_rules() -> tuple:
+        """`fast_init` rules: its defaults (normal(0.02), ones for scales, zeros for
+        biases) are every initialiser of the native model's layers."""
+        return ()
 
     def setup(self):
         c = self.cfg
