@@ -31,8 +31,12 @@ built); without, each row holds one example (the padded baseline).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import math
+import os
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
@@ -539,11 +543,27 @@ def eval_batches(config, process_index: int = 0, process_count: int = 1) -> list
     row, each its own segment, so the token-mean loss equals the unpacked one) into
     global batches; process p takes rows p*b..(p+1)*b of each (every process packs the
     whole split the same way, so all run the same number of batches). Bad samples are
-    skipped and counted (`_skipped/<reason>`); empty rows have valid=0 and loss_mask=0."""
+    skipped and counted (`_skipped/<reason>`); empty rows have valid=0 and loss_mask=0.
+
+    Kept in memory (`_EVAL_BATCHES`, read-only arrays) by what decides them: the data
+    config, the `NativeSpec` (the model fields the data path reads), the eval batch size
+    and the processes. The runs of a grid worker that differ only in model sizes (the
+    native stage's LLM x encoder grid) build them once."""
     from vlm_jax.data import pipeline as P
     config, spec, split, load = _setup(config)
     global_b = int(config.train.eval_batch_size or config.train.batch_size)
     b = P._per_process(global_b, process_count, "train.eval_batch_size")
+    key = json.dumps([config.data.to_dict(), dataclasses.asdict(spec), global_b,
+                      process_index, process_count], sort_keys=True, default=str)
+    cached = _EVAL_BATCHES.get(key)
+    if cached is None:
+        cached = _build_eval_batches(spec, split, load, global_b,
+                                     slice(process_index * b, (process_index + 1) * b))
+        _EVAL_BATCHES.put(key, cached)
+    return [dict(batch) for batch in cached]
+
+
+def _build_eval_batches(spec, split, load, global_b: int, rows: slice) -> list[dict]:
     examples, counts = [], {}
     for pos in range(split.eval_n):
         ex = load.map((pos, split.eval_record(pos)))
@@ -552,14 +572,51 @@ def eval_batches(config, process_index: int = 0, process_count: int = 1) -> list
         else:
             reason = getattr(ex, "reason", "") or "bad_sample"
             counts[reason] = counts.get(reason, 0) + 1
-    rows = slice(process_index * b, (process_index + 1) * b)
     out = []
     for batch in pack(examples, spec, global_b) or [empty_batch(spec, global_b)]:
         batch = {k: v[rows] for k, v in batch.items()}
         for reason, c in counts.items():
             batch[f"_skipped/{reason}"] = np.int64(c)
+        for v in batch.values():
+            if isinstance(v, np.ndarray):
+                v.flags.writeable = False   # shared by the runs that get them from the cache
         out.append(batch)
     return out
+
+
+class _LRU:
+    """Values (lists of numpy batches) by key, least recently used dropped beyond
+    `VLM_JAX_EVAL_CACHE_MB` (default 256; 0 = keep nothing), the trainer's eval-batch
+    bound."""
+
+    def __init__(self, default_mb: float = 256):
+        self.default_mb = default_mb
+        self._items: "collections.OrderedDict[str, tuple[list, int]]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key][0]
+        return None
+
+    def put(self, key, value: list) -> None:
+        limit = float(os.environ.get("VLM_JAX_EVAL_CACHE_MB", self.default_mb)) * (1 << 20)
+        size = sum(int(getattr(v, "nbytes", 0)) for b in value for v in b.values())
+        if size > limit:
+            return
+        with self._lock:
+            self._items[key] = (value, size)
+            while sum(v[1] for v in self._items.values()) > limit:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_EVAL_BATCHES = _LRU()
 
 
 # --------------------------------------------------------------------------- synthetic
