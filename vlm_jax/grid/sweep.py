@@ -22,7 +22,10 @@ Grid-runner API (a stage with `sweep="wsd"`; vlm_jax/grid/worker.py calls it):
     sweep.run_sweep([(config, workdir), ...], axis="n")   # one sweep job, in-process
 
 trains the runs of one sweep job (configs built, `needs` applied) in order: the stable
-run, then each branch; runs already done are skipped, partly trained ones resume.
+run, then each branch; runs already done are skipped, partly trained ones resume. In one
+process the branches start from the stable run's branch points kept in memory and adopt
+its setup (`vlm_jax.train.trainer.SweepMemory`: the same values as restoring the
+checkpoints, which are written all the same for a resume in another process).
 `plan_sweep(runs, root, size_axis="n")` plans a whole stage from `expand.Run`s (for dry
 runs and launchers that start one process per run); `plan_group(members)` plans one job.
 Each returns one `SweepItem` per run (stable first) with:

@@ -114,8 +114,9 @@ class SweepMemory:
     checkpoint holds -- a device copy of the train state (the train step donates its
     input), the data iterator's state and the meta counters as the checkpoint stores them
     (JSON) -- while the kept states total at most `limit_mb` (VLM_JAX_SWEEP_MEMORY_MB,
-    default 1024; 0 = none: branches restore from disk). The checkpoints are still
-    written: a branch in another process, or after a restart, reads them.
+    default 1024; 0 = none: branches restore from disk) and live in this one process
+    (multi-process runs restore from disk). The checkpoints are still written: a branch
+    in another process, or after a restart, reads them.
     Setup: a run offers its mesh, model, frozen params (with attached cached features),
     train-state shardings, compiled programs and data module; a branch whose config
     differs only in `SETUP_FREE` adopts them instead of initialising its params and
@@ -133,6 +134,8 @@ class SweepMemory:
 
     def keep(self, workdir: str, step: int, state, data_iter, meta: dict) -> bool:
         """Keeps the branch point `step` of the run in `workdir` (False: over the limit)."""
+        if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(state)):
+            return False   # arrays over several processes: their checkpoint serves
         size = ckpt.tree_bytes(state)
         used = sum(ckpt.tree_bytes(p[0]) for p in self._points.values())
         if used + size > self.limit:
