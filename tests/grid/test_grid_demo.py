@@ -48,7 +48,12 @@ def test_tiny_demo_end_to_end(tmp_path):
     cfg = json.load(open(os.path.join(root, "runs/grid/data-clean_vit-M_llm-S_n-128/config.json")))
     assert cfg["model"]["vision"]["init_from"] == os.path.join(root, "runs/vit/vit-M")
     if analysis:
-        assert os.listdir(os.path.join(root, "report", "fit"))
+        fit_dir = os.path.join(root, "report", "fit")
+        assert os.path.exists(os.path.join(fit_dir, "fit.json")), out[-3000:]
+        assert os.path.exists(os.path.join(root, "report", "report.md"))
+        # the entry ran in the runner's analysis server (vlm_jax.grid.preload --serve)
+        log = open(os.path.join(fit_dir, "analysis.log")).read()
+        assert "[analysis server pid " in log and "wrote " in log, log[-3000:]
     assert "8/8 done" in out
     # idempotent: a second run launches nothing (its analysis re-run is not what this
     # checks: tests/grid/test_grid_compile_cache.py covers the analysis entries)

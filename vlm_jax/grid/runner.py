@@ -14,10 +14,14 @@
 5. writes ROOT/results.csv after every finished job (atomic) and runs the grid's analysis
    entries: one whose stage's runs are all done starts in the background while the other
    stages' jobs go on (one at a time); the rest (and `report`, which combines the others)
-   run at the end on the stage's done runs. An entry whose stage has no job left to start
-   is armed first (`vlm_jax.grid.preload`: its imports done while the last jobs train),
-   and a `fit` entry with `--group-cols` fits each group as soon as its runs are done
-   (`fit --partial` into the entry's `--cache-dir`, which the entry then reuses).
+   run at the end on the stage's done runs. They run in one analysis server process
+   (`vlm_jax.grid.preload --serve`: the analysis imports paid once, started while jobs
+   train, as soon as an entry's stage has no job left to start), and a `fit` entry with
+   `--group-cols` fits each group as soon as its runs are done (`fit --partial` into the
+   entry's `--cache-dir`, which the entry then reuses).
+Dispatch does not poll: `launcher.wait` returns when a job ends, the freed slot takes its
+next job at once and the ended job's bookkeeping (markers, progress, results.csv, timings)
+follows; the last stage's analysis starts as its last job ends.
 The runner's timeline (start, planned, jobs done, analysis start/end, finished) goes to
 ROOT/runner_events.jsonl and each job's line in ROOT/timings.jsonl names its slot.
 Ctrl-C stops the running jobs with SIGTERM (they checkpoint) and leaves everything
@@ -26,9 +30,12 @@ resumable: the next `run` picks up where this one stopped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -394,59 +401,186 @@ def _log_path(root: str, job: Job) -> str:
     return os.path.join(root, job.runs[0].workdir, registry.LOG)
 
 
+ANALYSIS_MODULE = "vlm_jax.analysis"
+
+
+class _ProcJob:
+    """An analysis command as a process of its own (output appended to its log)."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], log_path: str):
+        self.log_path = log_path
+        self.f = open(log_path, "ab")
+        self.f.write(f"$ {format_command(argv)}\n".encode())
+        self.f.flush()
+        self.proc = subprocess.Popen(list(argv), stdout=self.f, stderr=subprocess.STDOUT,
+                                     env=dict(env), stdin=subprocess.DEVNULL)
+        self.died = False
+
+    def poll(self) -> int | None:
+        rc = self.proc.poll()
+        if rc is not None:
+            self.f.close()
+        return rc
+
+    def wait(self) -> int:
+        self.proc.wait()
+        return self.poll()
+
+    def terminate(self) -> None:
+        self.proc.terminate()
+        self.wait()
+
+
+class _AnalysisServer:
+    """One `python -m vlm_jax.grid.preload --serve vlm_jax.analysis` process: it imports
+    the analysis CLI once and runs the grid's analysis commands (every `fit --partial`
+    pass and every entry) one after the other, each into its own log; its own
+    start-up errors go to `log_path`. Started while jobs train (its imports overlap
+    them)."""
+
+    def __init__(self, env: Mapping[str, str], log_path: str):
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vlm_jax.grid.preload", "--serve", ANALYSIS_MODULE],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=dict(env),
+            text=True, bufsize=1)
+        self.replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.replies.put(json.loads(line))
+            except ValueError:
+                continue
+        self.replies.put(None)   # end of output: the server exited
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def submit(self, args: Sequence[str], log_path: str) -> bool:
+        try:
+            self.proc.stdin.write(json.dumps({"argv": list(args), "log": log_path}) + "\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+
+    def close(self, grace_s: float = 10.0, wait: bool = True) -> None:
+        """End of input: it exits; `wait=False` does not wait for its interpreter's exit
+        (after the last command nothing needs it: the runner goes on at once)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        if wait:
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def terminate(self) -> None:
+        self.proc.terminate()
+        self.close()
+
+
+class _ServerJob:
+    """An analysis command the server runs; `died`: the server exited without replying
+    (the caller runs the command again as a process of its own)."""
+
+    def __init__(self, server: _AnalysisServer, argv: Sequence[str], log_path: str):
+        self.server, self.log_path, self.died = server, log_path, False
+        with open(log_path, "ab") as f:
+            f.write(f"$ {format_command(argv)}\n".encode())
+        self.rc: int | None = None
+        if not server.submit(argv[3:], log_path):
+            self.died = True
+
+    def _take(self, reply) -> int | None:
+        if reply is None:
+            self.died = True
+            return None
+        self.rc = int(reply.get("rc", 1))
+        return self.rc
+
+    def poll(self) -> int | None:
+        if self.rc is not None or self.died:
+            return self.rc
+        try:
+            return self._take(self.server.replies.get_nowait())
+        except queue.Empty:
+            return None
+
+    def wait(self) -> int | None:
+        if self.rc is not None or self.died:
+            return self.rc
+        return self._take(self.server.replies.get())
+
+    def terminate(self) -> None:
+        self.server.terminate()
+
+
 class _Analyses:
-    """The grid's analysis entries as subprocesses: `start_ready` (while jobs run) starts,
-    one at a time, an entry whose stage's runs are all done, else a `fit --partial` pass
-    for a fit entry whose groups completed since its last pass, and arms (`preload`:
-    imports done, waiting for "go") the next entry whose stage has no job left to start,
-    so its start-up overlaps the stage's last jobs; `finish` runs the rest once every job
-    has ended and returns the failed entries."""
+    """The grid's analysis entries: `start_ready` (while jobs run) starts, one at a time,
+    an entry whose stage's runs are all done, else a `fit --partial` pass for a fit entry
+    whose groups completed since its last pass, and starts the analysis server
+    (`_AnalysisServer`: imports done once, for every pass and entry) as soon as a pass is
+    due or an entry's stage has no job left to start, so its start-up overlaps the last
+    jobs; `finish` runs the rest once every job has ended and returns the failed
+    entries. A command that is not `python -m vlm_jax.analysis` (or whose server died)
+    runs as a process of its own."""
 
     def __init__(self, grid: Grid, root: str, log: Callable[[str], None],
                  env: Mapping[str, str] | None = None):
         self.grid, self.root, self.log = grid, root, log
         self.env = dict(env or {})
         self.todo = list(range(len(grid.analysis)))
-        # (entry index, Popen, log file, log path, partial: a `fit --partial` pass)
+        # (entry index, handle, log path, partial: a `fit --partial` pass)
         self.running: tuple | None = None
-        self.armed: dict[int, tuple] = {}     # entry index -> (Popen, log file, log path)
+        self.server: _AnalysisServer | None = None
         self.prefit: dict[int, set] = {}      # fit entry -> groups its partial passes fitted
         self.failed: list[str] = []
 
     def _stage_runs(self, i: int) -> list[Run]:
         return [r for r in self.grid.runs if r.stage == self.grid.analysis[i].stage]
 
-    def _spawn(self, i: int, armed: bool, extra: Sequence[str] = ()) -> tuple:
+    def _environ(self) -> dict:
+        env = {**os.environ, **self.env}
+        env["PYTHONPATH"] = os.pathsep.join(
+            [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
+            + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        return env
+
+    def _server(self) -> _AnalysisServer:
+        """The analysis server, started now if it is not running."""
+        if self.server is None or not self.server.alive():
+            if self.server is not None:
+                self.server.close()
+            self.server = _AnalysisServer(
+                self._environ(), os.path.join(self.root, "report", "analysis_server.log"))
+        return self.server
+
+    def _launch(self, i: int, extra: Sequence[str] = (), own_process: bool = False):
         a = self.grid.analysis[i]
         argv = analysis_argv(a, self.root, [sys.executable]) + list(extra)
         out_dir = os.path.join(self.root, "report", a.out)
         os.makedirs(out_dir, exist_ok=True)
         log_path = os.path.join(out_dir, "analysis.log")
-        f = open(log_path, "ab")
-        f.write(f"$ {format_command(argv)}\n".encode())
-        f.flush()
-        env = {**os.environ, **self.env}
-        env["PYTHONPATH"] = os.pathsep.join(
-            [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
-            + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        if armed:  # python -m vlm_jax.grid.preload vlm_jax.analysis CMD ...
-            argv = [sys.executable, "-m", "vlm_jax.grid.preload", *argv[2:]]
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.PIPE if armed else subprocess.DEVNULL)
-        return proc, f, log_path
+        if not own_process and argv[1:3] == ["-m", ANALYSIS_MODULE]:
+            job = _ServerJob(self._server(), argv, log_path)
+            if not job.died:
+                return job, log_path
+        return _ProcJob(argv, self._environ(), log_path), log_path
 
     def _start(self, i: int) -> None:
-        if i in self.armed:
-            proc, f, log_path = self.armed.pop(i)
-            if not self._go(proc):   # the armed process died: start it afresh
-                f.close()
-                proc, f, log_path = self._spawn(i, armed=False)
-        else:
-            proc, f, log_path = self._spawn(i, armed=False)
+        handle, log_path = self._launch(i)
         self.todo.remove(i)
         a = self.grid.analysis[i]
         registry.append_event(self.root, "analysis_start", cmd=a.cmd, stage=a.stage)
-        self.running = (i, proc, f, log_path, False)
+        self.running = (i, handle, log_path, False)
 
     def _complete_groups(self, i: int, state: Mapping[str, str]) -> set:
         """The groups (values of the entry's `--group-cols`, all stage axes) of fit entry
@@ -471,45 +605,23 @@ class _Analyses:
             new = self._complete_groups(i, state) - self.prefit.get(i, set())
             if new:
                 self.prefit.setdefault(i, set()).update(new)
-                proc, f, log_path = self._spawn(i, armed=False, extra=["--partial"])
-                self.running = (i, proc, f, log_path, True)
+                handle, log_path = self._launch(i, ["--partial"])
+                self.running = (i, handle, log_path, True)
                 return
-
-    @staticmethod
-    def _go(proc) -> bool:
-        try:
-            proc.stdin.write(b"go\n")
-            proc.stdin.close()
-            return True
-        except (BrokenPipeError, OSError):
-            proc.wait()
-            return False
-
-    def _arm(self, i: int) -> None:
-        self.armed[i] = self._spawn(i, armed=True)
-
-    def _disarm(self, i: int) -> None:
-        proc, f, _ = self.armed.pop(i)
-        try:
-            proc.stdin.close()   # end of input: it exits without doing anything
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        f.close()
 
     def _reap(self, wait: bool) -> bool:
         """Collects the running entry (waiting for it if `wait`); True when none runs."""
         if self.running is None:
             return True
-        i, proc, f, log_path, partial = self.running
-        rc = proc.wait() if wait else proc.poll()
+        i, handle, log_path, partial = self.running
+        rc = handle.wait() if wait else handle.poll()
+        if handle.died:   # the server exited without a reply: run it on its own
+            extra = ["--partial"] if partial else []
+            handle, log_path = self._launch(i, extra, own_process=True)
+            self.running = (i, handle, log_path, partial)
+            rc = handle.wait() if wait else handle.poll()
         if rc is None:
             return False
-        f.close()
         self.running = None
         a = self.grid.analysis[i]
         if partial:   # a cache-filling pass: the entry itself still runs (and reports)
@@ -526,7 +638,7 @@ class _Analyses:
 
     def start_ready(self, state: Mapping[str, str], pending: Sequence[Job] = ()) -> None:
         """Starts the first entry (not `report`) whose stage's runs are all done, unless
-        one is running; arms (at most one at a time) the first other entry whose stage
+        one is running, else a due partial pass; starts the server once an entry's stage
         has no job left in `pending`."""
         if self._reap(wait=False):
             for i in self.todo:
@@ -537,16 +649,12 @@ class _Analyses:
                     break
             else:
                 self._start_partial(state)
-        if self.armed:
+        if self.server is not None:   # started (a dead one restarts when a command needs it)
             return
         waiting = {r.stage for job in pending for r in job.runs}
-        for i in self.todo:
-            a = self.grid.analysis[i]
-            if (self.running is None or self.running[0] != i or self.running[4]) \
-                    and a.cmd != "report" \
-                    and self._stage_runs(i) and a.stage not in waiting:
-                self._arm(i)
-                return
+        if any(self.grid.analysis[i].cmd != "report" and self._stage_runs(i)
+               and self.grid.analysis[i].stage not in waiting for i in self.todo):
+            self._server()
 
     def finish(self, state: Mapping[str, str]) -> list[str]:
         """Waits for the running entry, runs the others in order; the failed entries."""
@@ -558,31 +666,29 @@ class _Analyses:
             if not done:
                 self.log(f"[grid] analysis {a.cmd} {a.stage}: no done runs, not run")
                 self.todo.remove(i)
-                if i in self.armed:
-                    self._disarm(i)
                 continue
             if len(done) < len(stage_runs):
                 self.log(f"[grid] analysis {a.cmd} {a.stage}: on {len(done)}/"
                          f"{len(stage_runs)} runs")
             self._start(i)
             self._reap(wait=True)
-        for i in list(self.armed):
-            self._disarm(i)
+        if self.server is not None:
+            self.server.close(wait=False)
+            self.server = None
         return self.failed
 
     def stop(self) -> None:
         """Ctrl-C: terminates the running entry (the next `run` runs it again) and the
-        armed ones."""
-        for i in list(self.armed):
-            self._disarm(i)
+        server."""
         if self.running is not None:
-            i, proc, f, _, partial = self.running
-            proc.terminate()
-            proc.wait()
-            f.close()
+            i, handle, _, partial = self.running
+            handle.terminate()
             if not partial:
                 self.todo.insert(0, i)
             self.running = None
+        if self.server is not None:
+            self.server.terminate()
+            self.server = None
 
 
 def run_analysis(grid: Grid, root: str, state: Mapping[str, str],
