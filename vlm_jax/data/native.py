@@ -31,18 +31,16 @@ built); without, each row holds one example (the padded baseline).
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import math
-import os
-import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 from PIL import Image
 
+from vlm_jax.bounded_cache import BoundedCache
 from vlm_jax.data.errors import BadSample
 from vlm_jax.data.native_config import native_data_config, special_ids  # noqa: F401
 
@@ -555,11 +553,8 @@ def eval_batches(config, process_index: int = 0, process_count: int = 1) -> list
     b = P._per_process(global_b, process_count, "train.eval_batch_size")
     key = json.dumps([config.data.to_dict(), dataclasses.asdict(spec), global_b,
                       process_index, process_count], sort_keys=True, default=str)
-    cached = _EVAL_BATCHES.get(key)
-    if cached is None:
-        cached = _build_eval_batches(spec, split, load, global_b,
-                                     slice(process_index * b, (process_index + 1) * b))
-        _EVAL_BATCHES.put(key, cached)
+    cached = _EVAL_BATCHES.get_or_load(key, lambda: _build_eval_batches(
+        spec, split, load, global_b, slice(process_index * b, (process_index + 1) * b)))
     return [dict(batch) for batch in cached]
 
 
@@ -584,39 +579,8 @@ def _build_eval_batches(spec, split, load, global_b: int, rows: slice) -> list[d
     return out
 
 
-class _LRU:
-    """Values (lists of numpy batches) by key, least recently used dropped beyond
-    `VLM_JAX_EVAL_CACHE_MB` (default 256; 0 = keep nothing), the trainer's eval-batch
-    bound."""
-
-    def __init__(self, default_mb: float = 256):
-        self.default_mb = default_mb
-        self._items: "collections.OrderedDict[str, tuple[list, int]]" = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key][0]
-        return None
-
-    def put(self, key, value: list) -> None:
-        limit = float(os.environ.get("VLM_JAX_EVAL_CACHE_MB", self.default_mb)) * (1 << 20)
-        size = sum(int(getattr(v, "nbytes", 0)) for b in value for v in b.values())
-        if size > limit:
-            return
-        with self._lock:
-            self._items[key] = (value, size)
-            while sum(v[1] for v in self._items.values()) > limit:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-_EVAL_BATCHES = _LRU()
+# (key -> list of batches), bounded like the trainer's eval batches (VLM_JAX_EVAL_CACHE_MB)
+_EVAL_BATCHES = BoundedCache("VLM_JAX_EVAL_CACHE_MB", 256)
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -99,9 +99,10 @@ class Plan:
         n = max(self.size, 1)
         return jax.jit(lambda rng: jax.random.normal(rng, (n,), jnp.float32))
 
-    def host_values(self, flat: np.ndarray) -> list[np.ndarray]:
-        """Every leaf's value (numpy, flatten order) from the standard-normal draw `flat`:
-        slice * std in fp32 (what `x * std` gives on device), then the leaf's dtype."""
+    def leaf_values(self, flat, full=np.full) -> list:
+        """Every leaf's value (flatten order) from the standard-normal draw `flat` (numpy,
+        or traced with `full=jnp.full`): slice * std in fp32 (on the host what `x * std`
+        gives on device), then the leaf's dtype; constants by `full`."""
         out = []
         for leaf in self.leaves:
             if leaf.kind == "normal":
@@ -109,7 +110,7 @@ class Plan:
                 x = flat[leaf.offset:leaf.offset + n] * np.float32(leaf.value)
                 out.append(x.reshape(leaf.shape).astype(leaf.dtype))
             else:
-                out.append(np.full(leaf.shape, leaf.value, dtype=leaf.dtype))
+                out.append(full(leaf.shape, leaf.value, leaf.dtype))
         return out
 
     def values(self, flat, parts: Sequence[str] | None = None, shardings=None) -> dict:
@@ -117,13 +118,18 @@ class Plan:
         `parts`, only those top-level entries; with `shardings` (a tree like the result,
         or its parts), each leaf put on the mesh with its sharding, else on the default
         device."""
-        host = self.host_values(np.asarray(jax.device_get(flat)))
+        host = self.leaf_values(np.asarray(jax.device_get(flat)))
         tree = jax.tree_util.tree_unflatten(self.plain_treedef, host)
         if parts is not None:
             tree = {p: tree[p] for p in parts}
         if shardings is None:
             return jax.tree.map(jnp.asarray, tree)
-        return jax.device_put(tree, shardings)
+        if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
+            return jax.device_put(tree, shardings)
+        # over several processes: each process places its shards of the same host values
+        # (no cross-process equality check per leaf, as device_put of host data does)
+        return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+            x.shape, s, lambda idx, x=x: x[idx]), tree, shardings)
 
 
 def plan(model, abstract) -> Plan | None:
@@ -162,12 +168,4 @@ def traced_values(p: Plan, rng):
     # multiply rounds like the host's
     flat = jax.lax.optimization_barrier(jax.random.normal(rng, (max(p.size, 1),),
                                                           jnp.float32))
-    out = []
-    for leaf in p.leaves:
-        if leaf.kind == "normal":
-            n = int(np.prod(leaf.shape, dtype=np.int64))
-            x = flat[leaf.offset:leaf.offset + n] * np.float32(leaf.value)
-            out.append(x.reshape(leaf.shape).astype(leaf.dtype))
-        else:
-            out.append(jnp.full(leaf.shape, leaf.value, leaf.dtype))
-    return jax.tree_util.tree_unflatten(p.treedef, out)
+    return jax.tree_util.tree_unflatten(p.treedef, p.leaf_values(flat, jnp.full))
