@@ -243,10 +243,47 @@ def _jsonable(x):
     return x
 
 
-def save_figure(fig, path: str) -> None:
+FIGURE_DPI = 110
+
+
+def tight_png(fig, dpi: float = FIGURE_DPI) -> bytes:
+    """`fig` as PNG cropped to its tight bounding box (+ `savefig.pad_inches` of its face
+    colour), like `savefig(bbox_inches="tight")` but drawn once, not twice: the tight box
+    is measured on the drawn canvas and the pixels outside it are cut off. Falls back to
+    `savefig` when an artist reaches outside the figure (its pixels were not drawn)."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+    fig.set_dpi(dpi)
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig.get_tightbbox(canvas.get_renderer())
+    w, h = canvas.get_width_height()
+
+    def rows_cols(b):   # pixel rows go down from the top, figure inches up from the bottom
+        # (savefig's canvas is int(size * dpi) pixels, its origin at the box's corner)
+        bottom, left = round(h - b.y0 * dpi), round(b.x0 * dpi)
+        return (bottom - int(b.height * dpi), bottom, left, left + int(b.width * dpi))
+    r0, r1, c0, c1 = rows_cols(box)
+    if r0 < 0 or c0 < 0 or r1 > h or c1 > w or r1 <= r0 or c1 <= c0:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        return buf.getvalue()
+    r0, r1, c0, c1 = rows_cols(box.padded(float(matplotlib.rcParams["savefig.pad_inches"])))
+    face = np.round(np.asarray(matplotlib.colors.to_rgba(fig.get_facecolor())) * 255)
+    out = np.empty((r1 - r0, c1 - c0, 4), np.uint8)
+    out[...] = face.astype(np.uint8)
+    drawn = np.asarray(canvas.buffer_rgba())
+    out[max(0, -r0):min(r1, h) - r0, max(0, -c0):min(c1, w) - c0] = \
+        drawn[max(0, r0):min(r1, h), max(0, c0):min(c1, w)]
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write(path, buf.getvalue())
+    Image.fromarray(out).save(buf, format="png", dpi=(dpi, dpi))
+    return buf.getvalue()
+
+
+def save_figure(fig, path: str) -> None:
+    atomic_write(path, tight_png(fig))
 
 
 def read_json(path: str):
