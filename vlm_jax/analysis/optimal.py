@@ -102,12 +102,17 @@ def compute_optimal(f: "fitlib.Fit", budgets: Sequence[float], flops_model: Mapp
     rows = []
     params = {k: np.asarray([f.params[k]]) for k in fitlib.PARAMS}
     boot = {k: f.boot[:, i] for i, k in enumerate(fitlib.PARAMS)}
+
+    def n_part(pr):   # E + A N^-alpha on the N grid: the same for every budget
+        return pr["E"][:, None] + pr["A"][:, None] * np.exp(-pr["alpha"][:, None] * logn)
+    params["n_part"] = n_part(params)
+    if len(f.boot):
+        boot["n_part"] = n_part(boot)
     for C in budgets:
         logd = (math.log(C) - math.log(c) - p * logn) / q
 
         def best(pr):
-            L = (pr["E"][:, None] + pr["A"][:, None] * np.exp(-pr["alpha"][:, None] * logn)
-                 + pr["B"][:, None] * np.exp(-pr["beta"][:, None] * logd))
+            L = pr["n_part"] + pr["B"][:, None] * np.exp(-pr["beta"][:, None] * logd)
             i = np.nanargmin(np.where(np.isfinite(L), L, np.inf), axis=1)
             return np.exp(logn[i]), np.exp(logd[i]), L[np.arange(len(i)), i], i
 
