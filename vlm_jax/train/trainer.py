@@ -573,7 +573,8 @@ class Run:
                 return None
         for name in self._ADOPTED:
             if hasattr(src, name):
-                setattr(self, name, getattr(src, name))
+                value = getattr(src, name)
+                setattr(self, name, dict(value) if type(value) is dict else value)
         if self.config.model.get("kind") != "native" and hasattr(src, "_eval_key_value"):
             # the eval key has the source's record count in place of data.n: equal
             self._eval_key_value = src._eval_key_value
