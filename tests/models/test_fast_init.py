@@ -120,9 +120,11 @@ def test_parts_and_shardings():
     plan = fast_init.plan(model, boxed)
     flat = plan.draw(rng)
     full = plan.values(flat)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shard = {"vision": jax.tree.map(lambda _: repl, full["vision"])}
+    # the trainer's mesh and param shardings (from the boxed tree's logical axes)
+    c = CONFIGS["native"]()
+    mesh = sharding.make_mesh(c.mesh)
+    want = nn.unbox(sharding.tree_shardings(boxed, mesh))
+    shard = {"vision": want["vision"]}
     # under the trainer's mesh + logical rules: placing the leaves compiles nothing (no
     # per-shape identity programs from flax's unbox constraints)
     lowerings = program_cache.stats()["lowerings"]
@@ -131,7 +133,7 @@ def test_parts_and_shardings():
     assert program_cache.stats()["lowerings"] == lowerings
     assert list(part) == ["vision"]
     jax.tree.map(np.testing.assert_array_equal, part["vision"], full["vision"])
-    assert all(x.sharding == repl for x in jax.tree.leaves(part))
+    assert jax.tree.map(lambda x: x.sharding, part) == shard
 
 
 def test_no_plan_without_rules_or_over_the_size_bound(monkeypatch):
