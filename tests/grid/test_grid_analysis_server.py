@@ -99,3 +99,43 @@ def test_tight_png_is_savefig_tight_drawn_once():
             assert np.abs(got - ref).mean() < 6.0      # of 255: anti-aliasing only
     finally:
         Figure.draw = orig
+
+
+def test_partial_pass_and_entry_in_the_server_equal_a_fresh_fit(tmp_path):
+    """Incremental fits through the server: the `--partial` pass (group A done, B
+    training) fits only A into the entry's cache and writes nothing else; the entry
+    (reusing A's fit) gives the fit.json of a fresh `fit` without any cache (nothing of
+    one command leaks into the next); running it again fits nothing new."""
+    from tests.grid.test_grid_partial_fit import _set_status
+    from vlm_jax.analysis.__main__ import main
+    root = str(tmp_path / "root")
+    _write_results(root)
+    args = ["--group-cols", "llm", "--n-boot", "8"]
+    grid = expand.expand({"name": "srv", "stages": [dict(
+        name="grid", arg="run", axes={"vit": list(VITS), "llm": list(LLMS),
+                                      "n": list(SIZES), "data": ["syn"]})],
+        "analysis": [dict(cmd="fit", stage="grid", out="fit", args=args)]}, TINY_GRID)
+    ref = str(tmp_path / "ref")
+    assert main(["fit", "--runs", root, "--stage", "grid", "--out", ref, *args]) == 0
+    an = runner._Analyses(grid, root, lambda m: None)
+    _set_status(root, "B", "running")
+    state = {r.name: "running" if dict(r.axes)["llm"] == "B" else "done" for r in grid.runs}
+    an.start_ready(state, pending=[])             # group A complete: a partial pass
+    assert an.running is not None and an.running[3]
+    assert an._reap(wait=True)
+    cache = os.path.join(root, "report", "fit", runner.FIT_CACHE)
+    first = set(os.listdir(cache))
+    assert first and not os.path.exists(os.path.join(root, "report", "fit", "fit.json"))
+    _set_status(root, "B", "done")
+    state = {r.name: "done" for r in grid.runs}
+    assert an.finish(state) == []
+    assert first < set(os.listdir(cache))         # A reused, B added
+    got, want = (json.load(open(os.path.join(d, "fit.json")))
+                 for d in (os.path.join(root, "report", "fit"), ref))
+    for g in ("llm=A", "llm=B"):
+        for k in ("E", "A", "alpha", "B", "beta", "ci", "curves"):
+            assert got["groups"][g][k] == want["groups"][g][k], (g, k)
+    assert len(set(_pid(os.path.join(root, "report", "fit", "analysis.log")))) == 1
+    after = set(os.listdir(cache))
+    assert runner.run_analysis(grid, root, state, lambda m: None) == []
+    assert set(os.listdir(cache)) == after

@@ -1,13 +1,10 @@
-"""Incremental fits: `fit --partial --cache-dir` fits only the groups whose runs are all
-done (results.csv status) and writes nothing but the cache; the final `fit` with the same
-cache reuses those fits and gives the same fit.json as a fit without any cache. The grid
-runner's part (`_Analyses`): which groups of a fit entry are complete."""
+"""Incremental fits, the grid runner's part (`_Analyses`): which groups of a fit entry are
+complete. (`fit --partial --cache-dir` through the runner's analysis server, and the entry
+reusing its fits with the fit.json of a fresh fit: tests/grid/test_grid_analysis_server.py.)"""
 import csv
-import json
 import os
 
-from tests.analysis.test_analysis_cli import COLUMNS, _write_results
-from vlm_jax.analysis.__main__ import main
+from tests.analysis.test_analysis_cli import COLUMNS
 from vlm_jax.grid import expand, runner
 
 
@@ -21,31 +18,6 @@ def _set_status(root, llm, status):
         w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-
-
-def test_partial_fits_fill_the_cache_and_the_final_fit_reuses_them(tmp_path):
-    root = str(tmp_path / "root")
-    _write_results(root)
-    fit = ["fit", "--runs", root, "--stage", "grid", "--group-cols", "llm", "--n-boot", "40"]
-    ref = str(tmp_path / "ref")
-    assert main(fit + ["--out", ref]) == 0                      # no cache at all
-    cache, out = str(tmp_path / "cache"), str(tmp_path / "out")
-    _set_status(root, "B", "running")                          # group B not finished
-    assert main(fit + ["--out", out, "--cache-dir", cache, "--partial"]) == 0
-    assert not os.path.exists(out)                             # a partial pass writes no output
-    first = set(os.listdir(cache))
-    assert first                                               # group A's fits
-    _set_status(root, "B", "done")
-    assert main(fit + ["--out", out, "--cache-dir", cache]) == 0
-    after = set(os.listdir(cache))
-    assert first < after                                       # A reused, B added
-    got, want = (json.load(open(os.path.join(d, "fit.json"))) for d in (out, ref))
-    for g in ("llm=A", "llm=B"):
-        for k in ("E", "A", "alpha", "B", "beta", "ci", "curves", "encoder_differences"):
-            assert got["groups"][g][k] == want["groups"][g][k], (g, k)
-    # a rerun fits nothing new
-    assert main(fit + ["--out", out, "--cache-dir", cache]) == 0
-    assert set(os.listdir(cache)) == after
 
 
 def test_runner_complete_groups(tmp_path):
