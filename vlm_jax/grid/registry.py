@@ -375,14 +375,27 @@ def result_row(root: str, run: Run, axes: Iterable[str]) -> dict[str, str]:
     return row
 
 
-def results_table(root: str, grid: Grid) -> tuple[list[str], list[dict[str, str]]]:
+def results_table(root: str, grid: Grid, done_rows: dict[str, dict] | None = None
+                  ) -> tuple[list[str], list[dict[str, str]]]:
+    """The results.csv columns and rows. `done_rows` (run name -> row, filled here):
+    rows of done runs kept by a caller that rewrites the table while runs finish (a done
+    run's row does not change), so only the other runs' files are read again."""
     columns = ["run", "status", "stage", *grid.axes, *METRIC_COLUMNS]
-    return columns, [result_row(root, r, grid.axes) for r in grid.runs]
+    rows = []
+    for r in grid.runs:
+        row = None if done_rows is None else done_rows.get(r.name)
+        if row is None:
+            row = result_row(root, r, grid.axes)
+            if done_rows is not None and row["status"] == "done":
+                done_rows[r.name] = row
+        rows.append(row)
+    return columns, rows
 
 
-def write_results_csv(root: str, grid: Grid) -> str:
-    """Aggregates every run's result.json into ROOT/results.csv (atomic); returns its path."""
-    columns, rows = results_table(root, grid)
+def write_results_csv(root: str, grid: Grid, done_rows: dict[str, dict] | None = None) -> str:
+    """Aggregates every run's result.json into ROOT/results.csv (atomic); returns its path.
+    `done_rows`: see `results_table`."""
+    columns, rows = results_table(root, grid, done_rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()

@@ -153,6 +153,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
     registry.append_event(root, "start", t0=round(t0, 3))
     full = registry.record_grid(root, grid)
     csv_grid = registry.load_recorded_grid(root)  # results.csv covers every known run
+    csv_done: dict[str, dict] = {}   # rows of done runs (read once, not at every rewrite)
     runs = grid.by_name()
     s = Summary(total=len(grid.runs))
     state: dict[str, str] = {}
@@ -224,7 +225,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
         if status == "FAILED":
             log(f"[grid]   {job.name} failed ({rc=}); log {log_path}; last lines:\n"
                 + "\n".join("[grid]   | " + ln for ln in tail.splitlines()[-8:]))
-        registry.write_results_csv(root, csv_grid)
+        registry.write_results_csv(root, csv_grid, csv_done)
         registry.append_timing(root, job=job.name, runs=[r.name for r in job.runs], rc=rc,
                                start=started, seconds=round(ended - started, 3),
                                status=status.lower(), slot=slot, **info)
@@ -312,7 +313,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
     finally:
         registry.append_event(root, "jobs_done", interrupted=s.interrupted)
         launcher.close()
-        registry.write_results_csv(root, csv_grid)
+        registry.write_results_csv(root, csv_grid, csv_done)
     s.done = sum(v == "done" for v in state.values())
     if analyses is not None and not s.interrupted:
         s.analysis_failed = analyses.finish(state)
