@@ -137,5 +137,6 @@ def test_partial_pass_and_entry_in_the_server_equal_a_fresh_fit(tmp_path):
             assert got["groups"][g][k] == want["groups"][g][k], (g, k)
     assert len(set(_pid(os.path.join(root, "report", "fit", "analysis.log")))) == 1
     after = set(os.listdir(cache))
-    assert runner.run_analysis(grid, root, state, lambda m: None) == []
+    assert main(["fit", "--runs", root, "--stage", "grid", "--out", str(tmp_path / "again"),
+                 "--cache-dir", cache, *args]) == 0
     assert set(os.listdir(cache)) == after
