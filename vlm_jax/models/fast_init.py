@@ -57,14 +57,12 @@ def strip_boxes(tree):
 
     def strip(x):
         while isinstance(x, meta.AxisMetadata):
-            x = x.unbox(apply_constraint=False) if _takes_constraint(x) else x.unbox()
+            try:
+                x = x.unbox(apply_constraint=False)   # nn.Partitioned, LogicallyPartitioned
+            except TypeError:
+                x = x.unbox()                          # boxes without constraints
         return x
     return jax.tree.map(strip, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
-
-
-def _takes_constraint(box) -> bool:
-    import inspect
-    return "apply_constraint" in inspect.signature(box.unbox).parameters
 
 
 def rule_for(name: str, shape: Sequence[int], rules: Sequence[Rule]) -> tuple[str, float]:
