@@ -452,14 +452,26 @@ class Run:
             # ViT + LLM's init program); the loaded arrays take their place.
             loaded = [p for p in self._init_from_parts() if p in boxed]
             keep = [p for p in boxed if p not in loaded]
-            # Runs once: compile it fast (XLA's optimisations cost seconds and save nothing).
-            init_fn = program_cache.get_or_build(
-                self._program_key("init", rng, spec, boxed, keep),
-                lambda: jax.jit(lambda r: {p: v for p, v in nn.unbox(init(r)).items()
-                                           if p in keep},
-                                out_shardings={p: shard[p] for p in keep}).lower(
-                    rng).compile(FAST_COMPILE)) if keep else (lambda _: {})
-            params = dict(jax.block_until_ready(init_fn(rng)))
+            # Small models with init rules (vlm_jax.models.fast_init): one random draw (a
+            # 10-kernel program) cut into the kept parts' leaves on the host, not an init
+            # program of ~10 kernels per parameter (0.2-0.9 CPU-s a run to load).
+            from vlm_jax.models import fast_init
+            plan = fast_init.plan(self.model, boxed) if keep else None
+            if plan is not None:
+                draw = program_cache.get_or_build(
+                    self._program_key("init_draw", rng, plan.size),
+                    lambda: plan.draw.lower(rng).compile(FAST_COMPILE))
+                params = plan.values(draw(rng), keep, {p: shard[p] for p in keep})
+            else:
+                # Runs once: compile it fast (XLA's optimisations cost seconds, save nothing).
+                init_fn = program_cache.get_or_build(
+                    self._program_key("init", rng, spec, boxed, keep),
+                    lambda: jax.jit(lambda r: {p: v for p, v in nn.unbox(init(r)).items()
+                                               if p in keep},
+                                    out_shardings={p: shard[p] for p in keep}).lower(
+                        rng).compile(FAST_COMPILE)) if keep else (lambda _: {})
+                params = init_fn(rng)
+            params = dict(jax.block_until_ready(params))
         abstract = {p: jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                        sharding=sh),
                                     nn.unbox(boxed[p]), shard[p]) for p in loaded}
