@@ -54,6 +54,17 @@ def test_entries_share_one_server_and_a_dead_server_is_replaced(tmp_path):
     assert len(pids) == 2 and pids[1] != pids[0]
     assert json.load(open(os.path.join(root, "report", "opt", "optimal.json")))["per_llm"]
 
+    # a server that dies with a command in hand (killed while it still imports): the
+    # command runs again as a process of its own and its result counts
+    os.remove(os.path.join(root, "report", "opt", "optimal.json"))
+    an = runner._Analyses(grid, root, logs.append)
+    an.start_ready(state, pending=[])
+    an.server.proc.kill()
+    assert an.finish(state) == [], logs
+    assert os.path.exists(os.path.join(root, "report", "opt", "optimal.json"))
+    text = open(opt).read()
+    assert text.count("$ ") == 3 and len(_pid(opt)) == 1   # 1st server run, died, own run
+
 
 def test_tight_png_is_savefig_tight_drawn_once():
     """The analysis' figures (io.tight_png): the size of `savefig(bbox_inches="tight")`,
