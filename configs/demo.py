@@ -105,7 +105,10 @@ def clip_run(a) -> mlc.ConfigDict:
     c.data.name = "synthetic_clean"
     c.data.n = 4096
     c.train.steps = a.steps or 120
-    c.optim.update(lr=3e-3, schedule="cosine", warmup_frac=0.05, weight_decay=0.05,
+    # lr 1e-3: at 3e-3 the M and L towers fell to chance (eval loss ln 32) or a plateau for
+    # some seeds (2 and 1 of 4); at 1e-3 all of S/M/L learn for seeds 0-3, bigger lower
+    # (mean eval 2.14 / 2.06 / 1.94)
+    c.optim.update(lr=1e-3, schedule="cosine", warmup_frac=0.05, weight_decay=0.05,
                    trainable=("*",))
     return c
 
