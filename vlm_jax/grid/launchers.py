@@ -209,17 +209,17 @@ class StepsHandle(Handle):
             self._log.close()
 
 
-class Worker:
-    """A persistent `python -m vlm_jax.grid.worker` process: imports JAX once and runs
-    jobs in-process one after the other (saves the start-up of a process per run).
-    Its reader thread queues each reply, then sets `wakeup` (the runner's signal)."""
+class LineServer:
+    """A child process that reads one JSON request per stdin line and writes one JSON
+    reply per stdout line (the grid worker; the runner's analysis server,
+    `vlm_jax.grid.preload --serve`). A reader thread queues each reply on `replies`
+    (None when its output ends: the process exited), then sets `wakeup` if given."""
 
-    def __init__(self, python: Sequence[str], env: Mapping[str, str] | None,
-                 wakeup: threading.Event | None = None):
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None,
+                 wakeup: threading.Event | None = None, **popen):
         self.proc = subprocess.Popen(
-            [*python, "-m", "vlm_jax.grid.worker"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=None, env=dict(env) if env is not None else None,
-            start_new_session=True, cwd=REPO, text=True, bufsize=1)
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=dict(env) if env is not None else None, text=True, bufsize=1, **popen)
         self.replies: queue.Queue = queue.Queue()
         self.wakeup = wakeup
         threading.Thread(target=self._read, daemon=True).start()
@@ -235,14 +235,29 @@ class Worker:
                 self._put(json.loads(line))
             except ValueError:
                 continue
-        self._put(None)  # EOF: the worker died
+        self._put(None)  # end of output: the process exited
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def submit(self, spec: dict, log_path: str) -> None:
-        self.proc.stdin.write(json.dumps({"job": spec, "log": log_path}) + "\n")
+    def send(self, request: dict) -> None:
+        """Writes one request line (raises OSError / ValueError when its input is closed)."""
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
+
+
+class Worker(LineServer):
+    """A persistent `python -m vlm_jax.grid.worker` process: imports JAX once and runs
+    jobs in-process one after the other (saves the start-up of a process per run).
+    `wakeup` is the runner's signal that a job may have ended."""
+
+    def __init__(self, python: Sequence[str], env: Mapping[str, str] | None,
+                 wakeup: threading.Event | None = None):
+        super().__init__([*python, "-m", "vlm_jax.grid.worker"], env, wakeup, stderr=None,
+                         start_new_session=True, cwd=REPO)
+
+    def submit(self, spec: dict, log_path: str) -> None:
+        self.send({"job": spec, "log": log_path})
 
     def close(self, grace_s: float = 20.0) -> None:
         close_workers([self], grace_s)

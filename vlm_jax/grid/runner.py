@@ -30,18 +30,16 @@ resumable: the next `run` picks up where this one stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import queue
 import subprocess
 import sys
-import threading
 import time
 from typing import Callable, Mapping, Sequence
 
 from vlm_jax.grid import registry
 from vlm_jax.grid.expand import Grid, GridError, Run
-from vlm_jax.grid.launchers import Job, Launcher, format_command, make_jobs
+from vlm_jax.grid.launchers import Job, Launcher, LineServer, format_command, make_jobs
 
 
 @dataclasses.dataclass
@@ -432,7 +430,7 @@ class _ProcJob:
         self.wait()
 
 
-class _AnalysisServer:
+class _AnalysisServer(LineServer):
     """One `python -m vlm_jax.grid.preload --serve vlm_jax.analysis` process: it imports
     the analysis CLI once and runs the grid's analysis commands (every `fit --partial`
     pass and every entry) one after the other, each into its own log; its own
@@ -442,28 +440,13 @@ class _AnalysisServer:
     def __init__(self, env: Mapping[str, str], log_path: str):
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vlm_jax.grid.preload", "--serve", ANALYSIS_MODULE],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=dict(env),
-            text=True, bufsize=1)
-        self.replies: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                self.replies.put(json.loads(line))
-            except ValueError:
-                continue
-        self.replies.put(None)   # end of output: the server exited
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        super().__init__([sys.executable, "-m", "vlm_jax.grid.preload", "--serve",
+                          ANALYSIS_MODULE], env, stderr=self.log)
 
     def submit(self, args: Sequence[str], log_path: str) -> bool:
+        """Sends a command; False when the server can no longer take it (it exited)."""
         try:
-            self.proc.stdin.write(json.dumps({"argv": list(args), "log": log_path}) + "\n")
-            self.proc.stdin.flush()
+            self.send({"argv": list(args), "log": log_path})
             return True
         except (BrokenPipeError, OSError, ValueError):
             return False
