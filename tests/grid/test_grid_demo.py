@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -62,4 +63,21 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-2000:]
     assert "8/8 runs already done (skipped), 0 to run" in p2.stdout
     assert "[grid] start" not in p2.stdout
+    # a sweep interrupted after its stable run (n=128) finished, before its branch (n=64)
+    # ran: the resumed job is planned with the done stable run, so the branch still starts
+    # from its branch point (not as a sweep of its own) and gives the same row
+    branch = os.path.join(root, "runs/grid/data-clean_vit-M_llm-S_n-64")
+    stable = os.path.join(root, "runs/grid/data-clean_vit-M_llm-S_n-128")
+    before = rows["grid/data=clean,vit=M,llm=S,n=64"]
+    shutil.rmtree(branch)
+    p3 = subprocess.run(cmd + ["--no-analysis"], cwd=REPO, env=cli_env(),
+                        capture_output=True, text=True, timeout=600)
+    assert p3.returncode == 0, p3.stdout[-2000:] + p3.stderr[-2000:]
+    assert "7/8 runs already done (skipped), 1 to run" in p3.stdout
+    cfg = json.load(open(os.path.join(branch, "config.json")))
+    assert cfg["train"]["branch_from"].startswith(stable + ":"), cfg["train"]
+    with open(os.path.join(root, "results.csv")) as f:
+        after = {r["run"]: r for r in csv.DictReader(f)}["grid/data=clean,vit=M,llm=S,n=64"]
+    assert after["status"] == "done" and after["steps"] == before["steps"]
+    assert float(after["eval_loss"]) == pytest.approx(float(before["eval_loss"]), rel=1e-6)
     print(f"tiny demo wall time {wall:.1f}s")

@@ -45,22 +45,34 @@ class Job:
     name: str                      # the run name, or the sweep key
     runs: tuple[Run, ...]
     deps: tuple[str, ...]          # run names outside the job it needs
+    # runs of the same WSD sweep that are already done: not run again (the worker skips
+    # them), but part of the job spec, so the resumed sweep is planned as when it started
+    # (its stable run, shared warmup and branch points)
+    done: tuple[Run, ...] = ()
 
     @property
     def sweep(self) -> str:
         return self.runs[0].sweep if len(self.runs) > 1 or self.runs[0].sweep else ""
 
 
-def make_jobs(runs: Sequence[Run]) -> list[Job]:
-    """Groups runs into jobs (sweep stages: one job per sweep key), in run order."""
+def make_jobs(runs: Sequence[Run], done: Sequence[Run] = ()) -> list[Job]:
+    """Groups runs into jobs (sweep stages: one job per sweep key), in run order. `done`:
+    runs already done; those of a job's WSD sweep go into its `done` (a sweep resumed
+    after its stable run finished must be planned with it, or its largest unfinished run
+    would become the stable run with another schedule than the one its workdir holds)."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(r.sweep_key, []).append(r)
+    finished: dict[str, list[Run]] = {}
+    for r in done:
+        if r.sweep and r.sweep_key in groups:
+            finished.setdefault(r.sweep_key, []).append(r)
     jobs = []
     for key, rs in groups.items():
         names = {r.name for r in rs}
         deps = tuple(dict.fromkeys(d for r in rs for d in r.deps if d not in names))
-        jobs.append(Job(name=key, runs=tuple(rs), deps=deps))
+        jobs.append(Job(name=key, runs=tuple(rs), deps=deps,
+                        done=tuple(finished.get(key, ()))))
     return jobs
 
 
@@ -104,7 +116,7 @@ def job_spec(job: Job, workdirs: Mapping[str, str], relative: bool = False) -> d
                       "config_file": repo_relative(r.config_file) if relative else r.config_file,
                       "arg": r.arg, "axes": dict(r.axes), "workdir": workdirs[r.name],
                       "overrides": {k: workdirs[d] for k, d in r.overrides}}
-                     for r in job.runs]}
+                     for r in (*job.done, *job.runs)]}
 
 
 def job_argv(job: Job, workdirs: Mapping[str, str], python: Sequence[str],
@@ -352,7 +364,7 @@ class Launcher:
         """Starts what runs jobs before the grid is planned (local workers); default none."""
 
     def _job_runs(self, job: Job, all_runs: Mapping[str, Run]) -> list[Run]:
-        return list(job.runs) + [all_runs[d] for d in job.deps]
+        return list(job.done) + list(job.runs) + [all_runs[d] for d in job.deps]
 
 
 class LocalLauncher(Launcher):

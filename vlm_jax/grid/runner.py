@@ -103,7 +103,8 @@ def dry_run(grid: Grid, root: str, launcher: Launcher, out=sys.stdout) -> list[s
         emit(format_command(argv))
     env = launcher.env(0) if not launcher.remote else {}
     env_shown = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-    for job in make_jobs(todo):
+    todo_names = {r.name for r in todo}
+    for job in make_jobs(todo, [r for r in grid.runs if r.name not in todo_names]):
         emit(f"# {job.name}" + (f"  (needs {', '.join(job.deps)})" if job.deps else ""))
         for step in launcher.job_commands(job, runs, dry_run=True):
             for argv in step:
@@ -166,7 +167,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
             state[r.name] = "todo"
     s.already_done = sum(v == "done" for v in state.values())
     todo_runs = [r for r in grid.runs if state[r.name] == "todo"]
-    jobs = make_jobs(todo_runs)
+    jobs = make_jobs(todo_runs, [r for r in grid.runs if state[r.name] == "done"])
     if s.already_done:
         log(f"[grid] {grid.name}: {s.already_done}/{s.total} runs already done "
             f"(skipped), {len(todo_runs)} to run")
