@@ -532,10 +532,7 @@ class Run:
         cfg = self.config
         # flat: AdamW over one vector of the trainable leaves (optim.flat_transform)
         self.flat_optimizer = optim.use_flat(cfg.optim, trainable)
-        self.tx, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.steps,
-                                                      runtime_lr=True,
-                                                      flat=self.flat_optimizer)
-        self.schedule_hp = optim.schedule_params(cfg.optim, cfg.train.steps)
+        self._make_optimizer()
         p_sh = jax.tree.map(lambda x: x.sharding, trainable)
         abstract_opt = jax.eval_shape(self.tx.init, trainable)
         repl = sharding.replicated(self.mesh)
@@ -553,6 +550,20 @@ class Run:
                             out_shardings=self.state_shardings).lower(
                 ckpt.abstract_like(trainable)).compile(FAST_COMPILE))
         return init(trainable)
+
+    def _make_optimizer(self) -> None:
+        """This run's optimizer and schedule numbers (its own steps, lr, schedule): the
+        schedule is a runtime input of the compiled step (`_bind_schedule`)."""
+        cfg = self.config
+        self.tx, self.schedule = optim.make_optimizer(cfg.optim, cfg.train.steps,
+                                                      runtime_lr=True,
+                                                      flat=self.flat_optimizer)
+        self.schedule_hp = optim.schedule_params(cfg.optim, cfg.train.steps)
+
+    def _bind_schedule(self, compiled) -> "_WithSchedule":
+        """The compiled train step with this run's schedule numbers on the mesh."""
+        return _WithSchedule(compiled, jax.device_put(self.schedule_hp,
+                                                      sharding.replicated(self.mesh)))
 
     # -- a sweep's shared setup
     # What a run's setup leaves on it (init_params, feature_cache.attach, init_state,
@@ -590,12 +601,8 @@ class Run:
         if self.config.model.get("kind") != "native" and hasattr(src, "_eval_key_value"):
             # the eval key has the source's record count in place of data.n: equal
             self._eval_key_value = src._eval_key_value
-        cfg = self.config
-        self.tx, self.schedule = optim.make_optimizer(cfg.optim, t.steps, runtime_lr=True,
-                                                      flat=self.flat_optimizer)
-        self.schedule_hp = optim.schedule_params(cfg.optim, t.steps)
-        hp = jax.device_put(self.schedule_hp, sharding.replicated(self.mesh))
-        self.train_step = _WithSchedule(src.train_step.compiled, hp)
+        self._make_optimizer()
+        self.train_step = self._bind_schedule(src.train_step.compiled)
         self.sweep.stats["setups_adopted"] += 1
         return frozen, abstract
 
@@ -665,7 +672,7 @@ class Run:
                 self._compile_level("train", n_steps))
             # The schedule is an input, so runs that differ only in steps/lr share this
             # program (and the persistent compilation cache entry).
-            self.train_step = _WithSchedule(compiled, hp)
+            self.train_step = self._bind_schedule(compiled)
             if not with_eval:
                 return self.train_step, None
             ev = jax.jit(step_lib.make_eval_step(self.model),
