@@ -134,38 +134,52 @@ def warm_up() -> None:
         pass
 
 
-def serve() -> int:
-    _setup_logging()
-    warm_up()
+def serve_lines(handle) -> int:
+    """Serves requests, one JSON object per stdin line, each with a `log` path:
+    `handle(request) -> reply dict` runs with file descriptors 1 and 2 appended to that
+    log, and the reply goes as one JSON line to the original stdout (the protocol stream:
+    nothing else is printed there; outside a request our output goes to stderr). End of
+    input returns 0. The grid worker and `vlm_jax.grid.preload --serve` use it."""
     reply = os.fdopen(os.dup(1), "w", buffering=1)
-    # Our own stdout must never mix with the protocol: everything printed goes to stderr
-    # until a job redirects it to its log.
     os.dup2(2, 1)
     for line in sys.stdin:
         if not line.strip():
             continue
         msg = json.loads(line)
-        spec, log = msg["job"], msg["log"]
-        ok, error = True, ""
-        with _redirect_fds(log):
-            t0 = time.time()
-            before = _program_stats()
-            print(f"[worker pid {os.getpid()}] job {spec['name']}", flush=True)
-            try:
-                run_job(spec)
-            except BaseException as e:  # noqa: BLE001 - isolate: report and go on
-                if isinstance(e, KeyboardInterrupt):
-                    raise
-                ok, error = False, f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-            st = _job_stats(before, _program_stats())
-            print(f"[worker] job {spec['name']} {'done' if ok else 'FAILED'} in "
-                  f"{time.time() - t0:.1f}s; programs: {st['programs_reused']} reused in "
-                  f"memory, {st['programs_built']} built; persistent cache: "
-                  f"{st['persistent_cache_hits']} hits, {st['persistent_cache_misses']} "
-                  f"misses; XLA compiling {st['xla_compile_s']:.1f}s", flush=True)
-        reply.write(json.dumps({"job": spec["name"], "ok": ok, "error": error, **st}) + "\n")
+        with _redirect_fds(msg["log"]):
+            out = handle(msg)
+        reply.write(json.dumps(out) + "\n")
     return 0
+
+
+def _serve_job(msg: dict) -> dict:
+    """Runs one job of `serve` (in its log); the reply: ok / error and the job's program
+    counters."""
+    spec = msg["job"]
+    ok, error = True, ""
+    t0 = time.time()
+    before = _program_stats()
+    print(f"[worker pid {os.getpid()}] job {spec['name']}", flush=True)
+    try:
+        run_job(spec)
+    except BaseException as e:  # noqa: BLE001 - isolate: report and go on
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        ok, error = False, f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    st = _job_stats(before, _program_stats())
+    print(f"[worker] job {spec['name']} {'done' if ok else 'FAILED'} in "
+          f"{time.time() - t0:.1f}s; programs: {st['programs_reused']} reused in "
+          f"memory, {st['programs_built']} built; persistent cache: "
+          f"{st['persistent_cache_hits']} hits, {st['persistent_cache_misses']} "
+          f"misses; XLA compiling {st['xla_compile_s']:.1f}s", flush=True)
+    return {"job": spec["name"], "ok": ok, "error": error, **st}
+
+
+def serve() -> int:
+    _setup_logging()
+    warm_up()
+    return serve_lines(_serve_job)
 
 
 def main(argv=None) -> int:
