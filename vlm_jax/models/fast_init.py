@@ -83,6 +83,11 @@ class Leaf:
     offset: int        # into the draw (normal leaves)
 
 
+def _standard_normals(rng, size: int):
+    """The one draw both paths cut their leaves from (`Plan.draw`, `traced_values`)."""
+    return jax.random.normal(rng, (max(size, 1),), jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The layout of one draw over a model's params (`plan`). `draw` (jitted, rng ->
@@ -94,8 +99,7 @@ class Plan:
 
     @property
     def draw(self) -> Callable:
-        n = max(self.size, 1)
-        return jax.jit(lambda rng: jax.random.normal(rng, (n,), jnp.float32))
+        return jax.jit(lambda rng: _standard_normals(rng, self.size))
 
     def leaf_values(self, flat, full=np.full) -> list:
         """Every leaf's value (flatten order) from the standard-normal draw `flat` (numpy,
@@ -164,6 +168,5 @@ def traced_values(p: Plan, rng):
     (`NativeVLM`)."""
     # the barrier keeps XLA from folding the std into the draw's own constants: the
     # multiply rounds like the host's
-    flat = jax.lax.optimization_barrier(jax.random.normal(rng, (max(p.size, 1),),
-                                                          jnp.float32))
+    flat = jax.lax.optimization_barrier(_standard_normals(rng, p.size))
     return jax.tree_util.tree_unflatten(p.treedef, p.leaf_values(flat, jnp.full))
