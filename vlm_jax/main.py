@@ -1,4 +1,4 @@
-"""One training run.
+r"""One training run.
 
     python -m vlm_jax.main --config configs/demo.py:run --workdir runs/x \
         [--config.train.steps=100] [--coordinator_address host:port --num_processes N \
@@ -67,6 +67,27 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def config_problem(config, spec: str) -> str | None:
+    """Why `config` (the `--config` flag's value, from file spec `spec`) is not one run's
+    config, or None: an unreadable file (config_flags defers that error to first use) or a
+    grid config (`grid` and no `train`: `python -m vlm_jax.grid run` runs those)."""
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        return (f"--config {spec}: no config file {path!r} (a path relative to the "
+                f"current directory {os.getcwd()!r}, or absolute)")
+    try:
+        keys = set(config.keys())
+    except OSError as e:
+        cause = e.__cause__ or e
+        detail = " ".join(str(cause).split())
+        return f"--config {spec}: cannot load the config file ({detail})"
+    if "grid" in keys and "train" not in keys:
+        return (f"--config {spec} is a grid, not one run: run it with "
+                f"`python -m vlm_jax.grid run {spec} --root DIR`, or name one of its "
+                f"single-run presets ({path}:PRESET, e.g. configs/demo.py:run)")
+    return None
+
+
 def main(argv):
     del argv
     setup_logging()
@@ -74,6 +95,10 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (e.g. configs/demo.py:run)")
+    problem = _flag_config_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     init_distributed(_COORD.value, _NPROC.value, _PID.value)
     from vlm_jax.train import trainer
     try:
@@ -95,12 +120,50 @@ def main(argv):
         print(f"{status} at step {result.get('steps')}; run the same command to resume")
 
 
+def _flag_config_problem(argv=None) -> str | None:
+    """`config_problem` of the `--config` flag, else None. With `argv` (flag parsing
+    failed, e.g. a `--config.train.steps` override of a grid config, so the flag may hold
+    nothing) the config file named there is loaded again to look at it."""
+    flag = flags.FLAGS["config"]
+    spec, value = getattr(flag, "_config_filename", None), flag.value
+    if argv is not None and value is None:
+        for i, a in enumerate(argv):
+            if a.startswith("--config="):
+                spec = a.split("=", 1)[1]
+            elif a == "--config" and i + 1 < len(argv):
+                spec = argv[i + 1]
+        if spec and not os.path.isfile(spec.split(":", 1)[0]):
+            return config_problem(None, spec)
+        if spec:
+            try:
+                value = _load_config(spec)
+            except Exception:  # noqa: BLE001 - its own errors are reported as before
+                return None
+    if value is None or not spec:
+        return None
+    return config_problem(value, spec)
+
+
+def _load_config(spec: str):
+    """`get_config(ARG)` of config file spec PATH.py[:ARG], as config_flags loads it."""
+    import importlib.util
+    path, *arg = spec.split(":", 1)
+    module_spec = importlib.util.spec_from_file_location("_vlm_jax_main_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*arg)
+
+
 def _parse_flags(argv):
     """absl flag parsing with a one-line error for bad flags or config overrides (an
     unknown `--config.x.y` key, a bad `get_config` argument) instead of a traceback."""
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - config_flags raises several types
+        problem = _flag_config_problem(argv)
+        if problem:  # an override of a config that is missing or a grid: say that
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
         msg = str(e).replace("\\n", "\n").strip("'\"")
         if "Traceback" in msg:  # config file errors arrive with their traceback inside
             msg = [l for l in msg.splitlines() if l.strip()][-1].strip()

@@ -1,0 +1,47 @@
+"""`python -m vlm_jax.main` run the way a user runs it, with the wrong thing in --config:
+one error line that names the file and what to do, exit code 2, nothing written (the
+config is rejected before the trainer is imported, so each case is ~1 s)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.compiled import subprocess_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _main(*args):
+    return subprocess.run([sys.executable, "-m", "vlm_jax.main", *args], cwd=ROOT,
+                          env=subprocess_env(ROOT), capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("override", [[], ["--config.train.steps=3"]])
+def test_missing_config_file_is_named(tmp_path, override):
+    w = tmp_path / "w"
+    p = _main("--config", "configs/nope.py:run", "--workdir", str(w), *override)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert "no config file 'configs/nope.py'" in p.stderr
+    assert not w.exists()
+
+
+@pytest.mark.parametrize("override", [[], ["--config.train.steps=3"]])
+def test_grid_config_points_to_the_grid_cli(tmp_path, override):
+    w = tmp_path / "w"
+    p = _main("--config", "configs/demo.py:tiny", "--workdir", str(w), *override)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert "is a grid, not one run" in p.stderr
+    assert "python -m vlm_jax.grid run configs/demo.py:tiny" in p.stderr
+    assert not w.exists()
+
+
+def test_help_keeps_the_usage_lines():
+    # the module docstring is --help's text: its shell continuations must stay line breaks
+    from vlm_jax import main
+    assert "--workdir runs/x \\\n" in main.__doc__
