@@ -13,7 +13,8 @@ without CLS, `mlp2x_gelu`, lr 1e-3 cosine with 3% warmup, wd 0, batch 256, bf16,
 epoch, "plain" template (`<image> caption</s>`), loss on caption tokens only.
 
 Presets: `grid` (default; `sweep=1` trains each data-size axis as one WSD sweep with short
-decays, `sweep=0` gives every point its own cosine run as in the paper), `run` (one point).
+decays, `sweep=0` gives every point its own cosine run as in the paper), `run` (one point;
+also implied by an ARG that sets vit/llm/data/n without naming a preset).
 Weights: `init_from` = `$VLM_JAX_WEIGHTS/<name>` (transformers / OpenCLIP checkpoints, see
 `python -m vlm_jax.convert`); data: `$VLM_JAX_DATA` (configs/datasets.py).
 """
@@ -106,7 +107,17 @@ def grid(a) -> mlc.ConfigDict:
     return c
 
 
+RUN_KEYS = ("vit", "llm", "data", "n")
+
+
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    """`grid` (default) or `run`; an ARG that sets a run's point (vit/llm/data/n) and names
+    no preset is one run (`compositional.py:vit=L14,llm=vicuna7b,data=cc12m,n=3M`, as in
+    DESIGN.md), not the whole grid with those values ignored."""
+    items = [s.strip() for s in (arg or "").split(",") if s.strip()]
+    if not any("=" not in s or s.split("=", 1)[0].strip() == "preset" for s in items) and \
+            any(s.split("=", 1)[0].strip() in RUN_KEYS for s in items):
+        arg = ",".join(["run", *items])
     a = common.parse_arg(arg, preset="grid", vit="L14", llm="vicuna7b", data="cc12m", n="1M",
                          eval_n=10000, seq_len=96, batch=BATCH, steps=0, sweep=True,
                          feature_cache=True)

@@ -45,3 +45,25 @@ def test_help_keeps_the_usage_lines():
     # the module docstring is --help's text: its shell continuations must stay line breaks
     from vlm_jax import main
     assert "--workdir runs/x \\\n" in main.__doc__
+
+
+def test_design_single_run_command_is_one_run(tmp_path):
+    # DESIGN.md's one-run command names the point without a preset: it must be that run
+    # (before: the grid preset, whose `grid` config main could not train)
+    from configs import compositional
+    c = compositional.get_config("vit=L14,llm=vicuna7b,data=cc12m,n=3M")
+    assert "grid" not in c and c.name == "comp_L14_vicuna7b_cc12m_3M"
+    assert c.data.n == 3_000_000 and c.model.vision.width == 1024
+    assert "grid" in compositional.get_config(None)
+    assert "grid" in compositional.get_config("sweep=0,feature_cache=0")
+    with pytest.raises(ValueError, match="vit='Q'"):   # was silently ignored by the grid
+        compositional.get_config("vit=Q")
+    # through the CLI, without weights: the error is about the missing weights
+    w = tmp_path / "w"
+    p = subprocess.run(
+        [sys.executable, "-m", "vlm_jax.main",
+         "--config", "configs/compositional.py:vit=L14,llm=vicuna7b,data=cc12m,n=3M",
+         "--workdir", str(w)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**subprocess_env(ROOT), "VLM_JAX_WEIGHTS": str(tmp_path / "weights")})
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "init_from=" in p.stderr and "does not exist" in p.stderr
