@@ -64,6 +64,12 @@ def _load(args, roles: list[str], optional=()):
         group_cols = []
     io.require_columns(table, {c: "--group-cols" for c in group_cols})
     rows, excluded = io.filter_stage(table, args.stage)
+    stages = sorted({r.get("stage") or "" for r in rows} - {""})
+    if args.runs and not args.stage and len(stages) > 1:
+        print(f"warning: {table.source} holds done runs of several stages "
+              f"({', '.join(stages)}) and no --stage was given: their losses (different "
+              f"models and objectives) are analysed together; pass --stage STAGE to keep one",
+              file=sys.stderr)
     return table, rows, cols, group_cols, excluded
 
 

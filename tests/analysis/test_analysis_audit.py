@@ -1,0 +1,18 @@
+"""`python -m vlm_jax.analysis` on a grid root the way DESIGN.md runs it (`--runs ROOT`
+without `--stage`): a root holding several stages (pretraining, grid, native) says that
+their losses are being analysed together and how to keep one."""
+from vlm_jax.analysis.__main__ import main
+
+from tests.analysis.test_analysis_cli import _write_results
+
+
+def test_mixed_stages_without_stage_warn(tmp_path, capsys):
+    root = str(tmp_path / "root")
+    _write_results(root)    # stage "grid" rows and one done "vit" pretraining row
+    out = str(tmp_path / "opt")
+    main(["optimal", "--runs", root, "--out", out])
+    err = capsys.readouterr().err
+    assert "holds done runs of several stages (grid, vit) and no --stage was given" in err
+    assert "pass --stage STAGE" in err
+    main(["optimal", "--runs", root, "--stage", "grid", "--out", out])
+    assert "warning" not in capsys.readouterr().err
