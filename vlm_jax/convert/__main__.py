@@ -32,6 +32,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from vlm_jax import convert as C
+    from vlm_jax.models import layers
+    if a.dtype not in (None, "", "auto"):
+        try:
+            layers.dtype_of(a.dtype)
+        except ValueError as e:
+            ap.error(f"--dtype: {e}")
     t0 = time.time()
     try:
         if a.to_hf is not None:

@@ -199,6 +199,13 @@ def load_converted(path: str, scan_layers: bool = True, dtype=None):
     """(meta, params) of a dir written by `save_converted` (by this version: a dir of
     [in, out] kernels, from before `kernel_layout` was recorded, is refused)."""
     import orbax.checkpoint as ocp
+    if not os.path.isdir(path):
+        raise ConversionError(f"{path}: no such directory")
+    if not os.path.exists(os.path.join(path, META)):
+        what = ("a transformers model dir (config.json), not" if
+                os.path.exists(os.path.join(path, "config.json")) else "not")
+        raise ConversionError(f"{path}: {what} a dir written by `python -m vlm_jax.convert "
+                              f"--hf/--openclip` (no {META}); convert it first")
     meta = read_json(os.path.join(path, META))
     if meta.get("kernel_layout") != L.KERNEL_LAYOUT:
         raise ConversionError(
@@ -217,6 +224,8 @@ def load_converted(path: str, scan_layers: bool = True, dtype=None):
 def convert(src: str, out: str, part: str | None = None, dtype=None, force: bool = False) -> dict:
     """A transformers/OpenCLIP checkpoint -> an orbax dir. `part` ("llm" | "vision") is
     guessed from config.json when None. Returns the metadata."""
+    if not os.path.exists(src):
+        raise ConversionError(f"{src}: no such file or directory")
     part = part or guess_part(src)
     fn = convert_llm if part == "llm" else convert_vision
     _, params, meta = fn(src, dtype)

@@ -1,0 +1,39 @@
+"""`python -m vlm_jax.convert` given the wrong thing: one error line that names the path
+and says what it is / what to do, exit code 2, no traceback and no --out written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlm_jax.convert.__main__ import main
+
+
+def test_missing_sources_are_named(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--hf", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert f"{tmp_path / 'nope'}: no such file or directory" in capsys.readouterr().err
+    # --openclip used to report '<file>/config.json: file not found (a transformers ...)'
+    assert main(["--openclip", str(tmp_path / "x.safetensors"), "--out", str(out)]) == 2
+    assert f"{tmp_path / 'x.safetensors'}: no such file or directory" in capsys.readouterr().err
+    assert main(["--to-hf", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert f"{tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_to_hf_of_a_transformers_dir_says_convert_first(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["--to-hf", str(hf), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "a transformers model dir (config.json), not a dir written by" in err
+    assert "vlm_jax_convert.json" in err and "convert it first" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_dtype_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--hf", str(tmp_path), "--out", str(tmp_path / "out"), "--dtype", "float17"])
+    assert e.value.code == 2
+    assert "--dtype: unknown dtype 'float17'" in capsys.readouterr().err
