@@ -3,13 +3,14 @@
     python -m vlm_jax.data stats --format {tar,arrayrecord,parquet,tfds,synthetic} \\
         --path PATTERN [--limit N] [--image-column C --text-column C]
     python -m vlm_jax.data convert --from tar --path PATTERN --to arrayrecord --out DIR \\
-        [--records-per-file N]
+        [--records-per-file N] [--force]
 
 `stats` reads the samples in order, decodes every image and caption, and prints one JSON
 object: `samples` (usable), `skipped` (reason -> count), `records`, `seconds`,
 `samples_per_sec`, `shard_errors`. `convert` writes the usable samples to ArrayRecord
 files (`part-00000.array_record`, ...) plus `stats.json`, each written to a temporary
-name and renamed when complete.
+name and renamed when complete; an --out that already holds ArrayRecord files is refused
+unless `--force` (then the earlier conversion's files are replaced).
 """
 from __future__ import annotations
 
@@ -97,6 +98,11 @@ def cmd_convert(args) -> dict:
     if args.to != "arrayrecord":
         raise SystemExit(f"--to {args.to!r}: only 'arrayrecord' is supported")
     os.makedirs(args.out, exist_ok=True)
+    old = sorted(f for f in os.listdir(args.out) if f.endswith(".array_record"))
+    if old and not args.force:
+        raise ValueError(f"--out {args.out!r} already holds {len(old)} ArrayRecord file(s) "
+                         f"({old[0]}, ...): pass --force to replace them, or use a new --out "
+                         f"(files of two conversions would be read as one data set)")
     src = _open(args.from_, args.path, args)
     scanner = Scanner(src, args.limit or None, _cheap_check)
     files, written, writer, tmp = [], 0, None, ""
@@ -128,6 +134,8 @@ def cmd_convert(args) -> dict:
     stats = {"from": args.from_, "path": args.path, "out": args.out, "samples": written,
              "skipped": dict(sorted(scanner.skipped.items())), "records": scanner.records,
              "files": files, "seconds": round(time.perf_counter() - t0, 3)}
+    for f in set(old) - set(files):   # --force: the earlier conversion's leftover parts
+        os.remove(os.path.join(args.out, f))
     tmp_stats = os.path.join(args.out, ".stats.json.tmp")
     with open(tmp_stats, "w") as f:
         json.dump(stats, f, indent=1)
@@ -148,6 +156,8 @@ def main(argv=None) -> int:
             q.add_argument("--to", default="arrayrecord", choices=["arrayrecord"])
             q.add_argument("--out", required=True)
             q.add_argument("--records-per-file", type=int, default=10000)
+            q.add_argument("--force", action="store_true",
+                           help="replace the ArrayRecord files already in --out")
         q.add_argument("--path", default="")
         q.add_argument("--limit", type=int, default=0)
         q.add_argument("--image-column", default="image")
