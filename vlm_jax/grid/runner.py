@@ -103,6 +103,13 @@ def dry_run(grid: Grid, root: str, launcher: Launcher, out=sys.stdout) -> list[s
         emit(format_command(argv))
     env = launcher.env(0) if not launcher.remote else {}
     env_shown = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    slot_envs = [launcher.env(i) for i in range(launcher.parallel)] if env else []
+    per_slot = sorted({k for e in slot_envs for k in e if e.get(k) != env.get(k)})
+    if per_slot:   # e.g. the gpu launcher's CUDA_VISIBLE_DEVICES per slot
+        emit(f"# each job runs in the first free slot; the commands below show slot 0's "
+             f"environment; per slot: " + "; ".join(
+                 f"{i}: " + " ".join(f"{k}={e.get(k, '')}" for k in per_slot)
+                 for i, e in enumerate(slot_envs)))
     todo_names = {r.name for r in todo}
     for job in make_jobs(todo, [r for r in grid.runs if r.name not in todo_names]):
         emit(f"# {job.name}" + (f"  (needs {', '.join(job.deps)})" if job.deps else ""))

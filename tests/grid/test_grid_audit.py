@@ -1,0 +1,60 @@
+"""The grid CLI and launch scripts run the way docs/grid.md and launch/*.sh show them:
+the gpu launcher's dry run says which GPUs each slot gets, `--dry-run | head` ends without
+a traceback, and tpu_pod.sh / xpk.sh --dry-run work from a checkout whose requirements are
+in .venv (launch/local.sh made it) while `python3` on PATH lacks them."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.grid.conftest import PY, REPO, TINY_GRID, cli_env
+from vlm_jax.grid import expand, launchers, runner
+
+COMP = os.path.join(REPO, "configs", "compositional.py")
+SELECT = ["--select", "vit=B16", "--select", "llm=vicuna7b", "--select", "data=cc12m"]
+
+
+def test_gpu_dry_run_shows_each_slots_devices(tmp_path):
+    root = str(tmp_path / "r")
+    grid = expand.load_grid(TINY_GRID)
+    gpu = launchers.make_launcher("gpu", root, 2, gpus_per_run=2)
+    lines = runner.dry_run(grid, root, gpu, out=open(os.devnull, "w"))
+    assert ("# each job runs in the first free slot; the commands below show slot 0's "
+            "environment; per slot: 0: CUDA_VISIBLE_DEVICES=0,1; 1: CUDA_VISIBLE_DEVICES=2,3"
+            ) in lines
+    local = launchers.make_launcher("local", root, 2, executor="process")
+    assert not any("per slot" in ln
+                   for ln in runner.dry_run(grid, root, local, out=open(os.devnull, "w")))
+
+
+def test_dry_run_into_head_has_no_traceback(tmp_path):
+    env = {**cli_env(), "PROJECT": "p", "ZONE": "z", "REMOTE_ROOT": "gs://b/r",
+           "TPU_NAME": "vm"}
+    cmd = (f"'{PY}' -m vlm_jax.grid run '{COMP}' --root '{tmp_path / 'r'}' --launcher tpu "
+           f"--dry-run | head -1")     # ~100 kB of commands: more than a pipe holds
+    p = subprocess.run(["bash", "-c", cmd], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.stdout.startswith("# grid compositional: 160 runs")
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(REPO, ".venv", "bin", "python")),
+                    reason="the checkout has no .venv")
+@pytest.mark.parametrize("script,var", [("tpu_pod.sh", {"TPU_NAME": "vm"}),
+                                        ("xpk.sh", {"CLUSTER": "c"})])
+def test_cloud_scripts_use_the_checkouts_venv(tmp_path, script, var):
+    # a real python3 without the requirements first on PATH (a fresh venv of the base
+    # interpreter), PYTHON unset: the script must not pick it
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True,
+                   timeout=120)
+    env = {k: v for k, v in cli_env().items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    env.update(PATH=f"{bare / 'bin'}{os.pathsep}{env['PATH']}", PROJECT="p", ZONE="z",
+               REMOTE_ROOT="gs://b/r", ROOT=str(tmp_path / "r"), **var)
+    assert subprocess.run([str(bare / "bin" / "python3"), "-c", "import ml_collections"],
+                          capture_output=True).returncode != 0
+    p = subprocess.run(["bash", f"launch/{script}", "--dry-run", *SELECT], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("# grid compositional: 10 runs, 0 done, 10 to run")
