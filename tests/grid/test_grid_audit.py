@@ -58,3 +58,29 @@ def test_cloud_scripts_use_the_checkouts_venv(tmp_path, script, var):
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("# grid compositional: 10 runs, 0 done, 10 to run")
+
+
+def test_status_says_why_a_run_failed(tmp_path):
+    # README: "`status` says what is done, failed (and why) or left": the error line of the
+    # failed run's log and where the log is, not only "exit code 1"
+    from vlm_jax.grid import registry
+    root = str(tmp_path / "r")
+    grid = expand.expand({"name": "g", "stages": [
+        dict(name="pre", arg="run", axes={"a": [1]}),
+        dict(name="main", arg="run", axes={"a": [1]}, needs={"model.init_from": "pre/a={a}"})]},
+        TINY_GRID, spec="inline")
+    registry.record_grid(root, grid)
+    pre, main = grid.runs
+    log = os.path.join(registry.workdir(root, pre), "run.log")
+    tail = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+            "    raise FileNotFoundError(...)\n"
+            "FileNotFoundError: model.vision.init_from='/w' does not exist\n"
+            "[worker] job pre/a=1 FAILED in 5.0s; programs: 0 reused\n")
+    registry.mark(root, pre, "failed", "exit code 1", log=log, log_tail=tail)
+    registry.mark(root, main, "skipped", "needs pre/a=1, which failed")
+    lines = runner.status_lines(root)
+    i = lines.index("  failed   pre/a=1: exit code 1")
+    assert lines[i + 1].strip() == "FileNotFoundError: model.vision.init_from='/w' does not exist"
+    assert lines[i + 2].strip() == f"log: {log}"
+    assert "  skipped  main/a=1: needs pre/a=1, which failed" in lines
+    assert lines[-1] == "total: 0/2 done, 1 failed, 1 skipped"

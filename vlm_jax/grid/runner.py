@@ -690,6 +690,21 @@ def run_analysis(grid: Grid, root: str, state: Mapping[str, str],
     return _Analyses(grid, root, log).finish(state)
 
 
+def _failure_lines(root: str, run: Run) -> list[str]:
+    """A failed run's error line (the last exception / `error:` line of its log tail) and
+    its log path, from the runner's marker: why it failed, not only its exit code."""
+    marker = registry.read_json(os.path.join(registry.workdir(root, run), registry.STATUS))
+    if not marker:
+        return []
+    tail = [ln.rstrip() for ln in str(marker.get("log_tail", "")).splitlines() if ln.strip()]
+    errs = [ln for ln in tail if not ln[0].isspace() and not ln.startswith("[")
+            and ("Error" in ln or "Exception" in ln or ln.lower().startswith("error"))]
+    out = [f"           {errs[-1].strip()[:300]}"] if errs else []
+    if marker.get("log"):
+        out.append(f"           log: {marker['log']}")
+    return out
+
+
 def status_lines(root: str) -> list[str]:
     """`status`: per stage counts, failed/skipped runs with why, and the totals."""
     grid = registry.load_recorded_grid(root)
@@ -704,6 +719,8 @@ def status_lines(root: str) -> list[str]:
         totals[st] = totals.get(st, 0) + 1
         if st in ("failed", "skipped"):
             problems.append(f"  {st:8s} {r.name}: {why}")
+            if st == "failed":
+                problems += _failure_lines(root, r)
     for stage, c in per_stage.items():
         n = sum(c.values())
         lines.append(f"  stage {stage}: {c.get('done', 0)}/{n} done"
