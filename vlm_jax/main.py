@@ -164,7 +164,9 @@ def _parse_flags(argv):
         if problem:  # an override of a config that is missing or a grid: say that
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)
-        msg = str(e).replace("\\n", "\n").strip("'\"")
+        msg = str(e).replace("\\n", "\n")
+        if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":   # a repr'd message
+            msg = msg[1:-1]
         if "Traceback" in msg:  # config file errors arrive with their traceback inside
             msg = [l for l in msg.splitlines() if l.strip()][-1].strip()
         msg = " ".join(msg.replace("\\'", "'").split())

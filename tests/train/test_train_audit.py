@@ -67,3 +67,10 @@ def test_design_single_run_command_is_one_run(tmp_path):
         env={**subprocess_env(ROOT), "VLM_JAX_WEIGHTS": str(tmp_path / "weights")})
     assert p.returncode == 2, p.stderr[-2000:]
     assert "init_from=" in p.stderr and "does not exist" in p.stderr
+
+
+def test_bad_override_value_message_keeps_its_quotes(tmp_path):
+    p = _main("--config", "configs/demo.py:run", "--workdir", str(tmp_path / "w"),
+              "--config.train.steps=abc")
+    assert p.returncode == 2
+    assert "--config.train.steps=abc: invalid literal for int() with base 10: 'abc'\n" in p.stderr
