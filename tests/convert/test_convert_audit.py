@@ -37,3 +37,32 @@ def test_bad_dtype_is_a_usage_error(tmp_path, capsys):
         main(["--hf", str(tmp_path), "--out", str(tmp_path / "out"), "--dtype", "float17"])
     assert e.value.code == 2
     assert "--dtype: unknown dtype 'float17'" in capsys.readouterr().err
+
+
+def _openclip_file(tmp_path, **kw):
+    from tests.convert import hf_tiny
+    from tests.convert.test_convert_vision import openclip_state
+    from vlm_jax.convert import safetensors_io as st
+    hf_tiny.clip_vision(tmp_path / "hf", **kw)
+    path = str(tmp_path / "open_clip_model.safetensors")
+    st.write(path, openclip_state(tmp_path / "hf"))
+    return path
+
+
+def test_openclip_heads_not_derivable_is_an_error_not_a_crash(tmp_path, capsys):
+    # width 48 with OpenCLIP's default head_width 64 (no open_clip_config.json): was a
+    # ZeroDivisionError traceback in param_shapes (0 heads)
+    path = _openclip_file(tmp_path, hidden_size=48, num_attention_heads=4)
+    assert main(["--openclip", path, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "width 48 is not a multiple of head_width 64" in err
+    assert "open_clip_config.json" in err and not (tmp_path / "out").exists()
+
+
+def test_openclip_default_head_width_is_announced(tmp_path, caplog):
+    # width 64 and 4 heads saved without open_clip_config.json: the head count is not in
+    # the weights, so the default (64 -> 1 head) is taken and said, not silently used
+    path = _openclip_file(tmp_path, num_attention_heads=4)
+    with caplog.at_level("WARNING", logger="vlm_jax.convert"):
+        assert main(["--openclip", path, "--out", str(tmp_path / "out")]) == 0
+    assert "assuming OpenCLIP's default 64 (heads = 1)" in caplog.text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -157,6 +158,19 @@ def openclip_overrides(reader, config_path: str | None = None, **overrides) -> d
             mc = json.load(f).get("model_cfg", {})
         vc, quick = mc.get("vision_cfg", {}), bool(mc.get("quick_gelu", False))
     head_width = int(vc.get("head_width", 88 if width == 1408 else 64))
+    if "heads" not in overrides:
+        if width % head_width:
+            given = ("its open_clip_config.json" if "head_width" in vc else
+                     "OpenCLIP's default; no head_width in an open_clip_config.json next to it")
+            raise ConversionError(
+                f"{reader.source}: width {width} is not a multiple of head_width {head_width}"
+                f" ({given}): put the model's open_clip_config.json (model_cfg.vision_cfg."
+                f"head_width) next to the weights")
+        if "head_width" not in vc:   # the weights do not say how many heads there are
+            logging.getLogger("vlm_jax.convert").warning(
+                "%s: no head_width in an open_clip_config.json next to it; assuming "
+                "OpenCLIP's default %d (heads = %d)", reader.source, head_width,
+                width // head_width)
     out = dict(variant="clip", image_size=grid * patch, patch_size=patch, width=width,
                depth=depth, heads=width // head_width, mlp_dim=mlp,
                act="quick_gelu" if quick else "gelu", norm_eps=1e-5, pre_norm=True,
