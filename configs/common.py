@@ -46,6 +46,17 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
     return out
 
 
+def imply_preset(arg: str | None, point_keys, preset: str = "run") -> str | None:
+    """`arg` with `preset` in front when it sets one of `point_keys` (a run's point, e.g.
+    vit/llm/data/n) and names no preset: "vit=L14,n=3M" -> "run,vit=L14,n=3M", so such
+    an ARG means that one run, not the file's default grid with the values ignored."""
+    items = [s.strip() for s in (arg or "").split(",") if s.strip()]
+    keys = [s.split("=", 1)[0].strip() if "=" in s else None for s in items]
+    if None in keys or "preset" in keys or not set(keys) & set(point_keys):
+        return arg
+    return ",".join([preset, *items])
+
+
 def vit_config() -> mlc.ConfigDict:
     """A vision encoder. `variant`: "clip" (CLIP/OpenCLIP ViT) or "native" (NaViL)."""
     return mlc.ConfigDict(dict(

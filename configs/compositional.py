@@ -114,13 +114,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     """`grid` (default) or `run`; an ARG that sets a run's point (vit/llm/data/n) and names
     no preset is one run (`compositional.py:vit=L14,llm=vicuna7b,data=cc12m,n=3M`, as in
     DESIGN.md), not the whole grid with those values ignored."""
-    items = [s.strip() for s in (arg or "").split(",") if s.strip()]
-    if not any("=" not in s or s.split("=", 1)[0].strip() == "preset" for s in items) and \
-            any(s.split("=", 1)[0].strip() in RUN_KEYS for s in items):
-        arg = ",".join(["run", *items])
-    a = common.parse_arg(arg, preset="grid", vit="L14", llm="vicuna7b", data="cc12m", n="1M",
-                         eval_n=10000, seq_len=96, batch=BATCH, steps=0, sweep=True,
-                         feature_cache=True)
+    a = common.parse_arg(common.imply_preset(arg, RUN_KEYS), preset="grid", vit="L14",
+                         llm="vicuna7b", data="cc12m", n="1M", eval_n=10000, seq_len=96,
+                         batch=BATCH, steps=0, sweep=True, feature_cache=True)
     if a.preset == "grid":
         return grid(a)
     if a.preset == "run":

@@ -74,3 +74,11 @@ def test_bad_override_value_message_keeps_its_quotes(tmp_path):
               "--config.train.steps=abc")
     assert p.returncode == 2
     assert "--config.train.steps=abc: invalid literal for int() with base 10: 'abc'\n" in p.stderr
+
+
+def test_imply_preset():
+    from configs.common import imply_preset
+    keys = ("vit", "llm", "data", "n")
+    assert imply_preset("vit=L14,n=3M", keys) == "run,vit=L14,n=3M"
+    for same in (None, "", "sweep=0", "grid,vit=L14", "preset=grid,vit=L14", "run,vit=L14"):
+        assert imply_preset(same, keys) == same
