@@ -21,10 +21,12 @@ def test_store_roundtrip_atomic_and_bf16(tmp_path):
     st = fc.FeatureStore(str(tmp_path), "k", {"a": 1})
     assert len(st) == 0 and st.missing(np.array([3, 1, 3])).tolist() == [1, 3]
     f = np.random.RandomState(0).randn(3, 4, 5).astype(np.float32)
-    st.add(np.array([7, 2, 9]), f, bad=[4])
+    st.add(np.array([7, 2, 9]), f, bad={4: "decode_error"})
     st.add(np.array([11]), f[:1])
     again = fc.FeatureStore(str(tmp_path), "k")          # a fresh reader sees both shards
     assert len(again) == 4 and again.missing(np.array([2, 4, 5, 11])).tolist() == [5]
+    marks = again.bad_records()
+    assert len(marks) == 1 and marks.reason(4) == "decode_error" and marks.reason(7) is None
     got = again.gather(np.array([9, -1, 2, 11, 7]))
     np.testing.assert_array_equal(got[0], f[2])
     np.testing.assert_array_equal(got[1], 0)               # padding rows
@@ -152,7 +154,7 @@ def test_image_batches_batched_source_equals_per_record(monkeypatch):
     for (g0, p0, b0), (g1, p1, b1) in zip(batched, per_record):
         np.testing.assert_array_equal(g0, g1)
         np.testing.assert_array_equal(p0, p1)
-        assert b0 == b1 == []
+        assert b0 == b1 == {}
 
     class Batched(PerRecord):  # a chunk with a bad sample fails as a whole
         def get_batch(self, idx):
@@ -164,5 +166,123 @@ def test_image_batches_batched_source_equals_per_record(monkeypatch):
         monkeypatch.setattr(pipeline, "source_for", lambda c, *a: kind(real(c, *a), {17}))
         out = list(fc._image_batches(cfg, records, 3))
         assert list(np.concatenate([g for g, _, _ in out])) == [5, 0, 3, 9, 11, 2]
-        assert sum((b for _, _, b in out), []) == [17]
+        assert {k: v for _, _, b in out for k, v in b.items()} == {17: "missing_image"}
         np.testing.assert_array_equal(out[0][1], batched[0][1][:2])   # 5, 0 of 5, 0, 17
+
+
+class _BadImages:
+    """The synthetic source whose records `bad` have an image the decoder rejects: only a
+    reader of images can tell (as with a corrupt JPEG in a tar shard)."""
+
+    def __init__(self, src, bad, batched):
+        self.src, self.bad = src, set(bad) if src.with_image else set()
+        if batched:
+            self.get_batch = self._get_batch
+
+    def __len__(self):
+        return len(self.src)
+
+    def __getattr__(self, name):   # order, with_image, ... (get_batch only when batched)
+        if name == "get_batch":
+            raise AttributeError(name)
+        return getattr(self.src, name)
+
+    def __getitem__(self, i):
+        from vlm_jax.data.errors import BadSample
+        if i in self.bad:
+            raise BadSample("decode_error", f"record {i}")
+        return self.src[i]
+
+    def _get_batch(self, idx):
+        from vlm_jax.data.errors import BadSample
+        if self.bad & set(np.asarray(idx).tolist()):
+            raise BadSample("decode_error")
+        return self.src.get_batch(idx)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_batches_without_images_equal_the_image_path(monkeypatch, batched):
+    """With the cache's bad marks, the pipeline reads no image (the source opened without
+    images) and gives the image path's batches without `pixels`: same rows, skip counters
+    and iterator state, train and eval, also after a restore."""
+    from vlm_jax.data import pipeline
+    real = pipeline.source_for
+    bad = {3: "decode_error", 17: "decode_error", 30: "decode_error", 41: "decode_error"}
+    opened = []
+
+    def source_for(c, with_image=None):
+        src = real(c, with_image)
+        opened.append(src.with_image)
+        return _BadImages(src, bad, batched)
+
+    monkeypatch.setattr(pipeline, "source_for", source_for)
+    cfg = _cfg("n=48,eval_n=24")
+    marks = pipeline.BadRecords(list(bad), list(bad.values()))
+    with_img, without = pipeline.train_iterator(cfg), pipeline.train_iterator(cfg, no_images=marks)
+    assert opened == [True, False]
+    after = []
+    for step in range(9):        # past the end of the 48-record subset: a second epoch
+        a, b = next(with_img), next(without)
+        assert "pixels" in a and "pixels" not in b and set(a) - {"pixels"} == set(b)
+        for k in b:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        if step == 4:
+            state = without.get_state()
+            assert state == with_img.get_state()
+        elif step > 4:
+            after.append(b["tokens"])
+    assert int(a["_skipped/decode_error"]) == 2     # train records 24..71: 30 and 41
+    again = pipeline.train_iterator(cfg, no_images=marks)
+    again.set_state(state)
+    for tokens in after:
+        np.testing.assert_array_equal(next(again)["tokens"], tokens)
+    ev_img = list(pipeline.eval_batches(cfg))
+    ev = list(pipeline.eval_batches(cfg, no_images=marks))
+    assert len(ev) == len(ev_img) > 0 and int(ev[-1]["_skipped/decode_error"]) == 2
+    for a, b in zip(ev_img, ev):
+        assert set(a) - {"pixels"} == set(b)
+        for k in b:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_cached_run_reads_no_images_and_equals_uncached_with_bad_samples(tmp_path,
+                                                                         monkeypatch):
+    """A cached run over data with undecodable images: the cache marks them bad when it
+    computes the features; a run on the filled cache reads no image at all, and its
+    losses and skip counts equal the uncached run's."""
+    from vlm_jax.data import pipeline
+    from vlm_jax.train import trainer
+    real = pipeline.source_for
+    image_reads = []
+
+    class Counting(_BadImages):
+        def __getitem__(self, i):
+            if self.src.with_image:
+                image_reads.append(i)
+            return super().__getitem__(i)
+
+        def _get_batch(self, idx):
+            if self.src.with_image:
+                image_reads.extend(np.asarray(idx).tolist())
+            return super()._get_batch(idx)
+
+    read = int(pipeline.record_positions(_cfg(), 1)[0, 3])   # a train record of step 1
+    monkeypatch.setattr(pipeline, "source_for",
+                        lambda c, with_image=None: Counting(real(c, with_image), {1, read}, True))
+    trainer.Run(_cfg(feature_cache=False), str(tmp_path / "plain")).train()
+    cached = dict(feature_cache=True, feature_cache_dir=str(tmp_path / "c"))
+    r = trainer.Run(_cfg(**cached), str(tmp_path / "fill"))
+    r.train()
+    marks = fc.open_store(r.config, r.workdir).bad_records()
+    assert len(marks) == 2 and marks.reason(1) == marks.reason(read) == "decode_error"
+    image_reads.clear()
+    res = trainer.Run(_cfg(**cached), str(tmp_path / "fc")).train()
+    assert image_reads == []
+    plain = json.load(open(tmp_path / "plain" / "result.json"))
+    # record 1 is in the eval split (0..7)
+    assert res["data/skipped"] == plain["data/skipped"]
+    assert plain["data/skipped"]["decode_error"] == 1
+    for wd in ("fill", "fc"):
+        (tl0, el0), (tl1, el1) = _losses(tmp_path / "plain"), _losses(tmp_path / wd)
+        np.testing.assert_allclose(tl1, tl0, rtol=1e-5)
+        np.testing.assert_allclose(el1, el0, rtol=1e-5)

@@ -21,6 +21,12 @@ workers, so the output is identical for any number of workers; `_Assemble` drops
 counts it (and takes the next samples in order to fill the batch) and stops the run with
 `BadDataError` above `data.max_bad_fraction`.
 
+Without images (`train_iterator(..., no_images=BadRecords)`, what the frozen-feature cache
+reads): the source is opened without images and no image is decoded or resized; the
+records the image path found bad (the cache's marks, with their reasons) are bad here
+too, so every batch is the image path's batch without `pixels` (same rows, `valid`,
+`_records`, skip counters, iterator state).
+
 Batch metadata (keys starting with "_", never for the model): `_skipped/<reason>` and
 `_seen` (samples read, good + bad), `_truncated` (captions cut to fit), all cumulative
 since the start of the run (they live in the iterator state), and `_epoch` (epochs of
@@ -58,6 +64,38 @@ class _Bad:
     position: int = -1
 
 
+class BadRecords:
+    """Record indices known to be bad samples, with their reasons (sorted arrays: cheap
+    to look up and to pickle into worker processes)."""
+
+    def __init__(self, records=(), reasons=()):
+        records = np.asarray(records, np.int64).reshape(-1)
+        reasons = np.asarray(reasons, str).reshape(-1)
+        if len(records) != len(reasons):
+            raise ValueError(f"{len(records)} bad records for {len(reasons)} reasons")
+        order = np.argsort(records, kind="stable")
+        self.records, self.reasons = records[order], reasons[order]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _positions(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.searchsorted(self.records, records)
+        hit = (pos < len(self.records)) & (
+            self.records[np.minimum(pos, max(len(self.records) - 1, 0))] == records) \
+            if len(self.records) else np.zeros(np.shape(records), bool)
+        return pos, hit
+
+    def reason(self, record: int) -> str | None:
+        """The reason `record` is bad, or None."""
+        pos, hit = self._positions(np.asarray([record], np.int64))
+        return str(self.reasons[pos[0]]) if hit[0] else None
+
+    def any_of(self, records) -> bool:
+        return bool(len(self.records)) and bool(
+            self._positions(np.asarray(records, np.int64))[1].any())
+
+
 # ----------------------------------------------------------------------------- config
 def data_config(config) -> mlc.ConfigDict:
     """`config.data` with its named dataset resolved (configs/datasets.py)."""
@@ -85,17 +123,19 @@ def sequence_spec(config) -> T.SequenceSpec:
     raise ValueError(f"model.kind={kind!r} has no data pipeline; use one of {KINDS + ('native',)}")
 
 
-def source_for(config):
+def source_for(config, with_image: bool | None = None):
     """The random-access source of `config.data` (after resolving `data.name`).
 
     `len(src)` and `src[i] -> {"image", "text", "key", "source"}` (raises BadSample).
+    with_image: read images (default: unless model.kind is "lm").
     """
     d = data_config(config)
     size = int(config.model.vision.image_size) if "vision" in config.model else 64
     return S.open_source(d.source, d.path, seed=d.seed, image_column=d.image_column,
                          text_column=d.text_column, image_size=size if size <= 256 else 64,
                          caption_noise=float(d.caption_noise),
-                         with_image=config.model.get("kind") != "lm",
+                         with_image=(config.model.get("kind") != "lm" if with_image is None
+                                     else bool(with_image)),
                          shard_cache=str(d.get("shard_cache", "") or ""))
 
 
@@ -127,8 +167,9 @@ class LoadExample(grain.transforms.Map):
     """(position, record) -> transformed example, or `_Bad` for an unusable sample."""
 
     def __init__(self, source, transforms: list, with_image: bool = True,
-                 keep_key: bool = False):
+                 keep_key: bool = False, bad: BadRecords | None = None):
         self.source, self.transforms, self.keep_key = source, transforms, keep_key
+        self.bad = bad if bad is not None and len(bad) else None  # known bad records
         self.keys = _EXAMPLE_KEYS | ({"image"} if with_image else set())
         last = transforms[-1] if transforms else None
         # A final TokenizeCaption builds token rows; `prepare` stops before that step.
@@ -140,6 +181,10 @@ class LoadExample(grain.transforms.Map):
         position, record = item
         if record < 0:
             return _Bad("", position)  # padding of the eval split
+        reason = self.bad.reason(record) if self.bad is not None else None
+        if reason is not None:
+            log.info("skipping record %d: %s (found when its image was read)", record, reason)
+            return _Bad(reason, position)
         key, shard = "?", "?"
         text = None
         try:
@@ -182,6 +227,8 @@ class LoadExample(grain.transforms.Map):
         then names and skips it)."""
         positions, records = np.asarray(items, np.int64).reshape(-1, 2).T
         good = records >= 0  # (negative: padding of the eval split)
+        if self.bad is not None and self.bad.any_of(records[good]):
+            return None
         try:
             batch = self.source.get_batch(records[good])
             for t in self.transforms[:-1]:
@@ -247,13 +294,14 @@ _EXAMPLE_KEYS = frozenset(("tokens", "targets", "loss_mask", "positions",
                            "segment_ids", "visual_mask", "_truncated"))
 
 
-def example_transforms(config, tokenizer=None) -> list:
-    """The MapTransforms that turn a raw sample into one example of `config.model.kind`."""
+def example_transforms(config, tokenizer=None, images: bool = True) -> list:
+    """The MapTransforms that turn a raw sample into one example of `config.model.kind`
+    (images=False: without its image)."""
     spec = sequence_spec(config)
     d = config.data
     tok = tokenizer if tokenizer is not None else load_tokenizer(d.tokenizer)
     ts = []
-    if spec.kind in ("vlm", "clip"):
+    if spec.kind in ("vlm", "clip") and images:
         size = int(config.model.vision.image_size)
         ts += [T.DecodeImage(draft_size=size, as_pil=True),
                T.ResizeImage(size, d.get("resize", "crop"))]
@@ -269,7 +317,7 @@ def _blank(spec: T.SequenceSpec, image_size: int, pad_id: int) -> dict:
                   positions=np.zeros((t,), np.int32))
     if spec.kind == "vlm":
         ex["visual_mask"] = np.zeros((t,), bool)
-    if spec.kind in ("vlm", "clip"):
+    if spec.kind in ("vlm", "clip") and image_size > 0:
         ex["image"] = np.zeros((image_size, image_size, 3), np.uint8)
     ex["_record"] = np.int64(-1)
     return ex
@@ -490,6 +538,15 @@ def _absl_flags_ready() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _loader(config, tok, no_images: BadRecords | None):
+    """(source, LoadChunk) of a train or eval stream, with or without images."""
+    images = no_images is None and sequence_spec(config).kind != "lm"
+    src = source_for(config, with_image=images)
+    load = LoadExample(src, example_transforms(config, tok, images=images), images,
+                       bad=no_images)
+    return src, LoadChunk(load)
+
+
 def _maybe_native(config):
     if config.model.kind == "native":
         from vlm_jax.data import native  # helper F's module, imported only when used
@@ -498,10 +555,15 @@ def _maybe_native(config):
 
 
 # ----------------------------------------------------------------------------- public API
-def train_iterator(config, process_index: int = 0, process_count: int = 1):
-    """Endless, checkpointable (get_state/set_state) iterator of per-process batches."""
+def train_iterator(config, process_index: int = 0, process_count: int = 1,
+                   no_images: BadRecords | None = None):
+    """Endless, checkpointable (get_state/set_state) iterator of per-process batches.
+    no_images: read no images (batches without `pixels`); these records are bad samples
+    (see the module docstring)."""
     native = _maybe_native(config)
     if native is not None:
+        if no_images is not None:
+            raise ValueError("no_images: the native pipeline always reads images")
         return native.train_iterator(config, process_index, process_count)
     config = _resolved(config)
     d = config.data
@@ -512,7 +574,7 @@ def train_iterator(config, process_index: int = 0, process_count: int = 1):
         raise ValueError(f"data.packing=True needs model.kind='lm' (got {spec.kind!r}): "
                          "one image per row leaves nothing to pack")
     tok = load_tokenizer(d.tokenizer)
-    src = source_for(config)
+    src, load = _loader(config, tok, no_images)
     split = split_for(config, src)
     offset = process_index * b
 
@@ -523,8 +585,7 @@ def train_iterator(config, process_index: int = 0, process_count: int = 1):
 
     # One element per step and process (a chunk of b samples): workers ship whole chunks.
     ds = grain.MapDataset.range(0, _ENDLESS).map(locate)
-    ds = ds.map(LoadChunk(LoadExample(src, example_transforms(config, tok),
-                                      spec.kind != "lm")))
+    ds = ds.map(load)
     it = ds.to_iter_dataset(_chunk_read_options(d))
     if int(d.num_workers) > 0:
         _absl_flags_ready()
@@ -547,18 +608,20 @@ class EvalBatches:
     of steps). Each batch carries `_skipped/<reason>` counts of bad eval samples so far.
     """
 
-    def __init__(self, config, process_index: int = 0, process_count: int = 1):
+    def __init__(self, config, process_index: int = 0, process_count: int = 1,
+                 no_images: BadRecords | None = None):
         config = _resolved(config)
         self.config = config
         self.spec = sequence_spec(config)
         self.global_b = int(config.train.eval_batch_size or config.train.batch_size)
         self.b = _per_process(self.global_b, process_count, "train.eval_batch_size")
         self.tokenizer = load_tokenizer(config.data.tokenizer)
-        self.source = source_for(config)
+        self.source, self._load = _loader(config, self.tokenizer, no_images)
         self.split = split_for(config, self.source)
         self.num_batches = math.ceil(self.split.eval_n / self.global_b)
         self.offset = process_index * self.b
-        size = int(config.model.vision.image_size) if self.spec.kind != "lm" else 0
+        size = (int(config.model.vision.image_size)
+                if self.spec.kind != "lm" and no_images is None else 0)
         self._blank = _blank(self.spec, size, self.tokenizer.pad_id)
 
     def __len__(self) -> int:
@@ -573,10 +636,7 @@ class EvalBatches:
                     for p in range(first, first + b)]
 
         # One Grain element per batch, as in training (rows built together).
-        ds = grain.MapDataset.range(0, self.num_batches).map(locate)
-        ds = ds.map(LoadChunk(LoadExample(
-            self.source, example_transforms(self.config, self.tokenizer),
-            self.spec.kind != "lm")))
+        ds = grain.MapDataset.range(0, self.num_batches).map(locate).map(self._load)
         it = iter(ds.to_iter_dataset(_chunk_read_options(self.config.data)))
         counts: collections.Counter = collections.Counter()
         seen = 0
@@ -597,12 +657,16 @@ class EvalBatches:
             yield batch
 
 
-def eval_batches(config, process_index: int = 0, process_count: int = 1):
-    """The whole eval split once; the last batch padded (valid=0, loss_mask=0)."""
+def eval_batches(config, process_index: int = 0, process_count: int = 1,
+                 no_images: BadRecords | None = None):
+    """The whole eval split once; the last batch padded (valid=0, loss_mask=0).
+    no_images: as in `train_iterator`."""
     native = _maybe_native(config)
     if native is not None:
+        if no_images is not None:
+            raise ValueError("no_images: the native pipeline always reads images")
         return native.eval_batches(config, process_index, process_count)
-    return EvalBatches(config, process_index, process_count)
+    return EvalBatches(config, process_index, process_count, no_images)
 
 
 def _resolved(config):

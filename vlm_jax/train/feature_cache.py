@@ -20,7 +20,8 @@ store does not hold yet (a new shard). The key hashes (`cache_key`):
 so any change lands in a new key (a new directory) and never reads stale features.
 
 Layout: `DIR/<key>/meta.json` (the key's fields, feature shape and dtype) and one
-directory per shard `DIR/<key>/shard-<id>/{ids.npy, features.npy, bad.npy}`, written to a
+directory per shard `DIR/<key>/shard-<id>/{ids.npy, features.npy, bad.npy, bad_reasons.npy}`
+(bad: records whose image the pipeline skipped, with its skip reason), written to a
 temporary directory and renamed into place (atomic: a crash leaves no partial shard).
 `features.npy` is memory-mapped when read. DIR is `train.feature_cache_dir`, or
 `feature_cache/` next to the run's workdir (so the runs of one grid stage share it).
@@ -50,7 +51,8 @@ import numpy as np
 
 log = logging.getLogger("vlm_jax.feature_cache")
 
-FORMAT_VERSION = 2   # 2: encoders with [out, in] kernels (layers.Linear), new inits
+# 2: encoders with [out, in] kernels (layers.Linear), new inits; 3: bad_reasons.npy
+FORMAT_VERSION = 3
 # model.vision fields that change how the encoder runs, not what it computes.
 _EXEC_ONLY = ("init_from", "scan_layers", "remat")
 # resolved data fields that decide the image of a record index (`pipeline.source_for`
@@ -154,6 +156,7 @@ class FeatureStore:
         self.meta: dict | None = None
         self._shards: list[_Shard] = []
         self._bad = np.zeros((0,), np.int64)
+        self._bad_reasons = np.zeros((0,), str)
         self.reload()
 
     # -- reading
@@ -162,7 +165,7 @@ class FeatureStore:
         if os.path.exists(meta):
             with open(meta) as f:
                 self.meta = json.load(f)
-        self._shards, bad = [], []
+        self._shards, bad, reasons = [], [], []
         if os.path.isdir(self.path):
             for name in sorted(os.listdir(self.path)):
                 p = os.path.join(self.path, name)
@@ -173,7 +176,11 @@ class FeatureStore:
                 if len(ids):
                     self._shards.append(_Shard(ids, feats))
                 bad.append(np.load(os.path.join(p, "bad.npy")))
-        self._bad = np.unique(np.concatenate(bad)) if bad else np.zeros((0,), np.int64)
+                reasons.append(np.load(os.path.join(p, "bad_reasons.npy")))
+        self._bad, first = (np.unique(np.concatenate(bad), return_index=True) if bad
+                            else (np.zeros((0,), np.int64), np.zeros((0,), np.int64)))
+        self._bad_reasons = (np.concatenate(reasons).astype(str)[first] if bad
+                             else np.zeros((0,), str))
         if self._shards:
             all_ids = np.concatenate([s.ids for s in self._shards])
             which = np.concatenate([np.full(len(s.ids), i, np.int32)
@@ -202,6 +209,12 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return len(np.unique(self._ids))
+
+    def bad_records(self):
+        """The records marked bad (their image could not be used), with their reasons: what
+        the pipeline skips when it reads these records without images."""
+        from vlm_jax.data.pipeline import BadRecords
+        return BadRecords(self._bad, self._bad_reasons)
 
     def gather(self, records: np.ndarray) -> np.ndarray:
         """Features [len(records), K, D] in the stored dtype; record -1 gives zeros."""
@@ -244,10 +257,14 @@ class FeatureStore:
         os.replace(tmp, os.path.join(self.path, "meta.json"))
         self.meta = meta
 
-    def add(self, ids: np.ndarray, features: np.ndarray, bad: Iterable[int] = ()) -> str:
-        """Writes one shard atomically (temp directory + rename); returns its path."""
+    def add(self, ids: np.ndarray, features: np.ndarray, bad: dict[int, str] | None = None
+            ) -> str:
+        """Writes one shard atomically (temp directory + rename); returns its path.
+        bad: records whose image could not be used -> the pipeline's skip reason."""
         ids = np.asarray(ids, np.int64)
-        bad = np.asarray(sorted(bad), np.int64)
+        bad = dict(sorted((bad or {}).items()))
+        reasons = np.asarray(list(bad.values()), str)
+        bad = np.asarray(list(bad), np.int64)
         if len(ids) != len(features):
             raise ValueError(f"{len(ids)} ids for {len(features)} feature rows")
         dtype = jnp.dtype(features.dtype).name
@@ -262,6 +279,7 @@ class FeatureStore:
             np.save(os.path.join(tmp, "features.npy"),
                     np.asarray(features).view(_BITS[dtype]))
             np.save(os.path.join(tmp, "bad.npy"), bad)
+            np.save(os.path.join(tmp, "bad_reasons.npy"), reasons)
             os.replace(tmp, os.path.join(self.path, name))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -282,7 +300,7 @@ def needed_records(config) -> np.ndarray:
 
 
 def _image_batches(config, records: np.ndarray, batch: int):
-    """Yields (records, pixels [b, H, W, 3] uint8, bad records) per chunk, with the
+    """Yields (records, pixels [b, H, W, 3] uint8, {bad record: reason}) per chunk, with the
     pipeline's own loading/decoding/resizing (the ViT normalises, as in training)."""
     from vlm_jax.data import pipeline
     from vlm_jax.data import transforms as T
@@ -300,7 +318,7 @@ def _image_batches(config, records: np.ndarray, batch: int):
                 out = src.get_batch(chunk)
                 for t in ts:
                     out = t.map_batch(out)
-                yield chunk, np.asarray(out["image"]), []
+                yield chunk, np.asarray(out["image"]), {}
             except T.BadSample:
                 yield _split_bad(chunk, [load.map((i, int(r))) for i, r in enumerate(chunk)])
         return
@@ -311,13 +329,13 @@ def _image_batches(config, records: np.ndarray, batch: int):
         yield _split_bad(chunk, [next(it) for _ in chunk])
 
 
-def _split_bad(records, examples) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
-    """(good records, their pixels or None, bad records) of loaded `examples`."""
+def _split_bad(records, examples) -> tuple[np.ndarray, np.ndarray | None, dict[int, str]]:
+    """(good records, their pixels or None, {bad record: reason}) of loaded `examples`."""
     from vlm_jax.data import pipeline
-    good, images, bad = [], [], []
+    good, images, bad = [], [], {}
     for r, ex in zip(records, examples):
         if isinstance(ex, pipeline._Bad):
-            bad.append(int(r))
+            bad[int(r)] = ex.reason
         else:
             good.append(int(r))
             images.append(ex["image"])
@@ -354,12 +372,12 @@ def fill(store: FeatureStore, config, vision_params, records: np.ndarray, *, mes
         b = max(dp, -(-b // dp) * dp)
     fn = jax.jit(feature_fn(config.model))
     pi, pc = jax.process_index(), jax.process_count()
-    ids_all, feats_all, bad_all = [], [], []
+    ids_all, feats_all, bad_all = [], [], {}
     log.info("feature cache: computing %d records (%d cached) into %s", len(todo),
              stats["reused"], store.path)
     with (ctx if ctx is not None else _null()):
         for good, pixels, bad in _image_batches(config, todo, b):
-            bad_all += bad
+            bad_all.update(bad)
             if pixels is None:
                 continue
             n = len(good)
@@ -444,17 +462,29 @@ class _CachedEval:
 
 class CachedData:
     """The trainer's data module (`train_iterator`, `eval_batches`) with features in
-    place of pixels."""
+    place of pixels. A base module whose functions take `no_images` (the pipeline) reads
+    no images at all (the cache's bad marks stand for the image checks); another one's
+    pixels are read and dropped."""
 
     def __init__(self, base, store: FeatureStore):
         self.base, self.store = base, store
 
+    def _kw(self, fn) -> dict:
+        import inspect
+        try:
+            takes = "no_images" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes = False
+        return {"no_images": self.store.bad_records()} if takes else {}
+
     def train_iterator(self, config, process_index: int = 0, process_count: int = 1):
-        return _CachedIterator(self.base.train_iterator(config, process_index, process_count),
+        fn = self.base.train_iterator
+        return _CachedIterator(fn(config, process_index, process_count, **self._kw(fn)),
                                self.store)
 
     def eval_batches(self, config, process_index: int = 0, process_count: int = 1):
-        return _CachedEval(self.base.eval_batches(config, process_index, process_count),
+        fn = self.base.eval_batches
+        return _CachedEval(fn(config, process_index, process_count, **self._kw(fn)),
                            self.store)
 
 
