@@ -84,3 +84,24 @@ def test_status_says_why_a_run_failed(tmp_path):
     assert lines[i + 2].strip() == f"log: {log}"
     assert "  skipped  main/a=1: needs pre/a=1, which failed" in lines
     assert lines[-1] == "total: 0/2 done, 1 failed, 1 skipped"
+
+
+def test_status_tells_running_from_interrupted(tmp_path):
+    # while a grid runs, `status` called it "interrupted" (resumes from its last
+    # checkpoint); a run whose runner is alive is "running", one whose runner died is not
+    import socket
+    from vlm_jax.grid import registry
+    root = str(tmp_path / "r")
+    grid = expand.expand({"name": "g", "stages": [
+        dict(name="s", arg="run", axes={"a": [1, 2]})]}, TINY_GRID, spec="inline")
+    registry.record_grid(root, grid)
+    live, dead = grid.runs
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for run, pid in ((live, os.getpid()), (dead, gone.pid)):
+        registry.mark(root, run, "running", pid=pid, host=socket.gethostname())
+        with open(os.path.join(registry.workdir(root, run), "config.json"), "w") as f:
+            f.write("{}")
+    assert registry.run_state(root, live)[0] == "running"
+    assert registry.run_state(root, dead)[0] == "interrupted"
+    assert runner.status_lines(root)[-1] == "total: 0/2 done, 1 interrupted, 1 running"

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import socket
 import time
 from typing import Any, Iterable, Mapping
 
@@ -106,8 +107,9 @@ def is_done(root: str, run: Run) -> bool:
 
 
 def run_state(root: str, run: Run) -> tuple[str, str]:
-    """(state, detail): done | failed | skipped | interrupted | pending.
+    """(state, detail): done | failed | skipped | running | interrupted | pending.
 
+    `running` = a live runner (the pid and host in its marker) is training it now.
     `interrupted` = started (has a workdir with metrics or checkpoints) but not finished:
     the next `run` resumes it from its last checkpoint.
     """
@@ -121,10 +123,27 @@ def run_state(root: str, run: Run) -> tuple[str, str]:
     st = marker.get("status")
     if st in ("failed", "skipped"):
         return st, str(marker.get("error", ""))
+    if st == "running" and _runner_alive(marker):
+        return "running", f"by the runner, pid {marker['pid']}"
     if os.path.isdir(wd) and any(os.path.exists(os.path.join(wd, f))
                                  for f in ("metrics.jsonl", "checkpoints", "config.json")):
         return "interrupted", "resumes from its last checkpoint"
     return "pending", ""
+
+
+def _runner_alive(marker: dict) -> bool:
+    """Whether the runner that wrote a "running" marker (its `pid` on `host`) still runs
+    (else the run was interrupted: the runner was killed without clearing its marks)."""
+    pid = marker.get("pid")
+    if not isinstance(pid, int) or marker.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def mark(root: str, run: Run, status: str, error: str = "", **extra) -> None:

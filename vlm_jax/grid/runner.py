@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import socket
 import subprocess
 import sys
 import time
@@ -268,7 +269,7 @@ def _run_locked(grid, root, launcher, retry_failed, analysis, log, poll_s, t0) -
                 handle = launcher.start(job, runs, slot, log_path)
                 running[slot] = (job, handle, started)
                 for r in job.runs:
-                    registry.mark(root, r, "running")
+                    registry.mark(root, r, "running", pid=os.getpid(), host=socket.gethostname())
                 s.ran += len(job.runs)
 
     wait = getattr(launcher, "wait", None) or time.sleep
