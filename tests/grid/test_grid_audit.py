@@ -105,3 +105,25 @@ def test_status_tells_running_from_interrupted(tmp_path):
     assert registry.run_state(root, live)[0] == "running"
     assert registry.run_state(root, dead)[0] == "interrupted"
     assert runner.status_lines(root)[-1] == "total: 0/2 done, 1 interrupted, 1 running"
+
+
+def test_bad_roots_are_named(tmp_path):
+    # --root naming a file: was a FileExistsError traceback (run); a damaged grid.json:
+    # `status` said "grid.json missing" and `run` treated the root as empty
+    env = cli_env()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "grid.json").write_text("{bad")
+    for args, want in (
+            (["run", TINY_GRID, "--root", str(afile), "--dry-run"], "is a file, not a directory"),
+            (["status", "--root", str(afile)], "is a file, not a directory"),
+            (["run", TINY_GRID, "--root", str(damaged), "--dry-run"],
+             "grid.json is not a readable JSON object"),
+            (["status", "--root", str(damaged)], "grid.json is not a readable JSON object")):
+        p = subprocess.run([PY, "-m", "vlm_jax.grid", *args], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and want in p.stderr and "Traceback" not in p.stderr, \
+            (args, p.stderr[-2000:])
+    assert (damaged / "grid.json").read_text() == "{bad"

@@ -69,9 +69,15 @@ def _run_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _check_root_path(root: str) -> None:
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise expand.GridError(f"--root {root} is a file, not a directory")
+
+
 def cmd_run(args) -> int:
     launcher = None
     try:
+        _check_root_path(args.root)
         select = expand.parse_selection(args.select)
         opts = CloudOptions(
             project=args.project, zone=args.zone, remote_root=args.remote_root,
@@ -118,6 +124,7 @@ def cmd_run(args) -> int:
 
 def cmd_status(args) -> int:
     try:
+        _check_root_path(args.root)
         for line in runner.status_lines(args.root):
             print(line)
     except expand.GridError as e:

@@ -281,6 +281,15 @@ def definition_changes(old_stages: list[dict], new_stages: list[dict]) -> list[s
     return out
 
 
+def _refuse_unreadable_grid_json(root: str) -> None:
+    """ROOT/grid.json exists but is no JSON object (it is written atomically, so it was
+    edited or damaged): say so instead of treating the root as empty."""
+    path = os.path.join(root, GRID_JSON)
+    if os.path.exists(path):
+        raise GridError(f"{path} is not a readable JSON object (edited or damaged?): restore "
+                        "it, or use another --root")
+
+
 def check_root(root: str, grid: Grid, allow_change: bool = False) -> list[str]:
     """Refuses a root that holds a different grid (nothing is written); returns the
     names of the runs it knows.
@@ -293,6 +302,7 @@ def check_root(root: str, grid: Grid, allow_change: bool = False) -> list[str]:
     """
     old = read_json(os.path.join(root, GRID_JSON))
     if old is None:
+        _refuse_unreadable_grid_json(root)
         if os.path.isdir(os.path.join(root, "runs")):
             raise GridError(f"root {root} has runs/ but no {GRID_JSON}: it was not made by "
                             "this runner; use another --root")
@@ -351,6 +361,7 @@ def load_recorded_grid(root: str) -> Grid:
     from vlm_jax.grid.expand import Analysis  # local: keeps the import list short
     data = read_json(os.path.join(root, GRID_JSON))
     if data is None:
+        _refuse_unreadable_grid_json(root)
         raise GridError(f"{root} holds no grid ({GRID_JSON} missing): run "
                         "`python -m vlm_jax.grid run CONFIG --root ROOT` first")
     runs = tuple(Run(name=r["name"], stage=r["stage"], axes=tuple(r["axes"].items()),
