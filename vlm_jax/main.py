@@ -95,6 +95,9 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required (e.g. configs/demo.py:run)")
+    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+        print(f"error: --workdir {_WORKDIR.value} is a file, not a directory", file=sys.stderr)
+        sys.exit(2)
     problem = _flag_config_problem()
     if problem:
         print(f"error: {problem}", file=sys.stderr)

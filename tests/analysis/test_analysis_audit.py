@@ -16,3 +16,13 @@ def test_mixed_stages_without_stage_warn(tmp_path, capsys):
     assert "pass --stage STAGE" in err
     main(["optimal", "--runs", root, "--stage", "grid", "--out", out])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    import pytest
+    f = tmp_path / "afile"
+    f.write_text("")
+    with pytest.raises(SystemExit) as e:    # was a FileExistsError traceback
+        main(["fit", "--csv", str(tmp_path / "x.csv"), "--out", str(f)])
+    assert e.value.code == 2
+    assert f"--out {f} is a file, not a directory" in capsys.readouterr().err

@@ -30,3 +30,11 @@ def test_convert_refuses_then_replaces_an_earlier_conversion(tmp_path, capsys):
     rc, st, _ = _run(capsys, "stats", "--format", "arrayrecord", "--path",
                      os.path.join(out, "*.array_record"))
     assert rc == 0 and st["samples"] == 2
+
+
+def test_convert_out_that_is_a_file_is_named(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("")
+    rc, _, err = _run(capsys, "convert", "--from", "synthetic", "--to", "arrayrecord",
+                      "--out", str(f), "--limit", "2")
+    assert rc == 2 and "is a file, not a directory" in err     # was a traceback

@@ -82,3 +82,11 @@ def test_imply_preset():
     assert imply_preset("vit=L14,n=3M", keys) == "run,vit=L14,n=3M"
     for same in (None, "", "sweep=0", "grid,vit=L14", "preset=grid,vit=L14", "run,vit=L14"):
         assert imply_preset(same, keys) == same
+
+
+def test_workdir_that_is_a_file_is_named(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("")
+    p = _main("--config", "configs/demo.py:run", "--workdir", str(f))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"--workdir {f} is a file, not a directory" in p.stderr

@@ -428,6 +428,8 @@ def main(argv=None) -> int:
         p.error("--stage needs --runs")
     if getattr(args, "partial", False) and not args.cache_dir:
         p.error("--partial needs --cache-dir")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file, not a directory")
     return {"fit": cmd_fit, "optimal": cmd_optimal, "report": cmd_report}[args.cmd](args)
 
 

@@ -97,6 +97,8 @@ def cmd_convert(args) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
     if args.to != "arrayrecord":
         raise SystemExit(f"--to {args.to!r}: only 'arrayrecord' is supported")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file, not a directory")
     os.makedirs(args.out, exist_ok=True)
     old = sorted(f for f in os.listdir(args.out) if f.endswith(".array_record"))
     if old and not args.force:
