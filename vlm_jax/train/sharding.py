@@ -150,15 +150,16 @@ def flax_rules(mesh) -> tuple:
 def global_batch(local: dict, mesh) -> dict:
     """Per-process numpy batch -> global jax arrays sharded over data x fsdp.
 
-    Metadata keys (starting with "_") are dropped.
+    Metadata keys (starting with "_") are dropped. In one process the local batch is the
+    global one: all arrays go to the devices in one batched `device_put` (a call per
+    array cost ~0.4 ms each, most of a small model's data time per step).
     """
-    out = {}
-    for k, v in local.items():
-        if k.startswith("_"):
-            continue
-        v = np.asarray(v)
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
-    return out
+    arrays = {k: np.asarray(v) for k, v in local.items() if not k.startswith("_")}
+    shardings = {k: batch_sharding(mesh, v.ndim) for k, v in arrays.items()}
+    if jax.process_count() == 1:
+        return jax.device_put(arrays, shardings)
+    return {k: jax.make_array_from_process_local_data(shardings[k], v)
+            for k, v in arrays.items()}
 
 
 def check_batch(batch_size: int, mesh, process_count: int, what: str = "train.batch_size"):
