@@ -26,3 +26,13 @@ def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
         main(["fit", "--csv", str(tmp_path / "x.csv"), "--out", str(f)])
     assert e.value.code == 2
     assert f"--out {f} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_bad_budgets_and_negative_n_boot_are_usage_errors(tmp_path, capsys):
+    import pytest
+    base = ["fit", "--csv", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o")]
+    for extra, want in ((["--budgets", "1e20,x"], "--budgets '1e20,x': give a comma list"),
+                        (["--n-boot", "-5"], "--n-boot -5: give 0")):
+        with pytest.raises(SystemExit) as e:   # budgets: was a ValueError traceback after
+            main(base + extra)                 # the fits; n-boot < 0 was taken silently
+        assert e.value.code == 2 and want in capsys.readouterr().err

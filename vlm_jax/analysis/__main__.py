@@ -430,6 +430,14 @@ def main(argv=None) -> int:
         p.error("--partial needs --cache-dir")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a directory")
+    if getattr(args, "n_boot", 0) < 0:
+        p.error(f"--n-boot {args.n_boot}: give 0 (no intervals) or more resamples")
+    if getattr(args, "budgets", None):
+        try:
+            [float(b) for b in io.split_list(args.budgets)]
+        except ValueError:
+            p.error(f"--budgets {args.budgets!r}: give a comma list of FLOP numbers, "
+                    "e.g. 1e20,1e21")
     return {"fit": cmd_fit, "optimal": cmd_optimal, "report": cmd_report}[args.cmd](args)
 
 
