@@ -38,3 +38,16 @@ def test_convert_out_that_is_a_file_is_named(tmp_path, capsys):
     rc, _, err = _run(capsys, "convert", "--from", "synthetic", "--to", "arrayrecord",
                       "--out", str(f), "--limit", "2")
     assert rc == 2 and "is a file, not a directory" in err     # was a traceback
+
+
+def test_bad_counts_are_usage_errors(tmp_path, capsys):
+    import pytest
+    for argv, want in (
+            (["convert", "--from", "synthetic", "--to", "arrayrecord", "--out",
+              str(tmp_path / "o"), "--limit", "3", "--records-per-file", "0"],
+             "--records-per-file 0: give at least 1"),       # was a ZeroDivisionError
+            (["stats", "--format", "synthetic", "--limit", "-3"],
+             "--limit -3: give 0")):                          # was 0 samples, silently
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and want in capsys.readouterr().err

@@ -166,6 +166,10 @@ def main(argv=None) -> int:
         q.add_argument("--text-column", default="caption")
         q.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.limit < 0:
+        p.error(f"--limit {args.limit}: give 0 (all records) or a positive count")
+    if args.cmd == "convert" and args.records_per_file < 1:
+        p.error(f"--records-per-file {args.records_per_file}: give at least 1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
