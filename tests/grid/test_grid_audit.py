@@ -127,3 +127,16 @@ def test_bad_roots_are_named(tmp_path):
         assert p.returncode == 2 and want in p.stderr and "Traceback" not in p.stderr, \
             (args, p.stderr[-2000:])
     assert (damaged / "grid.json").read_text() == "{bad"
+
+
+def test_bad_launcher_counts_are_named(tmp_path):
+    # --gpus-per-run -1 gave every slot CUDA_VISIBLE_DEVICES='' (runs on no GPU);
+    # --num-slices 0 gave a TPU plan with no run command at all
+    env = {**cli_env(), "PROJECT": "p", "ZONE": "z", "REMOTE_ROOT": "gs://b/r",
+           "TPU_NAME": "vm"}
+    for extra, want in ((["--launcher", "gpu", "--gpus-per-run", "-1"], "--gpus-per-run -1"),
+                        (["--launcher", "tpu", "--num-slices", "0"], "--num-slices 0")):
+        p = subprocess.run([PY, "-m", "vlm_jax.grid", "run", TINY_GRID, "--root",
+                            str(tmp_path / "r"), "--dry-run", *extra], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and want in p.stderr, p.stderr[-2000:]

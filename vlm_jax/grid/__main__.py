@@ -78,6 +78,11 @@ def cmd_run(args) -> int:
     launcher = None
     try:
         _check_root_path(args.root)
+        if args.gpus_per_run < 0:
+            raise expand.GridError(f"--gpus-per-run {args.gpus_per_run}: give 0 (every GPU "
+                                   "for each run) or a positive count")
+        if args.num_slices < 1:
+            raise expand.GridError(f"--num-slices {args.num_slices}: give 1 or more")
         select = expand.parse_selection(args.select)
         opts = CloudOptions(
             project=args.project, zone=args.zone, remote_root=args.remote_root,
