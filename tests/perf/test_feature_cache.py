@@ -27,6 +27,9 @@ def test_store_roundtrip_atomic_and_bf16(tmp_path):
     assert len(again) == 4 and again.missing(np.array([2, 4, 5, 11])).tolist() == [5]
     marks = again.bad_records()
     assert len(marks) == 1 and marks.reason(4) == "decode_error" and marks.reason(7) is None
+    assert marks.any_of([9, 4]) and not marks.any_of([5, 11, 3])
+    none = fc.FeatureStore(str(tmp_path), "empty").bad_records()
+    assert len(none) == 0 and none.reason(4) is None and not none.any_of([4])
     got = again.gather(np.array([9, -1, 2, 11, 7]))
     np.testing.assert_array_equal(got[0], f[2])
     np.testing.assert_array_equal(got[1], 0)               # padding rows

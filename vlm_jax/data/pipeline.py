@@ -80,11 +80,11 @@ class BadRecords:
         return len(self.records)
 
     def _positions(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.searchsorted(self.records, records)
-        hit = (pos < len(self.records)) & (
-            self.records[np.minimum(pos, max(len(self.records) - 1, 0))] == records) \
-            if len(self.records) else np.zeros(np.shape(records), bool)
-        return pos, hit
+        """(index into the sorted arrays, whether each record is there)."""
+        if not len(self.records):
+            return np.zeros(np.shape(records), np.int64), np.zeros(np.shape(records), bool)
+        pos = np.minimum(np.searchsorted(self.records, records), len(self.records) - 1)
+        return pos, self.records[pos] == records
 
     def reason(self, record: int) -> str | None:
         """The reason `record` is bad, or None."""
