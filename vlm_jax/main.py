@@ -102,7 +102,11 @@ def main(argv):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    init_distributed(_COORD.value, _NPROC.value, _PID.value)
+    try:
+        init_distributed(_COORD.value, _NPROC.value, _PID.value)
+    except ValueError as e:   # flags that do not describe a job (jax's checks included)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     from vlm_jax.train import trainer
     try:
         result = run(_CONFIG.value, _WORKDIR.value)

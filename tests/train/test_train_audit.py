@@ -90,3 +90,12 @@ def test_workdir_that_is_a_file_is_named(tmp_path):
     p = _main("--config", "configs/demo.py:run", "--workdir", str(f))
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert f"--workdir {f} is a file, not a directory" in p.stderr
+
+
+@pytest.mark.parametrize("flags,want", [
+    (["--num_processes", "2"], "multi-host needs all of --coordinator_address"),
+    (["--num_processes", "2", "--process_id", "5", "--coordinator_address", "localhost:1"],
+     "process_id < num_processes")])
+def test_bad_multihost_flags_are_one_error_line(tmp_path, flags, want):
+    p = _main("--config", "configs/demo.py:run", "--workdir", str(tmp_path / "w"), *flags)
+    assert p.returncode == 2 and want in p.stderr and "Traceback" not in p.stderr, p.stderr
