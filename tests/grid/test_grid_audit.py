@@ -140,3 +140,10 @@ def test_bad_launcher_counts_are_named(tmp_path):
                             str(tmp_path / "r"), "--dry-run", *extra], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and want in p.stderr, p.stderr[-2000:]
+
+
+def test_plan_refuses_a_headroom_outside_0_1(capsys):
+    # --headroom 2 planned every run as "will not fit" (exit 1) instead of naming the flag
+    from vlm_jax.grid import plan
+    assert plan.main([TINY_GRID, "--headroom", "2", "--compile", "off"]) == 2
+    assert "--headroom is the fraction of HBM kept free" in capsys.readouterr().err

@@ -444,6 +444,10 @@ def main(argv=None) -> int:
     if not 0 < args.mfu <= 1:
         print("[plan] error: --mfu must be in (0, 1]", file=sys.stderr)
         return 2
+    if not 0 <= args.headroom < 1:
+        print("[plan] error: --headroom is the fraction of HBM kept free: in [0, 1)",
+              file=sys.stderr)
+        return 2
     try:
         runs = load_runs(args.config, expand.parse_selection(args.select))
         if args.mesh:
