@@ -66,3 +66,14 @@ def test_openclip_default_head_width_is_announced(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="vlm_jax.convert"):
         assert main(["--openclip", path, "--out", str(tmp_path / "out")]) == 0
     assert "assuming OpenCLIP's default 64 (heads = 1)" in caplog.text
+
+
+def test_convert_prints_no_orbax_merge_warning(tmp_path, caplog):
+    # every `--hf ... --out` printed orbax's "Skipping merge of OCDBT checkpoints: No
+    # per-process OCDBT checkpoint subdirs found in <tmp dir>" (the save writes no OCDBT)
+    from tests.convert import hf_tiny
+    hf_tiny.llama(tmp_path / "hf")
+    with caplog.at_level("WARNING"):
+        assert main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck")]) == 0
+    assert (tmp_path / "ck" / "vlm_jax_convert.json").exists()
+    assert "OCDBT" not in caplog.text

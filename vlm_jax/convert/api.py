@@ -14,6 +14,7 @@ straight into its slice of its leaf, on one thread per usable core (`mapping.loa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -168,10 +169,20 @@ def save_params(path: str, params: dict) -> None:
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
                                           use_compression=False, use_ocdbt=False)
     ckptr = ocp.Checkpointer(handler)
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(_no_ocdbt_merge_note)
     try:
         ckptr.save(path, args=ocp.args.PyTreeSave(params))
     finally:
         ckptr.close()
+        absl_log.removeFilter(_no_ocdbt_merge_note)
+
+
+def _no_ocdbt_merge_note(record: logging.LogRecord) -> bool:
+    """Drops orbax's 'Skipping merge of OCDBT checkpoints' warning: this save writes no
+    OCDBT (`use_ocdbt=False`), so there is nothing to merge, yet orbax warns on every
+    `python -m vlm_jax.convert`."""
+    return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
 
 
 def save_converted(out: str, params: dict, meta: dict, force: bool = False) -> str:
