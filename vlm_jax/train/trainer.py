@@ -33,7 +33,7 @@ import optax
 from vlm_jax.train import checkpoint as ckpt
 from vlm_jax.train import flops as flops_lib
 from vlm_jax.train import metrics as metrics_lib
-from vlm_jax.train import optim, program_cache, sharding, step as step_lib
+from vlm_jax.train import optim, prefetch, program_cache, sharding, step as step_lib
 
 log = logging.getLogger("vlm_jax.train")
 
@@ -816,6 +816,9 @@ class Run:
         with ph("restore"):
             mgr = ckpt.make_manager(self.workdir, t.keep_checkpoints, keep_steps=keep_steps)
             start, state, meta = self._restore(mgr, state, it, meta)
+        # the next batch is read and put on the mesh while the current step runs; its
+        # state (what checkpoints save) is the one after the last batch taken
+        it = prefetch.DevicePrefetch(it, lambda local: sharding.global_batch(local, self.mesh))
         save_frozen = bool(t.get("save_frozen", False))
         if start > total:
             raise ValueError(f"train.steps={total} is below the checkpointed step {start}")
@@ -857,9 +860,8 @@ class Run:
             with _StopFlag() as stop:
                 while step < total:
                     t_data = time.perf_counter()
-                    local = next(it)
+                    local, gb = next(it)
                     _skipped_counts(local, skipped)
-                    gb = sharding.global_batch(local, self.mesh)
                     t_step = time.perf_counter()
                     state, m = self.train_step(state, frozen, gb)
                     m = jax.device_get(m)
@@ -941,6 +943,7 @@ class Run:
             if step == start:  # killed after the final save, before result.json
                 last_loss, last_eval = self._logged_final(step, frozen, state)
         finally:
+            it.close()
             with ph("checkpoint"):
                 writers.close()
                 mgr.wait_until_finished()
