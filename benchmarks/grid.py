@@ -31,7 +31,10 @@ and turn cache hits into misses.
 
 `--compare` runs the grid twice in fresh roots, each with its own fresh cache, `CONFIG`
 as given and with `sweep=0,feature_cache=0` appended to its arg; target:
-wall(fast) <= 0.35 x wall(slow).
+wall(fast) <= 0.35 x wall(slow). Then (unless `--no-warm`) each variant once more in a
+fresh root sharing the cache its first grid filled (`warm`: the ratios without the
+compiles both pay). `eval_loss_sweep_vs_separate`: per run of the swept stage, the
+sweep's eval loss vs the separate run's (own cosine schedule), relative difference.
 """
 from __future__ import annotations
 
@@ -121,8 +124,10 @@ def measure(config: str, root: str, parallel: int, select: list[str], extra: lis
         _add(phases, r.stage, (res.get("timings") or {}).items())
         for prog, lv in (res.get("compile_levels") or {}).items():
             levels.setdefault(prog, {})[lv] = levels.get(prog, {}).get(lv, 0) + 1
-        runs.append({"run": r.name, "status": st, "steps": n, "step_s": round(s, 3),
-                     "trainer_wall_s": res.get("wall_time_s")})
+        ev = res.get("final/eval_loss")
+        runs.append({"run": r.name, "stage": r.stage, "status": st, "steps": n,
+                     "step_s": round(s, 3), "trainer_wall_s": res.get("wall_time_s"),
+                     "eval_loss": ev})
     timings = registry.read_timings(root)
     job_s = sum(t["seconds"] for t in timings)
     stage_of = {r.name: r.stage for r in grid.runs}
@@ -210,6 +215,29 @@ def slot_timeline(timings: list[dict], t0: float, t_end: float, parallel: int) -
             "last_job_end_to_exit_s": round(t_end - max(ends), 2)}
 
 
+def compare(fast: dict, slow: dict) -> dict:
+    """Ratios of the feature cache + WSD sweep grid (`fast`) to the one without (`slow`)."""
+    ratio = lambda a, b: round(a / max(1e-9, b), 4)  # noqa: E731
+    fg, sg = (x["job_s_by_stage"].get("grid", 0.0) for x in (fast, slow))
+    return {"wall_ratio_fast_over_slow": ratio(fast["wall_s"], slow["wall_s"]),
+            "train_steps_ratio": ratio(fast["train_steps"], max(1, slow["train_steps"])),
+            "grid_stage_job_s_ratio": ratio(fg, sg)}
+
+
+def eval_loss_differences(fast: dict, slow: dict) -> dict:
+    """Per run of the swept stage: the sweep's eval loss (a WSD branch, or the stable run)
+    vs the separate run's (its own cosine schedule, the recipe's), |relative difference|."""
+    theirs = {r["run"]: r["eval_loss"] for r in slow.get("per_run", [])}
+    diffs = {r["run"]: abs(r["eval_loss"] / theirs[r["run"]] - 1)
+             for r in fast.get("per_run", []) if r["stage"] == "grid"
+             and r.get("eval_loss") is not None and theirs.get(r["run"]) is not None}
+    if not diffs:
+        return {}
+    worst = max(diffs, key=diffs.get)
+    return {"runs": len(diffs), "mean_rel": round(sum(diffs.values()) / len(diffs), 5),
+            "max_rel": round(diffs[worst], 5), "max_run": worst}
+
+
 def with_arg(config: str, extra: str) -> str:
     path, _, arg = config.partition(":")
     return f"{path}:{arg + ',' if arg else ''}{extra}"
@@ -259,16 +287,22 @@ def main(argv=None) -> int:
                                       for k in ("cold_cache", "warm_cache")
                                       if f"overhead_{k}" in out}
         if args.compare:
-            slow = run(with_arg(args.config, "sweep=0,feature_cache=0"), "slow", "xla_slow")
+            slow_cfg = with_arg(args.config, "sweep=0,feature_cache=0")
+            slow = run(slow_cfg, "slow", "xla_slow")
             out["baseline_no_sweep_no_cache"] = slow
-            out["wall_ratio_fast_over_slow"] = round(fast["wall_s"] / max(1e-9, slow["wall_s"]), 4)
-            out["train_steps_ratio"] = round(fast["train_steps"] / max(1, slow["train_steps"]), 4)
-            fg = fast["job_s_by_stage"].get("grid", 0.0)
-            sg = slow["job_s_by_stage"].get("grid", 0.0)
-            out["grid_stage_job_s_ratio"] = round(fg / max(1e-9, sg), 4)
+            out.update(compare(fast, slow))
+            out["eval_loss_sweep_vs_separate"] = eval_loss_differences(fast, slow)
+            if not args.no_warm:
+                # each variant again in a fresh root, sharing the cache its cold grid filled
+                fast_w = run(args.config, "fast_warm", "xla_fast")
+                slow_w = run(slow_cfg, "slow_warm", "xla_slow")
+                out["warm_cache"] = fast_w
+                out["baseline_no_sweep_no_cache_warm"] = slow_w
+                out["warm"] = compare(fast_w, slow_w)
         out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         if not args.per_run:
-            for k in ("cold_cache", "warm_cache", "baseline_no_sweep_no_cache"):
+            for k in ("cold_cache", "warm_cache", "baseline_no_sweep_no_cache",
+                      "baseline_no_sweep_no_cache_warm"):
                 if k in out:
                     out[k].pop("per_run", None)
         print(json.dumps(out, indent=2))

@@ -7,10 +7,11 @@
 Grid presets (`get_config("grid")`, the default of `python -m vlm_jax.grid run`):
 - `grid`: (1) pretrain 3 tiny ViTs (S/M/L) contrastively (CLIP loss, kind "clip") on
   synthetic image-caption pairs and 2 tiny LMs (S/M, kind "lm") on the captions; (2) freeze
-  them and train only the 2-layer GELU MLP projector on vit x llm x n (4 data sizes) x data
-  (clean / noisy captions), LLaVA-1.5 stage-1 recipe scaled down (one epoch, cosine lr 1e-3,
-  3% warmup, wd 0, "plain" template, loss on caption tokens), eval loss on a held-out
-  split; (3) fit the scaling law and write the report (vlm_jax.analysis).
+  them and train only the 2-layer GELU MLP projector on vit x llm x n (10 data sizes,
+  512..5120 in steps of 512 like the study's 1M..10M) x data (clean / noisy captions),
+  LLaVA-1.5 stage-1 recipe scaled down (one epoch, cosine lr 1e-3, 3% warmup, wd 0,
+  "plain" template, loss on caption tokens), eval loss on a held-out split; (3) fit the
+  scaling law and write the report (vlm_jax.analysis).
   With `sweep=1` (default) the data-size axis runs as one WSD sweep per (vit, llm, data)
   (vlm_jax.grid.sweep) and `feature_cache=1` reuses frozen-encoder features; `sweep=0,
   feature_cache=0` turns both off (benchmarks/grid.py compares the two).
@@ -48,8 +49,10 @@ DATA = {"clean": "synthetic_clean", "noisy": "synthetic_noisy"}
 
 # Grid presets: axis values and step budgets.
 PRESETS = {
-    "grid": dict(vits=("S", "M", "L"), llms=("S", "M"), sizes=(512, 1024, 2048, 4096),
-                 data=("clean", "noisy"), clip_steps=120, lm_steps=120, batch=32),
+    # data sizes 512..5120 in steps of 512: the compositional study's 1M..10M in steps of 1M
+    "grid": dict(vits=("S", "M", "L"), llms=("S", "M"),
+                 sizes=tuple(512 * k for k in range(1, 11)), data=("clean", "noisy"),
+                 clip_steps=120, lm_steps=120, batch=32),
     "tiny": dict(vits=("S", "M"), llms=("S",), sizes=(64, 128), data=("clean",),
                  clip_steps=8, lm_steps=8, batch=16),
 }

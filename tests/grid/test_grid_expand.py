@@ -36,23 +36,26 @@ def test_demo_grid_shape():
     stages = {}
     for r in g.runs:
         stages[r.stage] = stages.get(r.stage, 0) + 1
-    assert stages == {"vit": 3, "lm": 2, "grid": 3 * 2 * 2 * 4}
-    r = g.by_name()["grid/data=noisy,vit=L,llm=M,n=4096"]
+    assert stages == {"vit": 3, "lm": 2, "grid": 3 * 2 * 2 * 10}
+    r = g.by_name()["grid/data=noisy,vit=L,llm=M,n=5120"]
     assert dict(r.overrides) == {"model.vision.init_from": "vit/vit=L",
                                  "model.llm.init_from": "lm/llm=M"}
-    # a WSD sweep groups the 4 data sizes of each (vit, llm, data)
+    # a WSD sweep groups the 10 data sizes of each (vit, llm, data): 512..5120 in steps of
+    # 512 like the compositional study's 1M..10M
+    sizes = [dict(r.axes)["n"] for r in g.runs if r.stage == "grid"][:10]
+    assert sizes == [str(512 * k) for k in range(1, 11)]
     jobs = make_jobs(g.runs)
     assert len(jobs) == 3 + 2 + 12
-    assert all(len(j.runs) == 4 for j in jobs if j.sweep)
+    assert all(len(j.runs) == 10 for j in jobs if j.sweep)
     assert expand.validate_runs(g) == []
     # the runner starts what most runs wait on first: the LMs (24 grid runs each), then
     # the ViTs (16 each), then the grid
     from vlm_jax.grid import runner
     waiting = runner.dependants(g.runs)
-    assert len(waiting["lm/llm=S"]) == 24 and len(waiting["vit/vit=L"]) == 16
+    assert len(waiting["lm/llm=S"]) == 60 and len(waiting["vit/vit=L"]) == 40
     assert waiting["grid/data=clean,vit=S,llm=S,n=512"] == set()
     g0 = expand.load_grid(DEMO + ":grid,native=0,sweep=0")
-    assert len(make_jobs(g0.runs)) == len(g0.runs) == 53
+    assert len(make_jobs(g0.runs)) == len(g0.runs) == 125
 
 
 def test_demo_includes_native_stages():
