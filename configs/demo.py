@@ -204,7 +204,8 @@ def grid(a) -> mlc.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    a = common.parse_arg(arg, **_defaults())
+    # "vit=M,llm=S" (a run's point, no preset) means that run, not the grid
+    a = common.parse_arg(common.imply_preset(arg, ("vit", "llm", "n", "data")), **_defaults())
     if a.preset in GRID_PRESETS:
         return grid(a)
     if a.preset == "run":

@@ -58,6 +58,16 @@ def test_demo_grid_shape():
     assert len(make_jobs(g0.runs)) == len(g0.runs) == 125
 
 
+def test_demo_point_without_preset_is_one_run():
+    """`configs/demo.py:vit=M,llm=S` (a run's point, no preset) is that run, not the grid
+    with the values ignored; options of the grid stay the grid's."""
+    from configs import demo
+    c = demo.get_config("vit=M,llm=S,n=1024")
+    assert "grid" not in c and c.name == "demo_vitM_llmS_clean_n1024"
+    assert c.data.n == 1024 and c.model.vision.width == 48
+    assert "grid" in demo.get_config("sweep=0,feature_cache=0")
+
+
 def test_demo_includes_native_stages():
     g = expand.load_grid(DEMO)
     native = [r for r in g.runs if r.stage == "native"]

@@ -99,3 +99,19 @@ def test_workdir_that_is_a_file_is_named(tmp_path):
 def test_bad_multihost_flags_are_one_error_line(tmp_path, flags, want):
     p = _main("--config", "configs/demo.py:run", "--workdir", str(tmp_path / "w"), *flags)
     assert p.returncode == 2 and want in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_missing_init_from_is_named_before_anything_is_written(tmp_path):
+    """A local init_from that does not exist fails before config.json is written, so the
+    same workdir accepts the corrected path afterwards."""
+    from configs import demo
+    from vlm_jax.train import trainer
+    wd = tmp_path / "run"
+    c = demo.get_config("run,vit=S,llm=S,n=32,steps=1,batch=8,eval_n=8")
+    c.model.vision.init_from = str(tmp_path / "no_such_vit")
+    with pytest.raises(FileNotFoundError, match=r"model.vision.init_from=.*no_such_vit.*"
+                                                r"does not exist"):
+        trainer.Run(c, str(wd))
+    assert not (wd / "config.json").exists()
+    c.model.vision.init_from = "gs://bucket/vit"        # remote: checked when loaded
+    trainer._check_init_from(c)

@@ -273,6 +273,18 @@ def _is_workdir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
+def _check_init_from(config) -> None:
+    """A local `model.<part>.init_from` that does not exist is an error before the run
+    writes anything (its config.json would otherwise hold the wrong path)."""
+    for part in ("vision", "llm"):
+        sub = config.model.get(part)
+        path = str(sub.get("init_from", "") or "") if sub is not None else ""
+        if path and "://" not in path and not os.path.exists(path):
+            raise FileNotFoundError(
+                f"model.{part}.init_from={path!r} does not exist; point it at a vlm_jax "
+                "workdir or at weights converted with `python -m vlm_jax.convert`")
+
+
 def _load_init_from(part: str, path: str, part_cfg, dtype) -> dict:
     """Params of `part` from a vlm_jax workdir (its latest checkpoint) or a
     transformers/OpenCLIP/converted directory (`vlm_jax.convert.load_pretrained`, whose
@@ -377,6 +389,7 @@ class Run:
         self.is_main = self.pi == 0
         validate(config)
         check_workdir(self.workdir, config)
+        _check_init_from(config)
         self.mesh = sharding.make_mesh(config.mesh, devices)
         sharding.check_batch(config.train.batch_size, self.mesh, self.pc)
         sharding.check_batch(config.train.batch_size // config.train.grad_accum, self.mesh, 1,
