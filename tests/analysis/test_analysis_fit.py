@@ -116,3 +116,19 @@ def test_batched_lbfgs_minimises_rosenbrock_lanes():
         np.testing.assert_allclose(np.asarray(res.x), 1.0, atol=1e-4)
         assert bool(np.all(np.asarray(res.converged)))
         assert np.all(np.asarray(res.iters) < 3000)
+
+
+def test_bootstrap_intervals_skip_unidentified_parameters():
+    """A parameter whose every bootstrap refit ran off to inf/NaN (the 10-size demo's
+    noisy-caption group did: A overflowed) has no interval instead of crashing the fit;
+    the others keep theirs."""
+    from vlm_jax.analysis.fit import PARAMS, bootstrap_intervals
+    rng = np.random.default_rng(0)
+    boot = rng.normal(1.0, 0.1, size=(200, len(PARAMS)))
+    boot[:, PARAMS.index("A")] = np.inf
+    boot[::2, PARAMS.index("alpha")] = np.nan          # half unidentified: still an interval
+    ci, se = bootstrap_intervals(boot, ["E", "A", "alpha"], 0.95)
+    assert "A" not in ci and "A" not in se
+    assert ci["E"][0] < 1.0 < ci["E"][1] and 0.05 < se["E"] < 0.2
+    assert ci["alpha"][0] < ci["alpha"][1]
+    assert bootstrap_intervals(np.zeros((0, len(PARAMS))), ["E"], 0.95) == ({}, {})

@@ -276,21 +276,30 @@ def fit_law(N, D, loss, kind: str = "joint", *, n_boot: int = 1000, seed: int = 
     nat = _natural(theta, kind)
     names = ["E"] + [p for v in TERMS[kind] for p in _TERM_PARAMS[v]]
     params = {k: float(nat[PARAMS.index(k)]) for k in names}
-    q = (1 - level) / 2
-    ci, se = {}, {}
-    if len(boot):
-        for k in names:
-            col = boot[:, PARAMS.index(k)]
-            col = col[np.isfinite(col)]
-            ci[k] = [float(np.quantile(col, q)), float(np.quantile(col, 1 - q))]
-            with np.errstate(over="ignore", invalid="ignore"):   # unidentified: inf/NaN
-                se[k] = float(np.std(col, ddof=1))
+    ci, se = bootstrap_intervals(boot, names, level)
     pred = predict(params, N, D)
     r = np.log(loss) - np.log(pred)
     return Fit(kind=kind, params=params, ci=ci, se=se, n_points=n,
                huber_loss=float(f[order[0]]), boot=boot,
                residuals=residual_diagnostics(N, D, loss, pred, kind),
                converged=bool(np.asarray(res.converged)[order[0]]), n_boot=len(boot))
+
+
+def bootstrap_intervals(boot: np.ndarray, names, level: float) -> tuple[dict, dict]:
+    """(percentile interval, standard error) per parameter over the bootstrap fits' finite
+    values; a parameter with none (unidentified: every resample ran off to inf/NaN, e.g.
+    a data term that the losses do not determine) gets neither."""
+    q = (1 - level) / 2
+    ci, se = {}, {}
+    for k in names if len(boot) else ():
+        col = boot[:, PARAMS.index(k)]
+        col = col[np.isfinite(col)]
+        if not len(col):
+            continue
+        ci[k] = [float(np.quantile(col, q)), float(np.quantile(col, 1 - q))]
+        with np.errstate(over="ignore", invalid="ignore"):   # large values overflow
+            se[k] = float(np.std(col, ddof=1)) if len(col) > 1 else float("nan")
+    return ci, se
 
 
 def _corr(a, b) -> float | None:
