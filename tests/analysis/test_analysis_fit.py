@@ -132,3 +132,19 @@ def test_bootstrap_intervals_skip_unidentified_parameters():
     assert ci["E"][0] < 1.0 < ci["E"][1] and 0.05 < se["E"] < 0.2
     assert ci["alpha"][0] < ci["alpha"][1]
     assert bootstrap_intervals(np.zeros((0, len(PARAMS))), ["E"], 0.95) == ({}, {})
+
+
+def test_report_of_a_group_whose_term_ran_off_to_infinity():
+    """A group whose fit left a term undetermined (A = inf: no finite predictions, so no
+    residuals) is reported with '–' and the note, not a crash (the 10-size demo's
+    noisy-caption S-LM group)."""
+    from vlm_jax.analysis import report
+    g = {"kind": "joint", "E": 1.06, "A": None, "alpha": 396.0, "B": 0.74, "beta": 0.29,
+         "ci": {"E": [1.0, 1.1]}, "n_points": 30, "huber_loss": 6e-5,
+         "residuals": {"rmse_log": None}, "note": "A ran off to infinity: ..."}
+    ok = dict(g, A=2.1e6, alpha=2.3, residuals={"rmse_log": 0.0012})
+    md = report.fit_markdown({"groups": {"llm=S,data=noisy": g, "llm=M,data=clean": ok},
+                              "answers": []})
+    row = next(line for line in md.splitlines() if line.startswith("| llm=S,data=noisy"))
+    assert "| 30 | 6e-05 | – |" in row and "A ran off to infinity" in md
+    assert "| 30 | 6e-05 | 0.0012 |" in md

@@ -133,6 +133,11 @@ def _fit_group(g: io.Group, args, flops_model) -> dict:
         if args.law == "auto" and kind != "joint":
             out["note"] = (f"only {len(set(N))} N value(s) and {len(set(D))} D value(s): "
                            f"fitted L({kind}) instead of the joint law")
+        lost = [k for k, v in f.params.items() if not np.isfinite(v)]
+        if lost:   # e.g. A -> inf, alpha -> large: the loss does not fall as a power of N
+            out["note"] = (f"{', '.join(lost)} ran off to infinity: these losses do not "
+                           "determine that term (no power-law trend in it), so the fit has "
+                           "no finite predictions; read the term as absent")
     except fitlib.FitError as e:
         out["error"] = f"L({','.join(fitlib.TERMS[kind])}) fit: {e}"
     # per-line curves: L(D) for each N (encoder), L(N) for each D

@@ -61,8 +61,8 @@ def fit_markdown(res: dict, prefix: str = "", level: int = 1) -> str:
         cells = [f"{_g(g.get(k), 4)}{_ci(g.get('ci'), k)}" if g.get(k) is not None else "–"
                  for k in fitlib.PARAMS]
         lines.append(f"| {name} | {g['kind']} | " + " | ".join(cells) +
-                     f" | {g['n_points']} | {g['huber_loss']:.3g} | "
-                     f"{g['residuals']['rmse_log']:.3g} |")
+                     f" | {g['n_points']} | {_g(g.get('huber_loss'))} | "
+                     f"{_g((g.get('residuals') or {}).get('rmse_log'))} |")
         if g.get("note"):
             notes.append(f"- **{name}**: {g['note']}")
     lines += [""] + notes + [""]
