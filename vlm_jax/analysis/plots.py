@@ -16,13 +16,26 @@ def _grid(n):
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.38, wspace=0.3)   # row titles clear of the x labels above
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
 
 
+def _log_x_ticks(ax) -> None:
+    """Plain labels at 1, 2, 5 x 10^k when the data span at most two decades (one decade
+    of data sizes would otherwise get crowded minor labels such as 2x10^3 3x10^3)."""
+    from matplotlib import ticker
+    lo, hi = ax.get_xlim()
+    if lo > 0 and hi / lo <= 100:
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def _finish(ax, xlabel, title, legend):
     ax.set_xscale("log")
+    _log_x_ticks(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=9)
