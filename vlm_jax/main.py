@@ -142,23 +142,15 @@ def _flag_config_problem(argv=None) -> str | None:
         if spec and not os.path.isfile(spec.split(":", 1)[0]):
             return config_problem(None, spec)
         if spec:
+            from vlm_jax.grid import expand
+            path, _, arg = spec.partition(":")
             try:
-                value = _load_config(spec)
+                value = expand.build_config(path, arg)
             except Exception:  # noqa: BLE001 - its own errors are reported as before
                 return None
     if value is None or not spec:
         return None
     return config_problem(value, spec)
-
-
-def _load_config(spec: str):
-    """`get_config(ARG)` of config file spec PATH.py[:ARG], as config_flags loads it."""
-    import importlib.util
-    path, *arg = spec.split(":", 1)
-    module_spec = importlib.util.spec_from_file_location("_vlm_jax_main_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(*arg)
 
 
 def _parse_flags(argv):
