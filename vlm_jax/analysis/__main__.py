@@ -135,9 +135,11 @@ def _fit_group(g: io.Group, args, flops_model) -> dict:
                            f"fitted L({kind}) instead of the joint law")
         lost = [k for k, v in f.params.items() if not np.isfinite(v)]
         if lost:   # e.g. A -> inf, alpha -> large: the loss does not fall as a power of N
-            out["note"] = (f"{', '.join(lost)} ran off to infinity: these losses do not "
-                           "determine that term (no power-law trend in it), so the fit has "
-                           "no finite predictions; read the term as absent")
+            notes = [out["note"]] if out.get("note") else []
+            out["note"] = "; ".join(notes + [
+                f"{', '.join(lost)} ran off to infinity: these losses do not determine that "
+                "term (no power-law trend in it), so the fit has no finite predictions; read "
+                "the term as absent"])
     except fitlib.FitError as e:
         out["error"] = f"L({','.join(fitlib.TERMS[kind])}) fit: {e}"
     # per-line curves: L(D) for each N (encoder), L(N) for each D
