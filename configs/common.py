@@ -149,7 +149,8 @@ def base_config() -> mlc.ConfigDict:
         param_dtype="float32",    # master weights of trainable params
         frozen_dtype="float32",   # storage dtype of frozen params (bfloat16 halves memory)
         image_token_id=0,
-        attention_impl="",        # "": einsum on CPU, jax.nn (cuDNN) on GPU; einsum/xla/cudnn
+        attention_impl="",        # "": einsum (CPU), cudnn (GPU, bf16), splash (TPU), else xla;
+                                  # or einsum/xla/cudnn/splash/einsum_remat (models.attention)
         vision=vit_config(),
         llm=llm_config(),
         projector=projector_config(),

@@ -113,3 +113,26 @@ def test_errors(tmp_path, capsys):
     path = _write(tmp_path, _TINY, "tiny.py")
     assert plan.main([path, "--mesh", "3,1,1", "--compile", "off"]) == 2
     assert "data-parallel size 3" in capsys.readouterr().err
+
+
+def test_plan_follows_the_chips_attention_kernel(tmp_path):
+    """A long-sequence LM: on TPU (splash) and on an H100 in bf16 (cuDNN flash) the plan
+    keeps no [T, T] attention probabilities: the analytic estimate drops them and the
+    local compile uses `einsum_remat` (probabilities recomputed in the backward pass);
+    fp32 on an A100 runs XLA's dense attention, which keeps them."""
+    text = _TINY.replace("c.data.seq_len = 64", "c.data.seq_len = 512").replace(
+        "max_len=128", "max_len=512")
+    path = _write(tmp_path, text, "long.py")
+    cfg = plan.load_runs(path)[0][1]
+    dense = plan.plan_config(cfg, (2, 1, 1), "a100", 0.5, compile_mode="on")
+    tpu = plan.plan_config(cfg, (2, 1, 1), "v5p", 0.5, compile_mode="on")
+    cfg.model.dtype = "bfloat16"
+    gpu = plan.plan_config(cfg, (2, 1, 1), "h100", 0.5, compile_mode="off")
+    assert (dense.attention, tpu.attention, gpu.attention) == ("xla", "splash", "cudnn")
+    assert any("einsum_remat" in n for n in tpu.notes) and tpu.activations_source.startswith("xla")
+    assert not any("einsum_remat" in n for n in dense.notes)
+    # 3 layers x 8 rows x 2 heads x 512^2 fp32 probabilities = 50 MB, the bulk of it; the
+    # compiled remat step still holds one layer's while it runs (measured 52 vs 85 MB)
+    assert tpu.activations_analytic < dense.activations_analytic / 3
+    assert tpu.bytes["activations"] < 0.7 * dense.bytes["activations"]
+    assert gpu.activations_analytic < dense.activations_analytic / 3

@@ -13,7 +13,10 @@ once) it prints:
 - activations: XLA's own number (`temp_size_in_bytes` of the memory analysis of the
   AOT-compiled train step, compiled for one device's share of the batch with the local
   backend) when `--compile` allows, else an analytic estimate (documented in
-  `activation_bytes`); the analytic number is always shown for comparison;
+  `activation_bytes`); the analytic number is always shown for comparison. Both follow
+  the attention kernel the chip runs (`vlm_jax.models.attention`: cuDNN flash on
+  bf16/fp16 GPUs, splash on TPU keep no [T, T] probabilities; the local compile then
+  uses `einsum_remat`, which keeps none either);
 - a step-time estimate: training FLOPs per step (`vlm_jax.train.flops`) / (devices x
   peak bf16 FLOP/s of `--chip` x `--mfu`), and the run's total time;
 - a warning when the total exceeds the chip's HBM (`HBM_GIB`, less `--headroom`).
@@ -56,6 +59,7 @@ class RunPlan:
     params_trainable: int = 0
     bytes: dict = dataclasses.field(default_factory=dict)   # per device
     activations_source: str = "analytic"
+    attention: str = ""            # the attention kernel on the chip (models.attention)
     activations_analytic: float = 0.0
     flops_per_step: float = 0.0
     step_time_s: float = 0.0
@@ -135,13 +139,32 @@ def _param_leaves(boxed, mesh: _MeshShape, trainable_patterns):
     return out
 
 
+def chip_attention(config, chip: str | None, tower: str = "llm") -> str:
+    """The attention kernel `model.attention_impl` runs for `tower` ("llm" / "vision") on
+    `chip` (None: the local backend), as `vlm_jax.models.attention.resolve` picks it."""
+    from vlm_jax.models import attention
+    m = config.model
+    c = m.llm if tower == "llm" else m.vision
+    hd = c.get("head_dim", 0) or c.width // max(1, c.get("heads", 1))
+    backend, cap = attention.chip_backend(chip) if chip else (None, None)
+    return attention.resolve(m.get("attention_impl", ""), _dtype(m.get("dtype", "float32")),
+                             hd, backend=backend, capability=cap)
+
+
+def _dtype(name):
+    import jax.numpy as jnp
+    return {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float16": jnp.float16,
+            "fp16": jnp.float16}.get(str(name), jnp.float32)
+
+
 def activation_bytes(config, per_device_batch: float, mesh: _MeshShape,
-                     trainable_components: Sequence[str]) -> float:
+                     trainable_components: Sequence[str], chip: str | None = None) -> float:
     """Analytic per-device activation memory of one (micro-)batch's train step.
 
     LLM layer (tokens t = b x T, compute dtype bytes e, tensor-parallel size p): with
     remat "none" it keeps its input, two norm outputs, q/k/v, the attention output, the
-    SwiGLU gate/up/product and the fp32 attention probabilities ([heads, T, T]);
+    SwiGLU gate/up/product and the attention probabilities ([heads, T, T] fp32; with a
+    flash kernel on `chip`, cuDNN or splash, only their fp32 log-sum-exp [heads, T]);
     "dots" keeps the weight-matmul outputs; "full" keeps only the layer input, plus one
     layer's worth recomputed in the backward pass. Only components a gradient flows
     through keep activations (a frozen encoder before every trainable part runs forward
@@ -162,9 +185,12 @@ def activation_bytes(config, per_device_batch: float, mesh: _MeshShape,
         grad_flows[k] = seen
     total = 0.0
 
-    def layer(d, q, kv, mlp, heads, t_seq, remat):
+    from vlm_jax.models.attention import FLASH_IMPLS
+
+    def layer(d, q, kv, mlp, heads, t_seq, remat, tower):
         t = b * t_seq
-        attn_probs = 4.0 * b * heads / p * t_seq * t_seq
+        keys = 1 if chip_attention(config, chip, tower) in FLASH_IMPLS else t_seq
+        attn_probs = 4.0 * b * heads / p * t_seq * keys
         full = e * t * (3 * d + (q + 2 * kv + q) / p + 3 * mlp / p) + attn_probs
         if remat == "full":
             return e * t * d, full
@@ -178,7 +204,7 @@ def activation_bytes(config, per_device_batch: float, mesh: _MeshShape,
             tok = (v.image_size // v.patch_size) ** 2 + int(bool(v.get("class_token", False)))
             heads = v.get("heads", 1)
             per, peak = layer(v.width, v.width, v.width, v.mlp_dim, heads, tok,
-                              v.get("remat", "none"))
+                              v.get("remat", "none"), "vision")
             if grad_flows.get("vision") or grad_flows.get("text"):
                 total += v.depth * per + peak
             else:
@@ -191,7 +217,7 @@ def activation_bytes(config, per_device_batch: float, mesh: _MeshShape,
             from vlm_jax.models.vlm import num_image_tokens
             t_seq += num_image_tokens(m) if m.kind == "vlm" else 0
         per, peak = layer(c.width, c.heads * hd, c.kv_heads * hd, c.mlp_dim, c.heads, t_seq,
-                          c.get("remat", "none"))
+                          c.get("remat", "none"), "llm")
         total += (c.depth * per + peak) if grad_flows.get("llm", True) else per + peak
         chunk = int(c.get("loss_chunk", 0) or 0)
         positions = min(chunk, t_seq) if chunk > 0 else t_seq
@@ -287,10 +313,24 @@ def plan_config(config, mesh_shape, chip: str, mfu: float, compile_mode: str = "
                             if not k.startswith("_"))) / dp
     trainable_components = sorted({p.split("/")[0] for p, _, _, tr, _ in leaves if tr})
     per_dev_b = B // accum // dp
-    plan.activations_analytic = activation_bytes(config, per_dev_b, mesh, trainable_components)
+    plan.activations_analytic = activation_bytes(config, per_dev_b, mesh, trainable_components,
+                                                 chip)
     act = plan.activations_analytic
     want_compile = compile_mode == "on" or (compile_mode == "auto" and plan.params_total < 2e9)
+    kernel = chip_attention(config, chip) if m.kind != "clip" else \
+        chip_attention(config, chip, "vision")
+    plan.attention = kernel
     if want_compile:
+        from vlm_jax.models import attention as attn_lib
+        if kernel in attn_lib.FLASH_IMPLS and chip_attention(config, None) not in \
+                attn_lib.FLASH_IMPLS:
+            # the local backend cannot compile the chip's kernel: compile a model whose
+            # attention keeps, like it, no probabilities (recomputed in the backward pass)
+            config = config.copy_and_resolve_references()
+            config.model.attention_impl = "einsum_remat"
+            model, _, _ = abstract_params(config)
+            plan.notes.append(f"XLA activations compiled with einsum_remat (no saved "
+                              f"attention probabilities, like {kernel} on {chip})")
         try:
             def spec_fn(b):
                 s = batch_spec(config, b * accum)
@@ -415,7 +455,8 @@ def format_table(plans: Sequence[RunPlan], chip: str, mesh_shape, mfu: float) ->
             f"{g['grads']:7.2f} {g['activations']:8.2f} {p.total_bytes / scale:8.2f} | "
             f"{p.step_time_s:9.2e} {p.run_time_h:8.3f}  {'ok' if p.fits else 'NO'}")
         lines.append(f"{'':46s}activations: {p.activations_source}"
-                     f" (analytic {p.activations_analytic / scale:.2f} {unit})")
+                     f" (analytic {p.activations_analytic / scale:.2f} {unit}); "
+                     f"attention: {p.attention}")
         for note in p.notes:
             lines.append(f"{'':46s}{note}")
     bad = [p for p in plans if not p.fits]

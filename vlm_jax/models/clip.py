@@ -58,7 +58,8 @@ class TextEncoder(nn.Module):
                          (self.max_len, self.width), self.param_dtype)
         x = (jnp.take(emb, tokens, axis=0) + pos[None, :t]).astype(self.dtype)
         x = L.constrain(x, (L.BATCH, L.LENGTH, L.EMBED))
-        mask = L.attention_mask(segment_ids, causal=True, q_len=t)
+        mask = L.self_attention_mask(segment_ids, True, t, None, self.dtype,
+                                     self.width // self.heads)
         for i in range(self.depth):
             x = TextBlock(self.heads, 4 * self.width, dtype=self.dtype,
                           param_dtype=self.param_dtype, name=f"layers_{i}")(x, mask)

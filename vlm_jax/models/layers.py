@@ -12,8 +12,11 @@ import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
+
+from vlm_jax.models import attention
 
 # Logical axis names (DESIGN.md). The sharding rules map these to ("data", "fsdp", "tensor").
 BATCH = "batch"
@@ -353,32 +356,58 @@ def attention_mask(segment_ids: jax.Array | None, causal: bool, q_len: int,
     return mask
 
 
-ATTENTION_IMPLS = ("", "einsum", "xla", "cudnn")
+ATTENTION_IMPLS = attention.IMPLS
+
+
+@struct.dataclass
+class AttentionMask:
+    """A self-attention mask by its structure: each query sees the keys of its segment
+    (`segment_ids` [B, T]; None: one segment) and, if `causal`, none after it. `dense` is
+    the same mask as bool [B|1, 1, T, T] for the paths that read one, or None
+    (`self_attention_mask` leaves it out when the chosen kernel takes the structure).
+    A pytree (`causal` is static), so it passes through `nn.scan` and remat."""
+    segment_ids: Any = None
+    dense: Any = None
+    causal: bool = struct.field(pytree_node=False, default=False)
+
+
+def self_attention_mask(segment_ids: jax.Array | None, causal: bool, t: int,
+                        implementation: str | None, dtype, head_dim: int) -> AttentionMask:
+    """The mask a model builds once per forward pass and hands every layer."""
+    dense = None
+    if attention.needs_dense_mask(implementation, dtype, head_dim, segment_ids is not None):
+        dense = attention_mask(segment_ids, causal, t)
+    return AttentionMask(segment_ids, dense, causal)
 
 
 def dot_product_attention(q, k, v, mask=None, implementation: str | None = None,
                           causal: bool = False):
-    """q: [B, T, N, H], k/v: [B, S, K, H] with N % K == 0 (grouped-query attention);
-    mask: bool, broadcastable to [B, N, T, S] with a head axis of 1 or N. -> [B, T, N, H].
-    `causal=True` promises that the mask hides every key after its query (S == T, same
-    positions): the einsum path then skips the key blocks above the diagonal.
+    """q: [B, T, N, H], k/v: [B, S, K, H] with N % K == 0 (grouped-query attention) ->
+    [B, T, N, H], scale 1/sqrt(H).
 
-    `implementation` (config `model.attention_impl`):
-    - "" / None: by backend: `einsum_attention` on CPU (faster there, see below),
-      `jax.nn.dot_product_attention` elsewhere (it picks cuDNN flash attention on GPU when
-      the dtypes allow, XLA's lowering otherwise and on TPU).
-    - "einsum": `einsum_attention` below (heads-major einsums, fp32 softmax, a
-      hand-written backward pass); plain XLA ops, so it runs on every backend.
-    - "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation.
-    """
-    if implementation in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-    if implementation not in (None, "", "einsum"):
-        raise ValueError(f"unknown attention implementation {implementation!r}; use one of "
-                         f"{ATTENTION_IMPLS}")
-    if not implementation and jax.default_backend() != "cpu":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return einsum_attention(q, k, v, mask, causal=causal)
+    `mask`: None (every key), an `AttentionMask` (self-attention within segments), or a
+    bool array broadcastable to [B, N, T, S] with a head axis of 1 or N (any mask: it
+    runs on the dense paths, einsum or XLA). `causal=True` (or an `AttentionMask`'s):
+    no key after its query (S == T, same positions); with an array mask it promises the
+    mask already hides them (the einsum path then skips the key blocks above the
+    diagonal).
+
+    `implementation` (config `model.attention_impl`): "" by backend, "einsum", "xla",
+    "cudnn", "splash"; `vlm_jax.models.attention` says which runs where."""
+    impl = attention.resolve(implementation, q.dtype, q.shape[-1])
+    structured = mask is None or isinstance(mask, AttentionMask)
+    segments, dense = (mask.segment_ids, mask.dense) if isinstance(mask, AttentionMask) \
+        else (None, mask)
+    causal = causal or (isinstance(mask, AttentionMask) and mask.causal)
+    if structured and impl not in attention.DENSE_IMPLS and q.shape[1] == k.shape[1]:
+        return attention.kernel_attention(impl, q, k, v, segments, dense, causal)
+    if structured and dense is None and (segments is not None or causal):
+        dense = attention_mask(segments, causal, q.shape[1], k.shape[1])
+    if impl == "einsum":
+        return einsum_attention(q, k, v, dense, causal=causal)
+    if impl == "einsum_remat":
+        return jax.checkpoint(functools.partial(einsum_attention, causal=causal))(q, k, v, dense)
+    return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="xla")
 
 
 _NEG = float(jnp.finfo(jnp.float32).min)

@@ -116,6 +116,9 @@ class DecoderBlock(nn.Module):
         if keep is None:
             x = x + attn(h, rope, mask, visual_mask)
         else:
+            # the queries are a subset of the positions: the dense mask's rows for them
+            mask = L.attention_mask(mask.segment_ids, True, x.shape[1]) \
+                if mask.dense is None else mask.dense
             if mask is not None:  # query rows of the mask: [B|1, 1, T, S] -> [B, 1, n, S]
                 mask = jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:])
                 mask = jnp.take_along_axis(mask, keep[:, None, :, None], axis=2)
@@ -181,7 +184,8 @@ class LLM(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         rope = L.rope_tables(positions, inv_freq_for(self.cfg, positions))
-        mask = L.attention_mask(segment_ids, causal=True, q_len=t)
+        mask = L.self_attention_mask(segment_ids, True, t, self.attention_impl, self.dtype,
+                                     head_dim(self.cfg))
         args = (rope, mask, visual_mask)
         if keep is not None and self.is_initializing():  # init creates every layer as usual
             return take_positions(self.decode(x, positions, segment_ids, visual_mask), keep)

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.models.layers import (BATCH, EMBED, HEADS, KV, LENGTH, Linear, RMSNorm, SwiGLU,
-                                   apply_rope, attention_mask, constrain, dot_product_attention,
-                                   dtype_of, rope_inv_freq)
+                                   apply_rope, constrain, dot_product_attention, dtype_of,
+                                   rope_inv_freq, self_attention_mask)
 from vlm_jax.models.vit import stack_blocks
 
 
@@ -146,7 +146,8 @@ class NativeViT(nn.Module):
                    param_dtype=self.param_dtype)(patches)
         x = constrain(x, (BATCH, LENGTH, EMBED))
         # built once per forward pass and shared by every layer
-        mask = attention_mask(segment_ids, causal=False, q_len=x.shape[1])
+        mask = self_attention_mask(segment_ids, False, x.shape[1], self.attention_impl,
+                                   self.dtype, head_dim)
         cos, sin = rope_2d_tables(rows, cols, head_dim, float(c.get("rope_theta", 10000.0)))
         scan = bool(c.get("scan_layers", True))
         cls = stack_blocks(NativeBlock, depth=depth, scan=scan, remat=c.get("remat", "none"),

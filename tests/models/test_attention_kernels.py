@@ -1,0 +1,153 @@
+"""Attention kernels (`vlm_jax.models.attention`): which one "" picks on each backend, and
+Pallas splash attention (the TPU path, here in Pallas' interpret mode) against the einsum
+attention: values and gradients for causal / bidirectional, packed segments, padding,
+grouped-query heads and lengths that are not a multiple of the kernel block; the models
+with `attention_impl="splash"` against the default."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.models import attention as A
+from vlm_jax.models import layers as L
+from tests.compiled import subprocess_env
+from tests.models.test_models_vlm import init, make_batch, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("backend,dtype,head_dim,cap,want", [
+    ("cpu", jnp.bfloat16, 64, None, "einsum"),
+    ("tpu", jnp.float32, 64, None, "splash"),
+    ("gpu", jnp.bfloat16, 128, 8.0, "cudnn"),
+    ("gpu", jnp.float16, 64, 9.0, "cudnn"),
+    ("gpu", jnp.float32, 64, 9.0, "xla"),       # cuDNN flash: bf16/fp16 only
+    ("gpu", jnp.bfloat16, 192, 8.0, "xla"),     # head dim > 128 before Hopper
+    ("gpu", jnp.bfloat16, 192, 9.0, "cudnn"),
+    ("gpu", jnp.bfloat16, 60, 9.0, "xla"),      # not a multiple of 8
+    ("gpu", jnp.bfloat16, 64, None, "xla"),     # no CUDA device (e.g. ROCm)
+])
+def test_default_impl_by_backend(backend, dtype, head_dim, cap, want):
+    assert A.resolve("", dtype, head_dim, backend=backend, capability=cap) == want
+    assert A.resolve("einsum", dtype, head_dim, backend=backend, capability=cap) == "einsum"
+
+
+def test_dense_mask_only_where_read():
+    assert A.needs_dense_mask("einsum", jnp.float32, 64, segments=False)
+    assert A.needs_dense_mask("xla", jnp.float32, 64, segments=False)
+    assert not A.needs_dense_mask("splash", jnp.float32, 64, segments=True)
+    assert not A.needs_dense_mask("cudnn", jnp.bfloat16, 64, segments=False)
+    assert A.needs_dense_mask("cudnn", jnp.bfloat16, 64, segments=True)   # as a bias
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        A.resolve("flash", jnp.float32, 64)
+
+
+def _inputs(b, t, n, kv, h, seed=0):
+    r = np.random.default_rng(seed)
+    q, w = (jnp.asarray(r.normal(size=(b, t, n, h)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(r.normal(size=(b, t, kv, h)), jnp.float32) for _ in range(2))
+    return q, k, v, w
+
+
+def _value_and_grads(impl, q, k, v, w, segments, causal):
+    def f(q, k, v):
+        mask = L.self_attention_mask(segments, causal, q.shape[1], impl, q.dtype, q.shape[-1])
+        o = L.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        return jnp.sum(o * w), o
+    (_, o), g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return o, g
+
+
+@pytest.mark.parametrize("t,causal,segmented,kv", [
+    (128, True, False, 2),    # one block, no padding, grouped-query heads
+    (70, True, True, 1),      # padded to 128; packed segments + padding tail; MQA
+    (200, False, True, 4),    # bidirectional within segments (the native ViT's), padded
+    (96, False, False, 2),    # full attention (the CLIP ViT's)
+])
+def test_splash_equals_einsum(t, causal, segmented, kv):
+    q, k, v, w = _inputs(2, t, 4, kv, 16)
+    seg = None
+    if segmented:
+        s = np.ones((2, t), np.int32)
+        s[0, t // 3:] = 2         # two packed samples in row 0
+        s[1, -5:] = 0             # padding at the end of row 1
+        seg = jnp.asarray(s)
+    o_ref, g_ref = _value_and_grads("einsum", q, k, v, w, seg, causal)
+    o, g = _value_and_grads("splash", q, k, v, w, seg, causal)
+    assert o.shape == q.shape
+    np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=2e-5)
+    for a, b_ in zip(g, g_ref):
+        assert a.shape == b_.shape
+        np.testing.assert_allclose(a, b_, rtol=1e-4, atol=5e-5)
+
+
+def test_llm_with_splash_equals_default():
+    """A VLM (CLIP ViT + Llama LLM, scanned layers, the last layer on the loss positions:
+    a query subset, which falls back to the dense path) with `attention_impl="splash"`:
+    the same loss and gradients as the default (einsum on CPU), padding in one row."""
+    c = tiny_config("vlm", scan=True)
+    batch = make_batch(c, b=2)
+    batch["segment_ids"][1, -3:] = 0
+    batch["loss_mask"][1, -3:] = 0
+    m, params = init(c, batch)
+    c.model.attention_impl = "splash"
+    from vlm_jax import models
+    ms = models.build_model(c.model)
+
+    def grads(model):
+        return jax.jit(jax.value_and_grad(
+            lambda p: model.apply({"params": p}, batch)["loss_sum"]))(params)
+    (a, ga), (b, gb) = grads(m), grads(ms)
+    assert float(a) > 0
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6), ga, gb)
+    hlo = jax.jit(lambda p: ms.apply({"params": p}, batch)["loss_sum"]).lower(params).as_text()
+    assert "splash" in hlo or "pallas" in hlo.lower()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_splash_training_on_a_mesh_equals_one_device():
+    """Demo VLM train steps with `attention_impl="splash"` on 8 virtual devices, mesh
+    (data, fsdp, tensor) = (2, 2, 2): the kernel runs per device under shard_map (batch
+    over data x fsdp, heads over tensor; with 1 kv head, fewer than the tensor shards, k/v
+    are repeated per query head) and the losses equal the default attention on 1 device."""
+    env = subprocess_env(ROOT, devices=8)
+    p = subprocess.run([sys.executable, "-m", "tests.models.splash_worker"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1100)
+    lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stderr[-4000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result.pop("shard_mapped")
+    for kv, r in result.items():
+        assert len(r["splash_222"]) == 3 and r["default_1dev"][-1] < r["default_1dev"][0], kv
+        np.testing.assert_allclose(r["splash_222"], r["default_1dev"], rtol=2e-5, err_msg=kv)
+
+
+def test_einsum_remat_equals_einsum():
+    """`einsum_remat` (the probabilities recomputed in the backward pass, as a flash
+    kernel does): the same values and gradients, and no [T, T] buffer saved between the
+    forward and the backward pass."""
+    q, k, v, w = _inputs(2, 80, 4, 2, 16)
+    seg = jnp.asarray(np.r_[[1] * 50 + [2] * 30, [1] * 75 + [0] * 5].reshape(2, 80))
+    o_ref, g_ref = _value_and_grads("einsum", q, k, v, w, seg, True)
+    o, g = _value_and_grads("einsum_remat", q, k, v, w, seg, True)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-6, atol=1e-6)
+    for a, b_ in zip(g, g_ref):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
+
+    def saved(impl):
+        mask = L.self_attention_mask(seg, True, 80, impl, q.dtype, 16)
+        f = lambda q, k, v: L.dot_product_attention(q, k, v, mask, impl)  # noqa: E731
+        vjp = jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], q, k, v)   # its residuals
+        return [x.shape for x in jax.tree.leaves(vjp)]
+    # per-head [T, S] buffers (the mask, [B, 1, T, S], is an input either way)
+    def square(shapes):
+        return [s for s in shapes if len(s) >= 4 and s[-1] == 80 and s[1] > 1]
+    assert square(saved("einsum"))            # the probabilities
+    assert not square(saved("einsum_remat")), saved("einsum_remat")
