@@ -185,6 +185,7 @@ def base_config() -> mlc.ConfigDict:
         warmup_steps=0,
         warmup_frac=0.03,         # used when warmup_steps == 0
         decay_frac=0.2,           # wsd: fraction of steps in the final decay
+        decay_shape="linear",     # wsd: linear | 1-sqrt (lr x (1 - sqrt(x)), Hägele et al.)
         min_lr_ratio=0.0,
         b1=0.9,
         b2=0.999,

@@ -14,7 +14,8 @@ Grid presets (`get_config("grid")`, the default of `python -m vlm_jax.grid run`)
   scaling law and write the report (vlm_jax.analysis).
   With `sweep=1` (default) the data-size axis runs as one WSD sweep per (vit, llm, data)
   (vlm_jax.grid.sweep) and `feature_cache=1` reuses frozen-encoder features; `sweep=0,
-  feature_cache=0` turns both off (benchmarks/grid.py compares the two).
+  feature_cache=0` turns both off (benchmarks/grid.py compares the two); `decay=F` and
+  `decay_shape=linear|1-sqrt` set the sweep's decay (default 0.2, linear).
 - `tiny`: the same stages with 2 ViTs, 1 LM, 2 sizes, clean data, 1 native run, a few
   steps each: the test suite's preset (8 runs).
 
@@ -62,7 +63,8 @@ RUN_PRESETS = ("run", "lm_run", "clip_run")
 
 def _defaults() -> dict:
     return dict(preset="grid", vit="M", llm="S", n=512, data="clean", steps=0, batch=32,
-                sweep=True, feature_cache=True, native=True, eval_n=256)
+                sweep=True, feature_cache=True, native=True, eval_n=256,
+                decay=0.2, decay_shape="linear")
 
 
 def _check(name: str, value: str, table) -> None:
@@ -149,6 +151,8 @@ def run(a) -> mlc.ConfigDict:
     c.train.eval_batch_size = a.eval_n
     c.optim.update(lr=1e-3, schedule="cosine", warmup_frac=0.03, weight_decay=0.0,
                    trainable=("projector",))
+    # the WSD sweep's decay (`sweep=1`): its fraction of each run and its shape
+    c.optim.update(decay_frac=a.decay, decay_shape=a.decay_shape)
     return c
 
 
@@ -178,12 +182,14 @@ def _native(a) -> tuple[list[dict], list[dict]]:
 def grid(a) -> mlc.ConfigDict:
     p = PRESETS[a.preset]
     b = f"batch={p['batch']},eval_n={a.eval_n}"
+    d = _defaults()
+    decay = "".join(f",{k}={a[k]}" for k in ("decay", "decay_shape") if a[k] != d[k])
     stages = [
         dict(name="vit", arg=f"clip_run,steps={p['clip_steps']},{b}",
              axes={"vit": list(p["vits"])}),
         dict(name="lm", arg=f"lm_run,steps={p['lm_steps']},{b}",
              axes={"llm": list(p["llms"])}),
-        dict(name="grid", arg=f"run,{b},feature_cache={int(a.feature_cache)}",
+        dict(name="grid", arg=f"run,{b},feature_cache={int(a.feature_cache)}{decay}",
              # data first: the clean and noisy runs of one (vit, llm) compile the same
              # programs, and this order keeps them out of the same parallel wave, so the
              # second one finds them in the shared compilation cache.

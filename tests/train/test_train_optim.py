@@ -142,14 +142,15 @@ def test_nonfinite_guard_skips_and_stops(tmp_path):
     assert not os.path.exists(tmp_path / "result.json")
 
 
-@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "wsd"])
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "wsd", "wsd:1-sqrt"])
 @pytest.mark.parametrize("warm", [0, 7])
 def test_runtime_schedule_equals_compiled_schedule(kind, warm):
     """The trainer passes the schedule as numbers (one XLA program serves every run of the
     same shapes); its values must be those of the optax schedule at every step."""
     c = common.base_config().optim
+    kind, _, shape = kind.partition(":")
     c.update(schedule=kind, lr=3e-3, warmup_steps=warm, warmup_frac=0.0, min_lr_ratio=0.1,
-             decay_frac=0.2)
+             decay_frac=0.2, decay_shape=shape or "linear")
     total = 53
     ref = optim.make_schedule(c, total)
     hp = optim.schedule_params(c, total)
@@ -202,3 +203,18 @@ def test_flatten_modes():
     back = optim.unravel(tree, optim.ravel(tree))
     assert back["b"].dtype == jnp.bfloat16 and optim.ravel(tree).dtype == jnp.float32
     jax.tree.map(np.testing.assert_array_equal, back, tree)
+
+
+def test_wsd_1_sqrt_decay_shape():
+    """wsd with decay_shape 1-sqrt: lr x (1 - sqrt(x)) at fraction x of the decay (min_lr 0),
+    constant before it; a wrong shape is a clear error."""
+    c = common.base_config().optim
+    c.update(schedule="wsd", lr=1.0, warmup_steps=0, warmup_frac=0.0, min_lr_ratio=0.0,
+             decay_frac=0.25, decay_shape="1-sqrt")
+    f = optim.make_schedule(c, 100)
+    assert float(f(10)) == 1.0 and float(f(75)) == 1.0
+    assert float(f(75 + 4)) == pytest.approx(1 - (4 / 25) ** 0.5)   # 0.6, linear: 0.84
+    assert float(f(100)) == pytest.approx(0.0, abs=1e-7)
+    c.decay_shape = "cosine"
+    with pytest.raises(ValueError, match="optim.decay_shape='cosine'"):
+        optim.schedule_params(c, 100)
