@@ -25,12 +25,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 # TinyLlama-1.1B's shape (Llama 2 architecture, GQA)
 LLM_1B = dict(vocab_size=32000, width=2048, depth=22, heads=32, kv_heads=4, mlp_dim=5632)
@@ -65,46 +64,17 @@ def chip_name(kind: str) -> str | None:
 
 
 def measure(c, steps: int, chip: str | None = None) -> dict:
-    import flax.linen as nn
+    from lm_step import compile_and_time
     from vlm_jax.grid import plan
-    from vlm_jax.models import attention, batch_spec, build_model
+    from vlm_jax.models import attention
     from vlm_jax.models.layers import dtype_of
     from vlm_jax.train import flops as F
-    from vlm_jax.train import metrics, optim, step as step_lib
-    dev = jax.devices()[0]
-    model = build_model(c.model)
-    spec = batch_spec(c, c.train.batch_size)
-    b, t = spec["tokens"].shape
-    rng = np.random.default_rng(0)
-    v = c.model.llm.vocab_size
-    batch = {"tokens": rng.integers(3, v, (b, t)).astype(np.int32),
-             "targets": rng.integers(3, v, (b, t)).astype(np.int32),
-             "loss_mask": np.ones((b, t), np.float32),
-             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-             "segment_ids": np.ones((b, t), np.int32), "valid": np.ones((b,), np.float32)}
-    batch = jax.device_put({k: batch[k] for k in spec if not k.startswith("_")}, dev)
-    params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
-    params = nn.unbox(params)
-    tx, sched = optim.make_optimizer(c.optim, int(c.train.steps))
-    state = jax.jit(lambda p: step_lib.init_state(p, tx))(params)
-    del params
-    fn = step_lib.make_train_step(model, tx, sched)
-    t0 = time.perf_counter()
+    from vlm_jax.train import metrics
     from vlm_jax.train.trainer import FAST_COMPILE   # CPU: the script's check, not a number
-    compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, {}, batch).compile(
-        FAST_COMPILE if jax.default_backend() == "cpu" else None)
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    state, m = compiled(state, {}, batch)
-    jax.block_until_ready(m)
-    first_loss = float(m["loss"])
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, {}, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times))
+    dev = jax.devices()[0]
+    r = compile_and_time(c, steps, FAST_COMPILE if jax.default_backend() == "cpu" else None,
+                         dev)
+    mem, step_s, b, t = r["memory"], r["step_s"], *r["batch_shape"]
     flops = F.train_per_example(c, ["llm"]) * b
     stats = dev.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -113,10 +83,10 @@ def measure(c, steps: int, chip: str | None = None) -> dict:
            "attention_kernel": attention.resolve(c.model.attention_impl,
                                                  dtype_of(c.model.dtype),
                                                  c.model.llm.width // c.model.llm.heads),
-           "compile_s": round(compile_s, 2), "step_s": step_s, "step_s_all": times,
+           "compile_s": round(r["compile_s"], 2), "step_s": step_s, "step_s_all": r["times_s"],
            "tokens_per_s": b * t / step_s, "train_flops_per_step": flops,
-           "mfu": metrics.mfu(flops, step_s, 1, dev.device_kind), "loss_first": first_loss,
-           "loss_last": float(m["loss"]), "peak_bytes_in_use": peak,
+           "mfu": metrics.mfu(flops, step_s, 1, dev.device_kind), "loss_first": r["loss"],
+           "loss_last": float(r["last_metrics"]["loss"]), "peak_bytes_in_use": peak,
            "xla_bytes": None if mem is None else int(
                mem.argument_size_in_bytes + mem.output_size_in_bytes
                - mem.alias_size_in_bytes + mem.temp_size_in_bytes)}

@@ -16,13 +16,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 
 def lm_config(vocab: int, seq: int, batch: int, chunk: int):
@@ -39,40 +37,13 @@ def lm_config(vocab: int, seq: int, batch: int, chunk: int):
 
 
 def measure(c, steps: int) -> dict:
+    from lm_step import compile_and_time
     from vlm_jax.grid import plan
-    from vlm_jax.models import batch_spec, build_model
-    from vlm_jax.train import optim, step as step_lib
-    model = build_model(c.model)
-    spec = {k: v for k, v in batch_spec(c, c.train.batch_size).items()}
-    rng = np.random.RandomState(0)
-    b, t = spec["tokens"].shape
-    batch = {"tokens": rng.randint(3, c.model.llm.vocab_size, (b, t)).astype(np.int32),
-             "targets": rng.randint(3, c.model.llm.vocab_size, (b, t)).astype(np.int32),
-             "loss_mask": np.ones((b, t), np.float32),
-             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-             "segment_ids": np.ones((b, t), np.int32), "valid": np.ones((b,), np.float32)}
-    params = model.init(jax.random.PRNGKey(0), batch)["params"]
-    import flax.linen as nn
-    params = nn.unbox(params)
-    tx, sched = optim.make_optimizer(c.optim, c.train.steps)
-    state = step_lib.init_state(params, tx)
-    fn = step_lib.make_train_step(model, tx, sched)
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, {}, batch).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    state, m = compiled(state, {}, batch)
-    jax.block_until_ready(m)
-    first_loss = float(m["loss"])
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, {}, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+    r = compile_and_time(c, steps)
+    mem, b = r["memory"], r["batch_shape"][0]
     analytic = plan.activation_bytes(c, b, plan._MeshShape((1, 1, 1)), ["llm"])
-    return {"temp_bytes": int(mem.temp_size_in_bytes), "compile_s": compile_s,
-            "step_s": float(np.median(times)), "loss": first_loss,
+    return {"temp_bytes": int(mem.temp_size_in_bytes), "compile_s": r["compile_s"],
+            "step_s": r["step_s"], "loss": r["loss"],
             "plan_activation_bytes": int(analytic)}
 
 

@@ -56,7 +56,7 @@ class TextEncoder(nn.Module):
                          (self.vocab_size, self.width), self.param_dtype)
         pos = self.param("position_embedding", L.with_axes(L.normal_init(0.01), (None, L.EMBED)),
                          (self.max_len, self.width), self.param_dtype)
-        x = (jnp.take(emb, tokens, axis=0) + pos[None, :t]).astype(self.dtype)
+        x = (L.embed_lookup(emb, tokens) + pos[None, :t]).astype(self.dtype)
         x = L.constrain(x, (L.BATCH, L.LENGTH, L.EMBED))
         mask = L.self_attention_mask(segment_ids, True, t, None, self.dtype,
                                      self.width // self.heads)

@@ -54,6 +54,14 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(names))
 
 
+def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Rows `tokens` of an embedding table [vocab, embed] sharded (tensor, fsdp). The table
+    is gathered over fsdp first (as FSDP gathers every weight it uses): a lookup in the
+    fsdp-sharded table gives rows sharded along embed, which XLA can only turn into the
+    batch-sharded activation by replicating them ("involuntary full rematerialization")."""
+    return jnp.take(constrain(table, (VOCAB, None)), tokens, axis=0)
+
+
 def normal_init(std: float = 0.02) -> Initializer:
     return nn.initializers.normal(stddev=std)
 

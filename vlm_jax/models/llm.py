@@ -170,7 +170,7 @@ class LLM(nn.Module):
 
     def embed(self, tokens):
         """tokens [B, T] int -> embeddings [B, T, D] in the compute dtype."""
-        x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        x = L.embed_lookup(self.embedding, tokens).astype(self.dtype)
         return L.constrain(x, (L.BATCH, L.LENGTH, L.EMBED))
 
     def decode(self, x, positions=None, segment_ids=None, visual_mask=None, keep=None):
