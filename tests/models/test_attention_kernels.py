@@ -47,6 +47,21 @@ def test_dense_mask_only_where_read():
         A.resolve("flash", jnp.float32, 64)
 
 
+@pytest.mark.parametrize("rows,want", [
+    ([[1, 1, 1, 1], [1, 1, 0, 0]], True),       # one sample + right padding: cuDNN lengths
+    ([[3, 3, 3, 0], [3, 3, 3, 3]], True),       # any one id
+    ([[1, 1, 2, 2], [1, 1, 1, 0]], False),      # packed samples: the bias path
+    ([[0, 1, 1, 1], [1, 1, 1, 1]], False),      # left padding
+    ([[1, 0, 1, 0], [1, 1, 1, 1]], False),      # holes
+])
+def test_cudnn_padding_only_batches(rows, want):
+    """Which batches cuDNN runs with sequence lengths (no mask tensor) vs a bias."""
+    seg = jnp.asarray(rows, jnp.int32)
+    ok, n = jax.jit(A.right_padded)(seg)
+    assert bool(ok) == want
+    np.testing.assert_array_equal(n, (np.asarray(rows) > 0).sum(1))
+
+
 def _inputs(b, t, n, kv, h, seed=0):
     r = np.random.default_rng(seed)
     q, w = (jnp.asarray(r.normal(size=(b, t, n, h)), jnp.float32) for _ in range(2))
@@ -154,3 +169,19 @@ def test_einsum_remat_equals_einsum():
         return [s for s in shapes if len(s) >= 4 and s[-1] == 80 and s[1] > 1]
     assert square(saved("einsum"))            # the probabilities
     assert not square(saved("einsum_remat")), saved("einsum_remat")
+
+
+def test_cudnn_refused_runs_xla_attention(caplog):
+    """`attention_impl="cudnn"` where jax refuses cuDNN (here: no GPU) runs XLA's attention
+    with a warning naming the reason: the same values and gradients as the default."""
+    q, k, v, w = _inputs(2, 40, 4, 2, 16)
+    s = np.ones((2, 40), np.int32)
+    s[1, -6:] = 0
+    for seg in (None, jnp.asarray(s)):
+        o_ref, g_ref = _value_and_grads("einsum", q, k, v, w, seg, True)
+        with caplog.at_level("WARNING"):
+            o, g = _value_and_grads("cudnn", q, k, v, w, seg, True)
+        np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=2e-5)
+        for a, b_ in zip(g, g_ref):
+            np.testing.assert_allclose(a, b_, rtol=1e-4, atol=5e-5)
+    assert "cuDNN refused" in caplog.text and "using XLA's attention" in caplog.text

@@ -6,7 +6,8 @@
   reads the dense [B|1, 1, T, S] mask.
 - "cudnn" (CUDA GPUs, bf16/fp16, head dim a multiple of 8 and <= 128, <= 256 from
   Hopper): cuDNN flash attention, `jax.nn.dot_product_attention(implementation="cudnn")`;
-  causal as cuDNN's mask type (no mask tensor), segment ids as a mask (a bias).
+  causal as cuDNN's mask type (no mask tensor); segment ids that only mark right padding
+  as its padding mask (sequence lengths), packed segments as a mask (a bias).
 - "splash" (TPU): Pallas splash attention (`jax.experimental.pallas.ops.tpu.
   splash_attention`); causal and segment ids as the kernel's block-sparse mask and
   `SegmentIds` (no T x S tensor).
@@ -33,7 +34,7 @@ loss) has no causal structure the kernels know: it uses the dense mask on XLA's 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -108,16 +109,63 @@ def needs_dense_mask(impl: str | None, dtype, head_dim: int, segments: bool) -> 
 
 
 # --------------------------------------------------------------------------- cuDNN
-def cudnn_attention(q, k, v, dense_mask, causal: bool, segments: bool):
-    """cuDNN flash attention: causal as its mask type; with segment ids, `dense_mask` (the
-    segment mask, causal or not) goes in as a bias. Falls back to XLA's path where cuDNN
-    refuses the shapes (a bias needs even sequence lengths in training)."""
+def right_padded(segment_ids) -> tuple[jax.Array, jax.Array]:
+    """(every row is one segment followed by padding (id 0), the rows' lengths [B] int32)."""
+    valid = segment_ids > 0
+    n = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    prefix = jnp.all(valid == (jnp.arange(segment_ids.shape[1])[None, :] < n[:, None]))
+    same = jnp.all(jnp.where(valid, segment_ids == segment_ids[:, :1], True))
+    return prefix & same, n
+
+
+def cudnn_attention(q, k, v, dense_mask, causal: bool, segment_ids=None):
+    """cuDNN flash attention: causal as its mask type. With segment ids, a batch whose rows
+    are each one sample followed by padding (the VLM/LM batches) runs as cuDNN's padding
+    mask with the rows' lengths (no mask tensor: real queries see the same keys, padded
+    rows give 0 and carry no loss); any other batch (packed samples) runs with
+    `dense_mask` as a bias, chosen per batch by `lax.cond`. Where cuDNN refuses a bias
+    (odd sequence lengths in training) that branch is XLA's attention.
+
+    When jax refuses cuDNN while tracing (no cuDNN, an unsupported shape or dtype) the
+    call runs XLA's attention instead, with a warning naming the reason."""
+    try:
+        return _cudnn_attention(q, k, v, dense_mask, causal, segment_ids)
+    except (NotImplementedError, RuntimeError, ValueError) as e:
+        _warn_once(f"attention_impl 'cudnn': cuDNN refused ({type(e).__name__}: "
+                   f"{str(e)[:200]}); using XLA's attention")
+        t, s = q.shape[1], k.shape[1]
+        mask = dense_mask if segment_ids is not None else None
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla",
+                                            is_causal=causal and t == s and mask is None)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        logging.getLogger(__name__).warning(msg)
+
+
+def _cudnn_attention(q, k, v, dense_mask, causal: bool, segment_ids=None):
     t, s = q.shape[1], k.shape[1]
-    mask = dense_mask if segments else None
-    if mask is not None and (t % 2 or s % 2):
-        return jax.nn.dot_product_attention(q, k, v, mask=dense_mask, implementation="xla")
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal and t == s,
-                                        implementation="cudnn")
+    is_causal = causal and t == s
+    if segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
+                                            implementation="cudnn")
+    padded, n = right_padded(segment_ids)
+
+    def by_lengths(q, k, v, n, mask):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
+                                            query_seq_lengths=n, key_value_seq_lengths=n,
+                                            implementation="cudnn")
+
+    def by_mask(q, k, v, n, mask):
+        impl = "xla" if t % 2 or s % 2 else "cudnn"
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl,
+                                            is_causal=is_causal and impl == "cudnn")
+    return jax.lax.cond(padded, by_lengths, by_mask, q, k, v, n, dense_mask)
 
 
 # --------------------------------------------------------------------------- splash
@@ -227,5 +275,5 @@ def kernel_attention(impl: str, q, k, v, segment_ids, dense_mask, causal: bool):
         if segment_ids is not None and dense_mask is None:
             raise ValueError("cudnn attention with segment ids needs the dense mask; build "
                              "it with layers.self_attention_mask")
-        return cudnn_attention(q, k, v, dense_mask, causal, segment_ids is not None)
+        return cudnn_attention(q, k, v, dense_mask, causal, segment_ids)
     raise ValueError(f"{impl!r} is not a kernel attention impl (cudnn, splash)")
