@@ -143,18 +143,13 @@ def chip_attention(config, chip: str | None, tower: str = "llm") -> str:
     """The attention kernel `model.attention_impl` runs for `tower` ("llm" / "vision") on
     `chip` (None: the local backend), as `vlm_jax.models.attention.resolve` picks it."""
     from vlm_jax.models import attention
+    from vlm_jax.models.layers import dtype_of
     m = config.model
     c = m.llm if tower == "llm" else m.vision
     hd = c.get("head_dim", 0) or c.width // max(1, c.get("heads", 1))
     backend, cap = attention.chip_backend(chip) if chip else (None, None)
-    return attention.resolve(m.get("attention_impl", ""), _dtype(m.get("dtype", "float32")),
-                             hd, backend=backend, capability=cap)
-
-
-def _dtype(name):
-    import jax.numpy as jnp
-    return {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float16": jnp.float16,
-            "fp16": jnp.float16}.get(str(name), jnp.float32)
+    return attention.resolve(m.get("attention_impl", ""), dtype_of(m.get("dtype")), hd,
+                             backend=backend, capability=cap)
 
 
 def activation_bytes(config, per_device_batch: float, mesh: _MeshShape,
