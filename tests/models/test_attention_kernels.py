@@ -147,3 +147,43 @@ def test_splash_training_on_a_mesh_equals_one_device():
     r = result["train"]
     assert len(r["splash_222"]) == 3 and r["default_1dev"][-1] < r["default_1dev"][0]
     np.testing.assert_allclose(r["splash_222"], r["default_1dev"], rtol=2e-5)
+
+
+def test_einsum_remat_equals_einsum():
+    """`einsum_remat` (the probabilities recomputed in the backward pass, as a flash
+    kernel does): the same values and gradients, and no [T, T] buffer saved between the
+    forward and the backward pass."""
+    q, k, v, w = _inputs(2, 80, 4, 2, 16)
+    seg = jnp.asarray(np.r_[[1] * 50 + [2] * 30, [1] * 75 + [0] * 5].reshape(2, 80))
+    o_ref, g_ref = _value_and_grads("einsum", q, k, v, w, seg, True)
+    o, g = _value_and_grads("einsum_remat", q, k, v, w, seg, True)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-6, atol=1e-6)
+    for a, b_ in zip(g, g_ref):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
+
+    def saved(impl):
+        mask = L.self_attention_mask(seg, True, 80, impl, q.dtype, 16)
+        f = lambda q, k, v: L.dot_product_attention(q, k, v, mask, impl)  # noqa: E731
+        vjp = jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], q, k, v)   # its residuals
+        return [x.shape for x in jax.tree.leaves(vjp)]
+    # per-head [T, S] buffers (the mask, [B, 1, T, S], is an input either way)
+    def square(shapes):
+        return [s for s in shapes if len(s) >= 4 and s[-1] == 80 and s[1] > 1]
+    assert square(saved("einsum"))            # the probabilities
+    assert not square(saved("einsum_remat")), saved("einsum_remat")
+
+
+def test_cudnn_refused_runs_xla_attention(caplog):
+    """`attention_impl="cudnn"` where jax refuses cuDNN (here: no GPU) runs XLA's attention
+    with a warning naming the reason: the same values and gradients as the default."""
+    q, k, v, w = _inputs(2, 40, 4, 2, 16)
+    s = np.ones((2, 40), np.int32)
+    s[1, -6:] = 0
+    for seg in (None, jnp.asarray(s)):
+        o_ref, g_ref = _value_and_grads("einsum", q, k, v, w, seg, True)
+        with caplog.at_level("WARNING"):
+            o, g = _value_and_grads("cudnn", q, k, v, w, seg, True)
+        np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=2e-5)
+        for a, b_ in zip(g, g_ref):
+            np.testing.assert_allclose(a, b_, rtol=1e-4, atol=5e-5)
+    assert "cuDNN refused" in caplog.text and "using XLA's attention" in caplog.text
