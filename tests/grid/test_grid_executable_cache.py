@@ -1,6 +1,7 @@
 """Serialized programs (vlm_jax.train.program_cache on disk): a new process loads a
 program instead of tracing and compiling it; the file name covers the code, versions and
 flags (a code change never serves a stale program); a bad file is rebuilt, not fatal."""
+import itertools
 import os
 
 import jax
@@ -11,10 +12,18 @@ from tests.compiled import subprocess_env
 from vlm_jax.train import program_cache
 
 
+# Every build compiles a program JAX's persistent compilation cache (shared by the suite's
+# runs on one machine) cannot hold yet: a new constant makes its HLO new. A program the
+# persistent cache serves is never written to disk (see the last test), so a tiny program
+# that one loaded run compiled slowly enough to be cached made the next run's roundtrip fail.
+_SALT = itertools.count(int.from_bytes(os.urandom(3), "little"))
+
+
 def _build(calls):
     def build():
         calls.append(1)
-        return jax.jit(lambda x, y: (x * 2 + y, {"s": jnp.sum(x)})).lower(
+        salt = float(next(_SALT))
+        return jax.jit(lambda x, y: ((x * 2 + y + salt) - salt, {"s": jnp.sum(x)})).lower(
             jnp.ones((3,)), jnp.ones((3,))).compile()
     return build
 
