@@ -11,17 +11,17 @@ import gpu_step  # noqa: E402
 
 
 def test_tiny_run_reports_step_kernel_and_plan(capsys):
-    rc = gpu_step.main(["--tiny", "--steps", "1", "--impls", ",einsum_remat", "--chip", "h100"])
+    rc = gpu_step.main(["--tiny", "--steps", "1", "--impls", "einsum_remat,flash",
+                        "--chip", "h100"])
     out = json.loads(capsys.readouterr().out)
-    assert rc == 0, out
-    assert [r["attention_kernel"] for r in out["runs"]] == ["einsum", "einsum_remat"]
-    for r in out["runs"]:
-        assert r["step_s"] > 0 and r["train_flops_per_step"] > 0 and r["xla_bytes"] > 0
-        assert 4.0 < r["loss_first"] < 7.0          # ~ln(256) at init
-        assert r["plan_chip"] == "h100" and r["plan_bytes"] > 0
-        assert r["mfu"] is None                      # no peak FLOP/s for a CPU
-    a, b = out["runs"]
-    assert abs(a["loss_first"] - b["loss_first"]) < 1e-3   # the same step, remat or not
+    assert rc == 1, out                              # one impl failed: reported, not fatal
+    r, bad = out["runs"]
+    assert r["attention_kernel"] == "einsum_remat"
+    assert r["step_s"] > 0 and r["train_flops_per_step"] > 0 and r["xla_bytes"] > 0
+    assert 4.0 < r["loss_first"] < 7.0               # ~ln(256) at init
+    assert r["plan_chip"] == "h100" and r["plan_bytes"] > 0
+    assert r["mfu"] is None                          # no peak FLOP/s for a CPU
+    assert "attention_impl='flash'" in bad["error"]
 
 
 def test_chip_names():
