@@ -64,7 +64,7 @@ def chip_name(kind: str) -> str | None:
 
 
 def measure(c, steps: int, chip: str | None = None) -> dict:
-    from lm_step import compile_and_time
+    from lm_step import compile_and_time, peak_bytes
     from vlm_jax.grid import plan
     from vlm_jax.models import attention
     from vlm_jax.models.layers import dtype_of
@@ -87,9 +87,7 @@ def measure(c, steps: int, chip: str | None = None) -> dict:
            "tokens_per_s": b * t / step_s, "train_flops_per_step": flops,
            "mfu": metrics.mfu(flops, step_s, 1, dev.device_kind), "loss_first": r["loss"],
            "loss_last": float(r["last_metrics"]["loss"]), "peak_bytes_in_use": peak,
-           "xla_bytes": None if mem is None else int(
-               mem.argument_size_in_bytes + mem.output_size_in_bytes
-               - mem.alias_size_in_bytes + mem.temp_size_in_bytes)}
+           "xla_bytes": peak_bytes(mem)}
     if chip:
         p = plan.plan_config(c, (1, 1, 1), chip, 0.4, compile_mode="off")
         out["plan_chip"] = chip

@@ -8,6 +8,15 @@ import jax
 import numpy as np
 
 
+def peak_bytes(mem) -> int | None:
+    """A compiled program's peak bytes from XLA's memory analysis: arguments + outputs -
+    aliased (donated) + temporaries; None when the backend gives no analysis."""
+    if mem is None:
+        return None
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+               - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+
+
 def random_batch(c) -> dict:
     """A batch of `c.train.batch_size` rows of random tokens, every position in the loss."""
     from vlm_jax.models import batch_spec

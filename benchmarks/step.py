@@ -179,9 +179,8 @@ def ours(c, feature_cache: bool, with_hlo: bool = False):
         box["state"], m = r.train_step(box["state"], fr, gb)
         return float(m["loss"])  # waits for the step
 
-    mem = r.train_step.memory_analysis()
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes)
+    from lm_step import peak_bytes   # benchmarks/ (this script's directory)
+    peak = peak_bytes(r.train_step.memory_analysis())
     n_all = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state["params"], fr)))
     n_opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["opt_state"]))
     n_grad = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))

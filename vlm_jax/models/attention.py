@@ -205,7 +205,11 @@ def _splash_local(q, k, v, segment_ids, causal: bool, interpret: bool):
     return jnp.swapaxes(o, 1, 2)
 
 
-def _mesh_specs(b: int, n: int, kv: int):
+def _axes_size(mesh, names) -> int:
+    return int(np.prod([mesh.shape[a] for a in names])) if names else 1
+
+
+def _mesh_specs(b: int, n: int):
     """(mesh, batch axes, head axes) for shard_map from the current mesh and logical
     rules, or None outside a multi-device mesh. Axes that do not divide their dimension
     are dropped (that dimension is then replicated)."""
@@ -218,8 +222,7 @@ def _mesh_specs(b: int, n: int, kv: int):
     def axes(entry, dim):
         names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
         names = tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1)
-        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        return names if names and dim % size == 0 else ()
+        return names if names and dim % _axes_size(mesh, names) == 0 else ()
     return mesh, axes(spec[0], b), axes(spec[2], n)
 
 
@@ -242,15 +245,14 @@ def splash_attention(q, k, v, segment_ids=None, causal: bool = False,
                               constant_values=_PAD_SEGMENT)
     elif segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
-    specs = _mesh_specs(bsz, n, k.shape[2])
+    specs = _mesh_specs(bsz, n)
     if specs is None:
         o = _splash_local(q, k, v, segment_ids, causal, interpret)
         return o[:, :t] if pad else o
     mesh, batch_axes, head_axes = specs
-    if head_axes:
-        size = int(np.prod([mesh.shape[a] for a in head_axes]))
-        if k.shape[2] % size:   # kv heads do not split like the query heads: one per query
-            k, v = (jnp.repeat(a, n // k.shape[2], axis=2) for a in (k, v))
+    if k.shape[2] % _axes_size(mesh, head_axes):
+        # kv heads do not split like the query heads: one per query head
+        k, v = (jnp.repeat(a, n // k.shape[2], axis=2) for a in (k, v))
     from jax.sharding import PartitionSpec as P
     bspec = batch_axes or None
     hspec = head_axes or None

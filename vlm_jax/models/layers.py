@@ -364,9 +364,6 @@ def attention_mask(segment_ids: jax.Array | None, causal: bool, q_len: int,
     return mask
 
 
-ATTENTION_IMPLS = attention.IMPLS
-
-
 @struct.dataclass
 class AttentionMask:
     """A self-attention mask by its structure: each query sees the keys of its segment

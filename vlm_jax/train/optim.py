@@ -58,7 +58,8 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
 
 
-_KINDS = ("cosine", "linear", "constant", "wsd")   # code 4: wsd with the 1-sqrt decay
+_KINDS = ("cosine", "linear", "constant", "wsd")
+_WSD_1_SQRT = len(_KINDS)   # the schedule code of wsd with the 1-sqrt decay
 DECAY_SHAPES = ("linear", "1-sqrt")
 
 
@@ -67,6 +68,8 @@ def decay_shape(optim_cfg) -> str:
     if shape not in DECAY_SHAPES:
         raise ValueError(f"optim.decay_shape={shape!r}: use one of {DECAY_SHAPES}")
     return shape
+
+
 # optim fields that reach the train step only through `schedule_params` (runtime inputs
 # with make_optimizer(runtime_lr=True)): runs differing only in them share one program.
 RUNTIME_FIELDS = ("lr", "schedule", "warmup_steps", "warmup_frac", "decay_frac",
@@ -85,7 +88,7 @@ def schedule_params(optim_cfg, total_steps: int) -> np.ndarray:
     decay = max(int(round(float(optim_cfg.decay_frac) * total)), 1)
     kind = _KINDS.index(optim_cfg.schedule)
     if optim_cfg.schedule == "wsd" and decay_shape(optim_cfg) == "1-sqrt":
-        kind = len(_KINDS)
+        kind = _WSD_1_SQRT
     return np.array([lr, lr * float(optim_cfg.min_lr_ratio), warm, total, decay, kind],
                     np.float32)
 
@@ -103,7 +106,7 @@ def traced_schedule(count, hp) -> jax.Array:
     wsd = lr + (end - lr) * frac
     wsd_sqrt = lr + (end - lr) * jnp.sqrt(frac)
     main = jnp.select([kind == 0, kind == 1, kind == 2, kind == 3],
-                      [cosine, linear, lr, wsd], wsd_sqrt)
+                      [cosine, linear, lr, wsd], wsd_sqrt)   # else _WSD_1_SQRT
     ramp = lr * jnp.minimum(c, warm) / jnp.maximum(warm, 1.0)
     return jnp.where(c < warm, ramp, main)
 
