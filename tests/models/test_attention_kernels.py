@@ -3,6 +3,7 @@ Pallas splash attention (the TPU path, here in Pallas' interpret mode) against t
 attention: values and gradients for causal / bidirectional, packed segments, padding,
 grouped-query heads and lengths that are not a multiple of the kernel block; the models
 with `attention_impl="splash"` against the default."""
+import functools
 import json
 import os
 import subprocess
@@ -38,11 +39,10 @@ def test_default_impl_by_backend(backend, dtype, head_dim, cap, want):
 
 
 def test_dense_mask_only_where_read():
-    assert A.needs_dense_mask("einsum", jnp.float32, 64, segments=False)
-    assert A.needs_dense_mask("xla", jnp.float32, 64, segments=False)
-    assert not A.needs_dense_mask("splash", jnp.float32, 64, segments=True)
-    assert not A.needs_dense_mask("cudnn", jnp.bfloat16, 64, segments=False)
-    assert A.needs_dense_mask("cudnn", jnp.bfloat16, 64, segments=True)   # as a bias
+    assert A.needs_dense_mask("einsum", jnp.float32, 64)
+    assert A.needs_dense_mask("xla", jnp.float32, 64)
+    assert not A.needs_dense_mask("splash", jnp.float32, 64)
+    assert not A.needs_dense_mask("cudnn", jnp.bfloat16, 64)   # its bias branch builds it
     with pytest.raises(ValueError, match="attention_impl='flash'"):
         A.resolve("flash", jnp.float32, 64)
 
@@ -187,3 +187,66 @@ def test_cudnn_refused_runs_xla_attention(caplog):
         for a, b_ in zip(g, g_ref):
             np.testing.assert_allclose(a, b_, rtol=1e-4, atol=5e-5)
     assert "cuDNN refused" in caplog.text and "using XLA's attention" in caplog.text
+
+
+def test_cudnn_branches_mask_like_einsum(monkeypatch):
+    """The cuDNN path picks lengths (right padding) or a bias built from the segment ids
+    (packed) per batch with `lax.cond`: both branches give the einsum attention's values
+    and gradients on the real rows. jax refuses cuDNN off GPU, so its call is stood in for
+    by a custom VJP with cuDNN's interface (sequence lengths or a bias) computing XLA's
+    attention: this checks our branches, not cuDNN (`benchmarks/gpu_step.py --check`
+    compares the real kernel with fp32 einsum on a GPU)."""
+    real = jax.nn.dot_product_attention
+
+    def attend(q, k, v, aux, kind, causal):
+        t = q.shape[1]
+        if kind == "lengths":    # cuDNN's padding mask: no tensor kept, only the lengths
+            seg = (jnp.arange(t)[None] < aux[:, None]).astype(jnp.int32)
+            aux = jnp.where(A._segment_mask(seg), 0.0, -1e9).astype(q.dtype)
+        return real(q, k, v, bias=aux, is_causal=causal, implementation="xla")
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+    def flash(q, k, v, aux, kind, causal):
+        return attend(q, k, v, aux, kind, causal)
+
+    def fwd(q, k, v, aux, kind, causal):
+        out = attend(q, k, v, aux, kind, causal)
+        return out, (q, k, v, aux, out)     # what jax's cuDNN VJP keeps
+
+    def bwd(kind, causal, res, g):
+        q, k, v, aux, _ = res
+        grads = jax.vjp(lambda q, k, v: attend(q, k, v, aux, kind, causal), q, k, v)[1](g)
+        zero = np.zeros(aux.shape, jax.dtypes.float0) if kind == "lengths" else \
+            jnp.zeros_like(aux)
+        return (*grads, zero)
+    flash.defvjp(fwd, bwd)
+
+    def stand_in(q, k, v, mask=None, is_causal=False, query_seq_lengths=None,
+                 key_value_seq_lengths=None, implementation=None):
+        assert implementation == "cudnn"
+        if query_seq_lengths is not None:
+            return flash(q, k, v, query_seq_lengths, "lengths", is_causal)
+        return flash(q, k, v, jnp.where(mask, 0.0, -1e9).astype(q.dtype), "bias", is_causal)
+    monkeypatch.setattr(A.jax.nn, "dot_product_attention", stand_in)
+    q, k, v, w = _inputs(2, 64, 4, 2, 16)
+    padded = np.ones((2, 64), np.int32)
+    padded[1, 50:] = 0
+    packed = padded.copy()
+    packed[0, 30:] = 2
+    for s in (padded, packed):
+        seg = jnp.asarray(s)
+        valid = (s > 0)[:, :, None, None]
+
+        def f(q, k, v, impl):
+            o = A._cudnn_attention(q, k, v, True, seg) if impl == "cudnn" else \
+                L.dot_product_attention(q, k, v, L.self_attention_mask(
+                    seg, True, 64, "einsum", q.dtype, 16), implementation="einsum")
+            o = jnp.where(valid, o, 0.0)
+            return jnp.sum(o * w), o
+        (_, o), g = jax.jit(jax.value_and_grad(lambda *x: f(*x, "cudnn"), argnums=(0, 1, 2),
+                                               has_aux=True))(q, k, v)
+        (_, o_ref), g_ref = jax.jit(jax.value_and_grad(lambda *x: f(*x, "einsum"),
+                                                       argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=2e-5)
+        for a, b_ in zip(g, g_ref):
+            np.testing.assert_allclose(a, b_, rtol=1e-4, atol=5e-5)

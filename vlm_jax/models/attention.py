@@ -7,7 +7,8 @@
 - "cudnn" (CUDA GPUs, bf16/fp16, head dim a multiple of 8 and <= 128, <= 256 from
   Hopper): cuDNN flash attention, `jax.nn.dot_product_attention(implementation="cudnn")`;
   causal as cuDNN's mask type (no mask tensor); segment ids that only mark right padding
-  as its padding mask (sequence lengths), packed segments as a mask (a bias).
+  as its padding mask (sequence lengths), packed segments as a mask (a bias, built from
+  the segment ids inside the kernel's branch).
 - "splash" (TPU): Pallas splash attention (`jax.experimental.pallas.ops.tpu.
   splash_attention`); causal and segment ids as the kernel's block-sparse mask and
   `SegmentIds` (no T x S tensor).
@@ -101,11 +102,10 @@ def resolve(impl: str | None, dtype, head_dim: int, backend: str | None = None,
     return "xla"
 
 
-def needs_dense_mask(impl: str | None, dtype, head_dim: int, segments: bool) -> bool:
+def needs_dense_mask(impl: str | None, dtype, head_dim: int) -> bool:
     """Whether self-attention under `impl` reads the dense [B|1, 1, T, S] mask (so the
-    caller builds it) rather than causal + segment ids alone."""
-    r = resolve(impl, dtype, head_dim)
-    return r in DENSE_IMPLS or (r == "cudnn" and segments)
+    caller builds it) rather than causal + segment ids alone (the kernels)."""
+    return resolve(impl, dtype, head_dim) in DENSE_IMPLS
 
 
 # --------------------------------------------------------------------------- cuDNN
@@ -118,23 +118,31 @@ def right_padded(segment_ids) -> tuple[jax.Array, jax.Array]:
     return prefix & same, n
 
 
-def cudnn_attention(q, k, v, dense_mask, causal: bool, segment_ids=None):
+def _segment_mask(segment_ids):
+    """[B, 1, T, T] bool: same segment (padding, id 0, only sees padding)."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def cudnn_attention(q, k, v, causal: bool, segment_ids=None):
     """cuDNN flash attention: causal as its mask type. With segment ids, a batch whose rows
     are each one sample followed by padding (the VLM/LM batches) runs as cuDNN's padding
     mask with the rows' lengths (no mask tensor: real queries see the same keys, padded
-    rows give 0 and carry no loss); any other batch (packed samples) runs with
-    `dense_mask` as a bias, chosen per batch by `lax.cond`. Where cuDNN refuses a bias
-    (odd sequence lengths in training) that branch is XLA's attention.
+    rows give 0 and carry no loss); any other batch (packed samples) runs with the
+    segments' mask as a bias, chosen per batch by `lax.cond` (the bias branch builds the
+    mask from the segment ids: a right-padded batch never materialises it). Where cuDNN
+    refuses a bias (odd sequence lengths in training) that branch is XLA's attention.
 
     When jax refuses cuDNN while tracing (no cuDNN, an unsupported shape or dtype) the
     call runs XLA's attention instead, with a warning naming the reason."""
     try:
-        return _cudnn_attention(q, k, v, dense_mask, causal, segment_ids)
+        return _cudnn_attention(q, k, v, causal, segment_ids)
     except (NotImplementedError, RuntimeError, ValueError) as e:
         _warn_once(f"attention_impl 'cudnn': cuDNN refused ({type(e).__name__}: "
                    f"{str(e)[:200]}); using XLA's attention")
         t, s = q.shape[1], k.shape[1]
-        mask = dense_mask if segment_ids is not None else None
+        mask = _segment_mask(segment_ids) if segment_ids is not None else None
+        if mask is not None and causal and t == s:
+            mask = mask & jnp.tril(jnp.ones((t, s), bool))[None, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla",
                                             is_causal=causal and t == s and mask is None)
 
@@ -148,7 +156,7 @@ def _warn_once(msg: str) -> None:
         logging.getLogger(__name__).warning(msg)
 
 
-def _cudnn_attention(q, k, v, dense_mask, causal: bool, segment_ids=None):
+def _cudnn_attention(q, k, v, causal: bool, segment_ids=None):
     t, s = q.shape[1], k.shape[1]
     is_causal = causal and t == s
     if segment_ids is None:
@@ -156,16 +164,19 @@ def _cudnn_attention(q, k, v, dense_mask, causal: bool, segment_ids=None):
                                             implementation="cudnn")
     padded, n = right_padded(segment_ids)
 
-    def by_lengths(q, k, v, n, mask):
+    def by_lengths(q, k, v, n, seg):
         return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
                                             query_seq_lengths=n, key_value_seq_lengths=n,
                                             implementation="cudnn")
 
-    def by_mask(q, k, v, n, mask):
+    def by_mask(q, k, v, n, seg):
         impl = "xla" if t % 2 or s % 2 else "cudnn"
+        mask = _segment_mask(seg)
+        if is_causal and impl == "xla":
+            mask = mask & jnp.tril(jnp.ones((t, s), bool))[None, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl,
                                             is_causal=is_causal and impl == "cudnn")
-    return jax.lax.cond(padded, by_lengths, by_mask, q, k, v, n, dense_mask)
+    return jax.lax.cond(padded, by_lengths, by_mask, q, k, v, n, segment_ids)
 
 
 # --------------------------------------------------------------------------- splash
@@ -267,15 +278,11 @@ def splash_attention(q, k, v, segment_ids=None, causal: bool = False,
     return o[:, :t] if pad else o
 
 
-def kernel_attention(impl: str, q, k, v, segment_ids, dense_mask, causal: bool):
+def kernel_attention(impl: str, q, k, v, segment_ids, causal: bool):
     """Self-attention with a structured mask (segment ids, causal) through kernel `impl`
-    ("cudnn" / "splash"); `dense_mask` is the same mask materialised, for cuDNN's
-    segment bias (built by the caller when `needs_dense_mask` says so)."""
+    ("cudnn" / "splash")."""
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids, causal)
     if impl == "cudnn":
-        if segment_ids is not None and dense_mask is None:
-            raise ValueError("cudnn attention with segment ids needs the dense mask; build "
-                             "it with layers.self_attention_mask")
-        return cudnn_attention(q, k, v, dense_mask, causal, segment_ids)
+        return cudnn_attention(q, k, v, causal, segment_ids)
     raise ValueError(f"{impl!r} is not a kernel attention impl (cudnn, splash)")

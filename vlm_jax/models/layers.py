@@ -380,7 +380,7 @@ def self_attention_mask(segment_ids: jax.Array | None, causal: bool, t: int,
                         implementation: str | None, dtype, head_dim: int) -> AttentionMask:
     """The mask a model builds once per forward pass and hands every layer."""
     dense = None
-    if attention.needs_dense_mask(implementation, dtype, head_dim, segment_ids is not None):
+    if attention.needs_dense_mask(implementation, dtype, head_dim):
         dense = attention_mask(segment_ids, causal, t)
     return AttentionMask(segment_ids, dense, causal)
 
@@ -405,7 +405,7 @@ def dot_product_attention(q, k, v, mask=None, implementation: str | None = None,
         else (None, mask)
     causal = causal or (isinstance(mask, AttentionMask) and mask.causal)
     if structured and impl not in attention.DENSE_IMPLS and q.shape[1] == k.shape[1]:
-        return attention.kernel_attention(impl, q, k, v, segments, dense, causal)
+        return attention.kernel_attention(impl, q, k, v, segments, causal)
     if structured and dense is None and (segments is not None or causal):
         dense = attention_mask(segments, causal, q.shape[1], k.shape[1])
     if impl == "einsum":
