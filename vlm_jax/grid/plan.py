@@ -10,13 +10,21 @@ once) it prints:
   `model.param_dtype`, frozen in `model.frozen_dtype`), optimizer state (from
   `jax.eval_shape` of the optimizer's init), gradients (fp32, plus the accumulator with
   `train.grad_accum` > 1), the batch, and activations with the configured remat policy;
-- activations: XLA's own number (`temp_size_in_bytes` of the memory analysis of the
-  AOT-compiled train step, compiled for one device's share of the batch with the local
-  backend) when `--compile` allows, else an analytic estimate (documented in
-  `activation_bytes`); the analytic number is always shown for comparison. Both follow
-  the attention kernel the chip runs (`vlm_jax.models.attention`: cuDNN flash on
-  bf16/fp16 GPUs, splash on TPU keep no [T, T] probabilities; the local compile then
-  uses `einsum_remat`, which keeps none either);
+- activations, by default traced (`traced_activation_bytes`): the residuals autodiff
+  keeps for the backward pass in the train step (`jax.make_jaxpr` of its `jax.vjp` on
+  abstract params and batch: exact shapes and dtypes, whatever the local backend), plus
+  what the backward pass holds at its peak (`transient_bytes`: the loss's logits block or
+  one layer's working set). On an H100 (benchmarks/gpu_step.py, a 1.1B Llama, bf16,
+  batch 2-32, seq 2048-8192, remat none/dots/full, cuDNN and XLA attention) this was
+  0.93-1.01x the allocator's peak, planned from a CPU host; the analytic estimate
+  (`activation_bytes`, always shown) 0.76-1.09x, and XLA:CPU's compile of the same step
+  1.41-1.68x (it keeps bf16 work in fp32 and fuses differently). `--compile on` (or
+  `auto` where the local backend is the chip's platform, e.g. an H100 plan on a GPU
+  host, for models < 2B) takes XLA's own number instead (`temp_size_in_bytes` of the
+  memory analysis of the AOT-compiled step for one device's share of the batch). All
+  follow the attention kernel the chip runs (`vlm_jax.models.attention`: cuDNN flash on
+  bf16/fp16 GPUs, splash on TPU keep no [T, T] probabilities; where the local backend
+  cannot run that kernel, `einsum_remat`, which keeps none either, stands in);
 - a step-time estimate: training FLOPs per step (`vlm_jax.train.flops`) / (devices x
   peak bf16 FLOP/s of `--chip` x `--mfu`), and the run's total time;
 - a warning when the total exceeds the chip's HBM (`HBM_GIB`, less `--headroom`).
@@ -166,58 +174,172 @@ def activation_bytes(config, per_device_batch: float, mesh: _MeshShape,
     only: one layer's worth). The loss keeps fp32 logits and their gradient over the
     whole sequence, or one `loss_chunk` block with the fused loss.
     """
-    from vlm_jax.train import flops as F
     m = config.model
     e = _itemsize(m.get("dtype", "float32"))
     p = mesh.shape.get("tensor", 1)
     b = per_device_batch
-    order = list(F.forward_per_example(config))
-    trainable = set(trainable_components)
-    grad_flows = {}
-    seen = False
-    for k in order:
-        seen = seen or k in trainable
-        grad_flows[k] = seen
+    grad_flows = _grad_flows(config, trainable_components)
     total = 0.0
 
-    from vlm_jax.models.attention import FLASH_IMPLS
-
-    def layer(d, q, kv, mlp, heads, t_seq, remat, tower):
-        t = b * t_seq
-        keys = 1 if chip_attention(config, chip, tower) in FLASH_IMPLS else t_seq
-        attn_probs = 4.0 * b * heads / p * t_seq * keys
-        full = e * t * (3 * d + (q + 2 * kv + q) / p + 3 * mlp / p) + attn_probs
-        if remat == "full":
-            return e * t * d, full
-        if remat in ("dots", "dots_all"):
-            return e * t * (2 * d + (q + 2 * kv) / p + 2 * mlp / p) + e * t * d, full
-        return full, 0.0
-
-    if m.kind in ("vlm", "native", "clip"):
-        v = m.vision
-        if not (m.kind == "vlm" and config.train.get("feature_cache", False)):
-            tok = (v.image_size // v.patch_size) ** 2 + int(bool(v.get("class_token", False)))
-            heads = v.get("heads", 1)
-            per, peak = layer(v.width, v.width, v.width, v.mlp_dim, heads, tok,
-                              v.get("remat", "none"), "vision")
-            if grad_flows.get("vision") or grad_flows.get("text"):
-                total += v.depth * per + peak
-            else:
-                total += per + peak   # forward only: about one layer alive at a time
-    if m.kind in ("vlm", "native", "lm"):
-        c = m.llm
-        hd = c.head_dim or c.width // c.heads
-        t_seq = config.data.seq_len
-        if m.kind != "lm":
-            from vlm_jax.models.vlm import num_image_tokens
-            t_seq += num_image_tokens(m) if m.kind == "vlm" else 0
-        per, peak = layer(c.width, c.heads * hd, c.kv_heads * hd, c.mlp_dim, c.heads, t_seq,
-                          c.get("remat", "none"), "llm")
-        total += (c.depth * per + peak) if grad_flows.get("llm", True) else per + peak
-        chunk = int(c.get("loss_chunk", 0) or 0)
-        positions = min(chunk, t_seq) if chunk > 0 else t_seq
-        total += 2 * 4.0 * b * positions * c.vocab_size / p
+    for tower, c, t_seq in _towers(config):
+        per, peak = _layer_bytes(config, chip, tower, b, p, e, *_dims(c), t_seq,
+                                 c.get("remat", "none"))
+        flows = grad_flows.get(tower, tower == "llm") or \
+            (tower == "vision" and grad_flows.get("text"))
+        # a tower no gradient runs through: forward only, about one layer alive at a time
+        total += (c.depth * per + peak) if flows else per + peak
+        if tower == "llm":
+            total += _loss_bytes(c, b, t_seq, p)
     return total
+
+
+def _dims(c) -> tuple[int, int, int, int, int]:
+    """(width, query width, key/value width, MLP width, heads) of a tower's layer config."""
+    heads = c.get("heads", 1)
+    hd = c.get("head_dim", 0) or c.width // heads
+    return c.width, heads * hd, (c.get("kv_heads", 0) or heads) * hd, c.mlp_dim, heads
+
+
+def _layer_bytes(config, chip, tower, b, p, e, d, q, kv, mlp, heads, t_seq, remat):
+    """(bytes one layer keeps for the backward pass, bytes one layer holds while it is
+    recomputed there) of `activation_bytes`' analytic model."""
+    from vlm_jax.models.attention import FLASH_IMPLS
+    t = b * t_seq
+    keys = 1 if chip_attention(config, chip, tower) in FLASH_IMPLS else t_seq
+    attn_probs = 4.0 * b * heads / p * t_seq * keys
+    full = e * t * (3 * d + (q + 2 * kv + q) / p + 3 * mlp / p) + attn_probs
+    if remat == "full":
+        return e * t * d, full
+    if remat in ("dots", "dots_all"):
+        return e * t * (2 * d + (q + 2 * kv) / p + 2 * mlp / p) + e * t * d, full
+    return full, 0.0
+
+
+def _loss_bytes(c, b, t_seq, p) -> float:
+    """fp32 logits and their gradient: one `loss_chunk` block, or the whole sequence."""
+    chunk = int(c.get("loss_chunk", 0) or 0)
+    positions = min(chunk, t_seq) if chunk > 0 else t_seq
+    return 2 * 4.0 * b * positions * c.vocab_size / p
+
+
+def _towers(config):
+    """[(tower, its layer config, sequence length)] of the attention stacks in the model."""
+    m = config.model
+    out = []
+    if m.kind in ("vlm", "native", "clip") and not (
+            m.kind == "vlm" and config.train.get("feature_cache", False)):
+        v = m.vision
+        out.append(("vision", v, (v.image_size // v.patch_size) ** 2
+                    + int(bool(v.get("class_token", False)))))
+    if m.kind in ("vlm", "native", "lm"):
+        t_seq = config.data.seq_len
+        if m.kind == "vlm":
+            from vlm_jax.models.vlm import num_image_tokens
+            t_seq += num_image_tokens(m)
+        out.append(("llm", m.llm, t_seq))
+    return out
+
+
+def _grad_flows(config, trainable_components) -> dict[str, bool]:
+    """Per component (forward order): whether the backward pass runs through it (it or an
+    earlier component is trained)."""
+    from vlm_jax.train import flops as F
+    trainable = set(trainable_components)
+    flows, seen = {}, False
+    for k in F.forward_per_example(config):
+        seen = seen or k in trainable
+        flows[k] = seen
+    return flows
+
+
+def transient_bytes(config, per_device_batch: float, mesh: _MeshShape,
+                    trainable_components: Sequence[str], chip: str | None = None) -> float:
+    """What the backward pass holds beyond the kept activations at its peak: the larger of
+    the loss's fp32 logits block and its gradient, and one layer's working set (a
+    rematerialised layer's activations; for attention without a flash kernel, the
+    [T, S] score gradients in fp32, twice). Calibrated on an H100 (benchmarks/gpu_step.py:
+    a 1.1B Llama at seq 2048, cuDNN and XLA attention, remat none and dots)."""
+    from vlm_jax.models.attention import FLASH_IMPLS
+    m = config.model
+    e = _itemsize(m.get("dtype", "float32"))
+    p = mesh.shape.get("tensor", 1)
+    b = per_device_batch
+    flows = _grad_flows(config, trainable_components)
+    peak = 0.0
+    for tower, c, t_seq in _towers(config):
+        if tower == "llm":
+            peak = max(peak, _loss_bytes(c, b, t_seq, p))
+        if not (flows.get(tower) or (tower == "vision" and flows.get("text"))):
+            continue
+        dims = _dims(c)
+        _, full = _layer_bytes(config, chip, tower, b, p, e, *dims, t_seq,
+                               c.get("remat", "none"))
+        heads = dims[-1]
+        scores = 0.0 if chip_attention(config, chip, tower) in FLASH_IMPLS else \
+            2 * 4.0 * b * heads / p * t_seq * t_seq
+        peak = max(peak, full + scores)
+    return peak
+
+
+def traced_activation_bytes(config, model, boxed, spec, mesh: _MeshShape, leaves,
+                            trainable_patterns) -> tuple[float, float]:
+    """(activations kept for the backward pass, compute-dtype weight copies kept with
+    them), per device: the residuals autodiff saves in the train step's forward pass
+    (`jax.make_jaxpr` of `jax.vjp` with respect to the trainable params, abstract
+    params and batch: nothing is computed, the backend does not matter), less those that
+    are the params or the batch themselves. Weight copies (e.g. the bf16 casts of fp32
+    layer weights that the backward pass reads) are divided like their params; the rest
+    is the per-device batch's, divided by the tensor-parallel size the analytic model
+    gives (an estimate)."""
+    import jax
+    import jax.extend.core as jex_core
+    import jax.numpy as jnp
+    from vlm_jax.train import optim, step as step_lib
+    trainable, frozen = _step_params(config, boxed, trainable_patterns)
+
+    def loss(tr, fr, batch):
+        return step_lib._forward(model, optim.merge_params(tr, fr), batch)["loss_sum"] \
+            .astype(jnp.float32)
+    closed = jax.make_jaxpr(lambda tr, fr, batch: jax.vjp(
+        lambda t: loss(t, fr, batch), tr))(trainable, frozen, spec)
+    jaxpr = closed.jaxpr
+    inputs = set(jaxpr.invars)
+    seen, weights, acts = set(), 0.0, 0.0
+    divs, stacked = {}, {}
+    for _, _, div, _, value in leaves:
+        shape = tuple(value.shape)
+        divs.setdefault(shape, div)
+        if len(shape) >= 3:   # a scanned stack: a residual may hold some of its layers
+            stacked.setdefault(shape[1:], (shape[0], div))
+    for v in jaxpr.outvars[1:]:          # [loss, *residuals]
+        if isinstance(v, jex_core.Literal) or v in inputs or v in seen:
+            continue
+        seen.add(v)
+        shape = tuple(v.aval.shape)
+        nbytes = math.prod(shape) * v.aval.dtype.itemsize
+        if shape in divs:
+            weights += nbytes / divs[shape]
+        elif len(shape) >= 3 and shape[1:] in stacked and shape[0] <= stacked[shape[1:]][0]:
+            weights += nbytes / stacked[shape[1:]][1]   # e.g. all layers but the last
+        else:
+            acts += nbytes
+    return acts, weights
+
+
+def _step_params(config, boxed, trainable_patterns):
+    """Abstract (trainable, frozen) params as the trainer passes them to the step (frozen
+    in `model.frozen_dtype`)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from vlm_jax.models.layers import dtype_of
+    from vlm_jax.train import optim
+    trainable, frozen = optim.split_params(nn.unbox(boxed), trainable_patterns)
+    fdt = jnp.dtype(dtype_of(config.model.get("frozen_dtype", "float32")))
+    if frozen and fdt != jnp.float32:
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, fdt if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), frozen)
+    return trainable, frozen
 
 
 def _compiled_temp_bytes(config, model, boxed, spec_fn, per_device_batch: int,
@@ -227,8 +349,7 @@ def _compiled_temp_bytes(config, model, boxed, spec_fn, per_device_batch: int,
     import jax
     from vlm_jax.train import optim, step as step_lib
     from vlm_jax.train.trainer import FAST_COMPILE
-    params = nn.unbox(boxed)
-    trainable, frozen = optim.split_params(params, trainable_patterns)
+    trainable, frozen = _step_params(config, boxed, trainable_patterns)
     tx, sched = optim.make_optimizer(config.optim, int(config.train.steps))
     state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), trainable)
     fn = step_lib.make_train_step(model, tx, sched, int(config.train.grad_accum))
@@ -311,39 +432,65 @@ def plan_config(config, mesh_shape, chip: str, mfu: float, compile_mode: str = "
     plan.activations_analytic = activation_bytes(config, per_dev_b, mesh, trainable_components,
                                                  chip)
     act = plan.activations_analytic
-    want_compile = compile_mode == "on" or (compile_mode == "auto" and plan.params_total < 2e9)
+    from vlm_jax.models import attention as attn_lib
     kernel = chip_attention(config, chip) if m.kind != "clip" else \
         chip_attention(config, chip, "vision")
     plan.attention = kernel
+    # XLA's memory analysis is the chip's own only where the local backend is its
+    # platform (an H100 plan on a GPU host); elsewhere (XLA:CPU keeps bf16 work in fp32,
+    # fuses differently: 1.4-1.7x an H100's peak, measured) the residuals are traced
+    same_platform = jax.default_backend() == attn_lib.chip_backend(chip)[0]
+    want_compile = compile_mode == "on" or (
+        compile_mode == "auto" and same_platform and plan.params_total < 2e9)
+    local_config, local_model = config, model
+    if kernel in attn_lib.FLASH_IMPLS and chip_attention(config, None) not in \
+            attn_lib.FLASH_IMPLS:
+        # the local backend cannot run the chip's kernel: a model whose attention keeps,
+        # like it, no probabilities (recomputed in the backward pass) stands in
+        local_config = config.copy_and_resolve_references()
+        local_config.model.attention_impl = "einsum_remat"
+        local_model, _, _ = abstract_params(local_config)
+
+    def spec_fn(b):
+        s = batch_spec(local_config, b)
+        if fc_on:
+            s = {k: v for k, v in s.items() if k != "pixels"}
+            s["features"] = jax.ShapeDtypeStruct((b,) + spec["features"].shape[1:],
+                                                 spec["features"].dtype)
+        return {k: v for k, v in s.items() if not k.startswith("_")}
     if want_compile:
-        from vlm_jax.models import attention as attn_lib
-        if kernel in attn_lib.FLASH_IMPLS and chip_attention(config, None) not in \
-                attn_lib.FLASH_IMPLS:
-            # the local backend cannot compile the chip's kernel: compile a model whose
-            # attention keeps, like it, no probabilities (recomputed in the backward pass)
-            config = config.copy_and_resolve_references()
-            config.model.attention_impl = "einsum_remat"
-            model, _, _ = abstract_params(config)
-            plan.notes.append(f"XLA activations compiled with einsum_remat (no saved "
-                              f"attention probabilities, like {kernel} on {chip})")
         try:
-            def spec_fn(b):
-                s = batch_spec(config, b * accum)
-                if fc_on:
-                    s = {k: v for k, v in s.items() if k != "pixels"}
-                    s["features"] = jax.ShapeDtypeStruct(
-                        (b * accum,) + spec["features"].shape[1:], spec["features"].dtype)
-                return {k: v for k, v in s.items() if not k.startswith("_")}
-            temp = _compiled_temp_bytes(config, model, boxed, spec_fn, per_dev_b,
+            temp = _compiled_temp_bytes(local_config, local_model, boxed,
+                                        lambda b: spec_fn(b * accum), per_dev_b,
                                         config.optim.trainable)
             if temp is not None:
                 act = temp
                 plan.activations_source = f"xla:{jax.default_backend()}"
+                if local_model is not model:
+                    plan.notes.append(f"XLA activations compiled with einsum_remat (no saved "
+                                      f"attention probabilities, like {kernel} on {chip})")
                 if mesh.shape["tensor"] > 1:
                     plan.notes.append("XLA activations compiled without tensor parallelism "
                                       "(an upper bound)")
+        except Exception as e:  # noqa: BLE001 - the traced number stands in
+            plan.notes.append(f"compile failed ({type(e).__name__}: {str(e)[:120]})")
+    if plan.activations_source == "analytic":
+        try:
+            kept, weights = traced_activation_bytes(local_config, local_model, boxed,
+                                                    spec_fn(per_dev_b), mesh, leaves,
+                                                    config.optim.trainable)
+            if mesh.shape["tensor"] > 1:   # traced without tensor parallelism
+                one = _MeshShape((mesh.shape["data"], mesh.shape["fsdp"], 1))
+                kept *= act / activation_bytes(config, per_dev_b, one, trainable_components,
+                                               chip)
+            act = kept + weights + transient_bytes(config, per_dev_b, mesh,
+                                                   trainable_components, chip)
+            plan.activations_source = "traced"
+            if local_model is not model:
+                plan.notes.append(f"residuals traced with einsum_remat standing in for "
+                                  f"{kernel} on {chip}")
         except Exception as e:  # noqa: BLE001 - the analytic number stands in
-            plan.notes.append(f"compile failed ({type(e).__name__}: {str(e)[:120]}); "
+            plan.notes.append(f"trace failed ({type(e).__name__}: {str(e)[:120]}); "
                               "analytic activations")
     by["activations"] = float(act)
     plan.bytes = by
@@ -473,7 +620,9 @@ def main(argv=None) -> int:
     p.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of HBM kept free (XLA buffers, fragmentation)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="XLA memory analysis of the AOT-compiled step (auto: models < 2B)")
+                   help="XLA memory analysis of the AOT-compiled step with the local "
+                   "backend (auto: models < 2B where the local backend is the chip's "
+                   "platform; otherwise the traced residuals)")
     p.add_argument("--select", action="append", default=[], metavar="AXIS=V1,V2")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
