@@ -281,6 +281,52 @@ def transient_bytes(config, per_device_batch: float, mesh: _MeshShape,
     return peak
 
 
+# XLA's attention on a GPU without remat keeps more per layer than autodiff's residuals
+# (the fp32 and bf16 probabilities): measured on an H100 (1.1B Llama, seq 2048, batch 1
+# and 2, benchmarks/gpu_step.py) 3.2 bytes more per [T, S] score element and layer.
+XLA_GPU_SCORE_BYTES = 3.2
+
+
+def xla_score_bytes(config, per_device_batch: float, mesh: _MeshShape,
+                    trainable_components: Sequence[str], chip: str | None) -> float:
+    """The score buffers XLA keeps beyond the traced residuals for attention without a
+    flash kernel and without remat on a GPU chip (`XLA_GPU_SCORE_BYTES` per element)."""
+    from vlm_jax.models import attention as attn_lib
+    if chip is None or attn_lib.chip_backend(chip)[0] != "gpu":
+        return 0.0
+    flows = _grad_flows(config, trainable_components)
+    total = 0.0
+    for tower, c, t_seq in _towers(config):
+        if chip_attention(config, chip, tower) in attn_lib.FLASH_IMPLS or \
+                c.get("remat", "none") != "none" or \
+                not (flows.get(tower) or (tower == "vision" and flows.get("text"))):
+            continue
+        heads = _dims(c)[-1] / mesh.shape.get("tensor", 1)
+        total += c.depth * XLA_GPU_SCORE_BYTES * per_device_batch * heads * t_seq * t_seq
+    return total
+
+
+def cudnn_residual_bytes(config, per_device_batch: float, mesh: _MeshShape,
+                         trainable_components: Sequence[str], chip: str | None) -> float:
+    """What cuDNN's attention keeps per layer (remat none) beyond `einsum_remat`, the
+    stand-in traced where cuDNN cannot run: its output once more (the `lax.cond` that picks
+    lengths or a bias returns it as a residual of its own) and its fp32 log-sum-exp.
+    Measured on an H100: the trace with cuDNN itself was 1.55 GB above the stand-in's for
+    a 1.1B Llama at 16k tokens a step (22 layers x 16k x (2048 x 2 + 32 x 4) bytes)."""
+    e = _itemsize(config.model.get("dtype", "float32"))
+    p = mesh.shape.get("tensor", 1)
+    flows = _grad_flows(config, trainable_components)
+    total = 0.0
+    for tower, c, t_seq in _towers(config):
+        if chip_attention(config, chip, tower) != "cudnn" or \
+                c.get("remat", "none") != "none" or \
+                not (flows.get(tower) or (tower == "vision" and flows.get("text"))):
+            continue
+        _, q, _, _, heads = _dims(c)
+        total += c.depth * per_device_batch * t_seq * (e * q + 4.0 * heads) / p
+    return total
+
+
 def traced_activation_bytes(config, model, boxed, spec, mesh: _MeshShape, leaves,
                             trainable_patterns) -> tuple[float, float]:
     """(activations kept for the backward pass, compute-dtype weight copies kept with
@@ -485,8 +531,16 @@ def plan_config(config, mesh_shape, chip: str, mfu: float, compile_mode: str = "
                                                chip)
             act = kept + weights + transient_bytes(config, per_dev_b, mesh,
                                                    trainable_components, chip)
+            extra = xla_score_bytes(config, per_dev_b, mesh, trainable_components, chip)
+            if extra:
+                act += extra
+                plan.notes.append(f"+{extra / GIB:.1f} GiB: XLA's attention without remat "
+                                  f"keeps [T, S] scores beyond autodiff's residuals on a GPU "
+                                  f"(measured); a flash kernel (bf16: cuDNN) or remat avoids it")
             plan.activations_source = "traced"
             if local_model is not model:
+                act += cudnn_residual_bytes(config, per_dev_b, mesh, trainable_components,
+                                            chip)
                 plan.notes.append(f"residuals traced with einsum_remat standing in for "
                                   f"{kernel} on {chip}")
         except Exception as e:  # noqa: BLE001 - the analytic number stands in
