@@ -178,14 +178,10 @@ def activation_bytes(config, per_device_batch: float, mesh: _MeshShape,
     e = _itemsize(m.get("dtype", "float32"))
     p = mesh.shape.get("tensor", 1)
     b = per_device_batch
-    grad_flows = _grad_flows(config, trainable_components)
     total = 0.0
-
-    for tower, c, t_seq in _towers(config):
+    for tower, c, t_seq, flows in _towers(config, trainable_components):
         per, peak = _layer_bytes(config, chip, tower, b, p, e, *_dims(c), t_seq,
                                  c.get("remat", "none"))
-        flows = grad_flows.get(tower, tower == "llm") or \
-            (tower == "vision" and grad_flows.get("text"))
         # a tower no gradient runs through: forward only, about one layer alive at a time
         total += (c.depth * per + peak) if flows else per + peak
         if tower == "llm":
@@ -222,21 +218,24 @@ def _loss_bytes(c, b, t_seq, p) -> float:
     return 2 * 4.0 * b * positions * c.vocab_size / p
 
 
-def _towers(config):
-    """[(tower, its layer config, sequence length)] of the attention stacks in the model."""
+def _towers(config, trainable_components: Sequence[str]):
+    """[(tower, its layer config, sequence length, whether the backward pass runs through
+    it)] of the attention stacks in the model."""
     m = config.model
+    flows = _grad_flows(config, trainable_components)
     out = []
     if m.kind in ("vlm", "native", "clip") and not (
             m.kind == "vlm" and config.train.get("feature_cache", False)):
         v = m.vision
         out.append(("vision", v, (v.image_size // v.patch_size) ** 2
-                    + int(bool(v.get("class_token", False)))))
+                    + int(bool(v.get("class_token", False))),
+                    bool(flows.get("vision") or flows.get("text"))))
     if m.kind in ("vlm", "native", "lm"):
         t_seq = config.data.seq_len
         if m.kind == "vlm":
             from vlm_jax.models.vlm import num_image_tokens
             t_seq += num_image_tokens(m)
-        out.append(("llm", m.llm, t_seq))
+        out.append(("llm", m.llm, t_seq, bool(flows.get("llm", True))))
     return out
 
 
@@ -264,12 +263,11 @@ def transient_bytes(config, per_device_batch: float, mesh: _MeshShape,
     e = _itemsize(m.get("dtype", "float32"))
     p = mesh.shape.get("tensor", 1)
     b = per_device_batch
-    flows = _grad_flows(config, trainable_components)
     peak = 0.0
-    for tower, c, t_seq in _towers(config):
+    for tower, c, t_seq, flows in _towers(config, trainable_components):
         if tower == "llm":
             peak = max(peak, _loss_bytes(c, b, t_seq, p))
-        if not (flows.get(tower) or (tower == "vision" and flows.get("text"))):
+        if not flows:
             continue
         dims = _dims(c)
         _, full = _layer_bytes(config, chip, tower, b, p, e, *dims, t_seq,
@@ -294,12 +292,10 @@ def xla_score_bytes(config, per_device_batch: float, mesh: _MeshShape,
     from vlm_jax.models import attention as attn_lib
     if chip is None or attn_lib.chip_backend(chip)[0] != "gpu":
         return 0.0
-    flows = _grad_flows(config, trainable_components)
     total = 0.0
-    for tower, c, t_seq in _towers(config):
-        if chip_attention(config, chip, tower) in attn_lib.FLASH_IMPLS or \
-                c.get("remat", "none") != "none" or \
-                not (flows.get(tower) or (tower == "vision" and flows.get("text"))):
+    for tower, c, t_seq, flows in _towers(config, trainable_components):
+        if not flows or c.get("remat", "none") != "none" or \
+                chip_attention(config, chip, tower) in attn_lib.FLASH_IMPLS:
             continue
         heads = _dims(c)[-1] / mesh.shape.get("tensor", 1)
         total += c.depth * XLA_GPU_SCORE_BYTES * per_device_batch * heads * t_seq * t_seq
@@ -315,12 +311,10 @@ def cudnn_residual_bytes(config, per_device_batch: float, mesh: _MeshShape,
     a 1.1B Llama at 16k tokens a step (22 layers x 16k x (2048 x 2 + 32 x 4) bytes)."""
     e = _itemsize(config.model.get("dtype", "float32"))
     p = mesh.shape.get("tensor", 1)
-    flows = _grad_flows(config, trainable_components)
     total = 0.0
-    for tower, c, t_seq in _towers(config):
-        if chip_attention(config, chip, tower) != "cudnn" or \
-                c.get("remat", "none") != "none" or \
-                not (flows.get(tower) or (tower == "vision" and flows.get("text"))):
+    for tower, c, t_seq, flows in _towers(config, trainable_components):
+        if not flows or c.get("remat", "none") != "none" or \
+                chip_attention(config, chip, tower) != "cudnn":
             continue
         _, q, _, _, heads = _dims(c)
         total += c.depth * per_device_batch * t_seq * (e * q + 4.0 * heads) / p

@@ -118,9 +118,14 @@ def right_padded(segment_ids) -> tuple[jax.Array, jax.Array]:
     return prefix & same, n
 
 
-def _segment_mask(segment_ids):
-    """[B, 1, T, T] bool: same segment (padding, id 0, only sees padding)."""
-    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+def _segment_mask(segment_ids, causal: bool = False):
+    """[B, 1, T, T] bool: same segment (padding, id 0, only sees padding) and, if causal,
+    no key after its query."""
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    if causal:
+        t = segment_ids.shape[1]
+        mask = mask & jnp.tril(jnp.ones((t, t), bool))[None, None]
+    return mask
 
 
 def cudnn_attention(q, k, v, causal: bool, segment_ids=None):
@@ -140,9 +145,8 @@ def cudnn_attention(q, k, v, causal: bool, segment_ids=None):
         _warn_once(f"attention_impl 'cudnn': cuDNN refused ({type(e).__name__}: "
                    f"{str(e)[:200]}); using XLA's attention")
         t, s = q.shape[1], k.shape[1]
-        mask = _segment_mask(segment_ids) if segment_ids is not None else None
-        if mask is not None and causal and t == s:
-            mask = mask & jnp.tril(jnp.ones((t, s), bool))[None, None]
+        mask = _segment_mask(segment_ids, causal and t == s) if segment_ids is not None \
+            else None
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla",
                                             is_causal=causal and t == s and mask is None)
 
@@ -171,9 +175,7 @@ def _cudnn_attention(q, k, v, causal: bool, segment_ids=None):
 
     def by_mask(q, k, v, n, seg):
         impl = "xla" if t % 2 or s % 2 else "cudnn"
-        mask = _segment_mask(seg)
-        if is_causal and impl == "xla":
-            mask = mask & jnp.tril(jnp.ones((t, s), bool))[None, None]
+        mask = _segment_mask(seg, is_causal and impl == "xla")
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl,
                                             is_causal=is_causal and impl == "cudnn")
     return jax.lax.cond(padded, by_lengths, by_mask, q, k, v, n, segment_ids)
