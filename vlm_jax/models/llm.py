@@ -211,10 +211,16 @@ class LLM(nn.Module):
         def run(p, h, *keep_rows):
             return block.apply({"params": p}, h, *args, *keep_rows)[0]
         if c.depth > 1:
-            body = with_remat(lambda h, p: (run(p, h), None), c.remat, scanned=True)
-            x, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], stacked))
-        last = with_remat(run, c.remat, scanned=False)
-        return last(jax.tree.map(lambda a: a[-1], stacked), x, keep)
+            # the loop indexes the stacked params (a constant of the loop) instead of
+            # scanning over their [:-1] slice: a slice is a copy of the (often frozen)
+            # weights, and autodiff stacked a second one as the loop's residuals
+            def layer(h, i):
+                return run(jax.tree.map(lambda a: a[i], stacked), h), None
+            x, _ = jax.lax.scan(with_remat(layer, c.remat, scanned=True), x,
+                                jnp.arange(c.depth - 1))
+        last = with_remat(lambda h, k: run(jax.tree.map(lambda a: a[-1], stacked), h, k),
+                          c.remat, scanned=False)
+        return last(x, keep)
 
     def unembedding(self):
         """(unembedding matrix, vocab_major): the embedding if tied, else lm_head; both are
