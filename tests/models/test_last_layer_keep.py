@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from configs import common
-from vlm_jax import models
 from vlm_jax.models import layers as L
 from tests.models.test_models_vlm import init, make_batch, tiny_config
 

@@ -385,7 +385,6 @@ def _step_params(config, boxed, trainable_patterns):
 def _compiled_temp_bytes(config, model, boxed, spec_fn, per_device_batch: int,
                          trainable_patterns):
     """XLA's temp bytes of the train step compiled for one device's share of the batch."""
-    import flax.linen as nn
     import jax
     from vlm_jax.train import optim, step as step_lib
     from vlm_jax.train.trainer import FAST_COMPILE
