@@ -44,8 +44,8 @@ import jax  # noqa: E402
 
 # TinyLlama-1.1B's shape (Llama 2 architecture, GQA)
 LLM_1B = dict(vocab_size=32000, width=2048, depth=22, heads=32, kv_heads=4, mlp_dim=5632)
-REMATS = ("none", "dots", "full")
 LLM_TINY = dict(vocab_size=256, width=64, depth=2, heads=4, kv_heads=2, mlp_dim=128)
+REMATS = ("none", "dots", "full")
 
 
 def config(impl: str, seq: int, batch: int, tiny: bool, remat: str, chunk: int):

@@ -39,7 +39,7 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from vlm_jax.grid import expand
 
@@ -174,19 +174,20 @@ def activation_bytes(config, per_device_batch: float, mesh: _MeshShape,
     only: one layer's worth). The loss keeps fp32 logits and their gradient over the
     whole sequence, or one `loss_chunk` block with the fused loss.
     """
-    m = config.model
-    e = _itemsize(m.get("dtype", "float32"))
-    p = mesh.shape.get("tensor", 1)
-    b = per_device_batch
+    e, p = _sizes(config, mesh)
     total = 0.0
-    for tower, c, t_seq, flows in _towers(config, trainable_components):
-        per, peak = _layer_bytes(config, chip, tower, b, p, e, *_dims(c), t_seq,
-                                 c.get("remat", "none"))
+    for tw in _towers(config, trainable_components, chip):
+        per, peak = _layer_bytes(tw, per_device_batch, p, e)
         # a tower no gradient runs through: forward only, about one layer alive at a time
-        total += (c.depth * per + peak) if flows else per + peak
-        if tower == "llm":
-            total += _loss_bytes(c, b, t_seq, p)
+        total += (tw.c.depth * per + peak) if tw.flows else per + peak
+        if tw.name == "llm":
+            total += _loss_bytes(tw.c, per_device_batch, tw.t_seq, p)
     return total
+
+
+def _sizes(config, mesh: _MeshShape) -> tuple[int, int]:
+    """(compute dtype bytes, tensor-parallel size)."""
+    return _itemsize(config.model.get("dtype", "float32")), mesh.shape.get("tensor", 1)
 
 
 def _dims(c) -> tuple[int, int, int, int, int]:
@@ -196,17 +197,33 @@ def _dims(c) -> tuple[int, int, int, int, int]:
     return c.width, heads * hd, (c.get("kv_heads", 0) or heads) * hd, c.mlp_dim, heads
 
 
-def _layer_bytes(config, chip, tower, b, p, e, d, q, kv, mlp, heads, t_seq, remat):
+class _Tower(NamedTuple):
+    name: str            # "vision" | "llm"
+    c: Any               # its layer config (model.vision / model.llm)
+    t_seq: int           # tokens per example
+    flows: bool          # the backward pass runs through it
+    kernel: str          # the attention kernel it runs on the chip (`chip_attention`)
+
+    @property
+    def remat(self) -> str:
+        return self.c.get("remat", "none")
+
+    @property
+    def flash(self) -> bool:
+        from vlm_jax.models.attention import FLASH_IMPLS
+        return self.kernel in FLASH_IMPLS
+
+
+def _layer_bytes(tw: _Tower, b, p, e):
     """(bytes one layer keeps for the backward pass, bytes one layer holds while it is
     recomputed there) of `activation_bytes`' analytic model."""
-    from vlm_jax.models.attention import FLASH_IMPLS
-    t = b * t_seq
-    keys = 1 if chip_attention(config, chip, tower) in FLASH_IMPLS else t_seq
-    attn_probs = 4.0 * b * heads / p * t_seq * keys
+    d, q, kv, mlp, heads = _dims(tw.c)
+    t = b * tw.t_seq
+    attn_probs = 4.0 * b * heads / p * tw.t_seq * (1 if tw.flash else tw.t_seq)
     full = e * t * (3 * d + (q + 2 * kv + q) / p + 3 * mlp / p) + attn_probs
-    if remat == "full":
+    if tw.remat == "full":
         return e * t * d, full
-    if remat in ("dots", "dots_all"):
+    if tw.remat in ("dots", "dots_all"):
         return e * t * (2 * d + (q + 2 * kv) / p + 2 * mlp / p) + e * t * d, full
     return full, 0.0
 
@@ -218,24 +235,25 @@ def _loss_bytes(c, b, t_seq, p) -> float:
     return 2 * 4.0 * b * positions * c.vocab_size / p
 
 
-def _towers(config, trainable_components: Sequence[str]):
-    """[(tower, its layer config, sequence length, whether the backward pass runs through
-    it)] of the attention stacks in the model."""
+def _towers(config, trainable_components: Sequence[str], chip: str | None) -> list[_Tower]:
+    """The attention stacks of the model, in forward order."""
     m = config.model
     flows = _grad_flows(config, trainable_components)
     out = []
     if m.kind in ("vlm", "native", "clip") and not (
             m.kind == "vlm" and config.train.get("feature_cache", False)):
         v = m.vision
-        out.append(("vision", v, (v.image_size // v.patch_size) ** 2
-                    + int(bool(v.get("class_token", False))),
-                    bool(flows.get("vision") or flows.get("text"))))
+        out.append(_Tower("vision", v, (v.image_size // v.patch_size) ** 2
+                          + int(bool(v.get("class_token", False))),
+                          bool(flows.get("vision") or flows.get("text")),
+                          chip_attention(config, chip, "vision")))
     if m.kind in ("vlm", "native", "lm"):
         t_seq = config.data.seq_len
         if m.kind == "vlm":
             from vlm_jax.models.vlm import num_image_tokens
             t_seq += num_image_tokens(m)
-        out.append(("llm", m.llm, t_seq, bool(flows.get("llm", True))))
+        out.append(_Tower("llm", m.llm, t_seq, bool(flows.get("llm", True)),
+                          chip_attention(config, chip, "llm")))
     return out
 
 
@@ -258,23 +276,16 @@ def transient_bytes(config, per_device_batch: float, mesh: _MeshShape,
     rematerialised layer's activations; for attention without a flash kernel, the
     [T, S] score gradients in fp32, twice). Calibrated on an H100 (benchmarks/gpu_step.py:
     a 1.1B Llama at seq 2048, cuDNN and XLA attention, remat none and dots)."""
-    from vlm_jax.models.attention import FLASH_IMPLS
-    m = config.model
-    e = _itemsize(m.get("dtype", "float32"))
-    p = mesh.shape.get("tensor", 1)
+    e, p = _sizes(config, mesh)
     b = per_device_batch
     peak = 0.0
-    for tower, c, t_seq, flows in _towers(config, trainable_components):
-        if tower == "llm":
-            peak = max(peak, _loss_bytes(c, b, t_seq, p))
-        if not flows:
+    for tw in _towers(config, trainable_components, chip):
+        if tw.name == "llm":
+            peak = max(peak, _loss_bytes(tw.c, b, tw.t_seq, p))
+        if not tw.flows:
             continue
-        dims = _dims(c)
-        _, full = _layer_bytes(config, chip, tower, b, p, e, *dims, t_seq,
-                               c.get("remat", "none"))
-        heads = dims[-1]
-        scores = 0.0 if chip_attention(config, chip, tower) in FLASH_IMPLS else \
-            2 * 4.0 * b * heads / p * t_seq * t_seq
+        _, full = _layer_bytes(tw, b, p, e)
+        scores = 0.0 if tw.flash else 2 * 4.0 * b * _dims(tw.c)[-1] / p * tw.t_seq ** 2
         peak = max(peak, full + scores)
     return peak
 
@@ -292,14 +303,10 @@ def xla_score_bytes(config, per_device_batch: float, mesh: _MeshShape,
     from vlm_jax.models import attention as attn_lib
     if chip is None or attn_lib.chip_backend(chip)[0] != "gpu":
         return 0.0
-    total = 0.0
-    for tower, c, t_seq, flows in _towers(config, trainable_components):
-        if not flows or c.get("remat", "none") != "none" or \
-                chip_attention(config, chip, tower) in attn_lib.FLASH_IMPLS:
-            continue
-        heads = _dims(c)[-1] / mesh.shape.get("tensor", 1)
-        total += c.depth * XLA_GPU_SCORE_BYTES * per_device_batch * heads * t_seq * t_seq
-    return total
+    _, p = _sizes(config, mesh)
+    return sum(tw.c.depth * XLA_GPU_SCORE_BYTES * per_device_batch * _dims(tw.c)[-1] / p
+               * tw.t_seq ** 2 for tw in _towers(config, trainable_components, chip)
+               if tw.flows and tw.remat == "none" and not tw.flash)
 
 
 def cudnn_residual_bytes(config, per_device_batch: float, mesh: _MeshShape,
@@ -309,15 +316,12 @@ def cudnn_residual_bytes(config, per_device_batch: float, mesh: _MeshShape,
     lengths or a bias returns it as a residual of its own) and its fp32 log-sum-exp.
     Measured on an H100: the trace with cuDNN itself was 1.55 GB above the stand-in's for
     a 1.1B Llama at 16k tokens a step (22 layers x 16k x (2048 x 2 + 32 x 4) bytes)."""
-    e = _itemsize(config.model.get("dtype", "float32"))
-    p = mesh.shape.get("tensor", 1)
+    e, p = _sizes(config, mesh)
     total = 0.0
-    for tower, c, t_seq, flows in _towers(config, trainable_components):
-        if not flows or c.get("remat", "none") != "none" or \
-                chip_attention(config, chip, tower) != "cudnn":
-            continue
-        _, q, _, _, heads = _dims(c)
-        total += c.depth * per_device_batch * t_seq * (e * q + 4.0 * heads) / p
+    for tw in _towers(config, trainable_components, chip):
+        if tw.flows and tw.remat == "none" and tw.kernel == "cudnn":
+            _, q, _, _, heads = _dims(tw.c)
+            total += tw.c.depth * per_device_batch * tw.t_seq * (e * q + 4.0 * heads) / p
     return total
 
 
