@@ -119,13 +119,12 @@ def right_padded(segment_ids) -> tuple[jax.Array, jax.Array]:
 
 
 def _segment_mask(segment_ids, causal: bool = False):
-    """[B, 1, T, T] bool: same segment (padding, id 0, only sees padding) and, if causal,
-    no key after its query."""
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    if causal:
-        t = segment_ids.shape[1]
-        mask = mask & jnp.tril(jnp.ones((t, t), bool))[None, None]
-    return mask
+    """[B, 1, T, T] bool: `layers.attention_mask` (same segment, padding only sees padding,
+    and if causal no key after its query; imported here, where it runs, as layers imports
+    this module)."""
+    from vlm_jax.models.layers import attention_mask
+    t = segment_ids.shape[1]
+    return attention_mask(segment_ids, causal, t, t)
 
 
 def cudnn_attention(q, k, v, causal: bool, segment_ids=None):
