@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import glob as _glob
 import hashlib
@@ -473,6 +474,30 @@ def _field(row: Any, column: str) -> Any:
     return row
 
 
+@contextlib.contextmanager
+def _parquet_file(path: str):
+    """A `pq.ParquetFile` whose reads leave no work behind on Arrow's thread pools that
+    needs the GIL. Read its row groups with `use_threads=False`.
+
+    Arrow given a Python file object reads it on its IO pool (`pre_buffer`) and its
+    buffers wrap Python bytes; a pool thread that drops the last of those after the read
+    has returned takes the GIL to do it. If the interpreter is finalizing by then,
+    CPython (3.11 here) ends that native thread with pthread_exit, whose unwinding stops at a
+    noexcept C++ destructor (arrow::py::PyBuffer) and calls std::terminate: the process
+    aborts after its work ("terminate called without an active exception", exit 134).
+    So a local file is opened by Arrow itself (no Python object in its reads), and a
+    remote one (fsspec, a Python file) with `pre_buffer=False`, which with
+    `use_threads=False` does every read and release on the calling thread.
+    """
+    import pyarrow.parquet as pq
+    if is_remote(path):
+        with open_binary(path) as f, pq.ParquetFile(f, pre_buffer=False) as pf:
+            yield pf
+    else:
+        with pq.ParquetFile(path, pre_buffer=False) as pf:
+            yield pf
+
+
 class ParquetSource:
     """Parquet files with an image column (bytes, or {"bytes": ...}) and a text column.
 
@@ -484,7 +509,6 @@ class ParquetSource:
 
     def __init__(self, pattern: str, image_column: str = "image",
                  text_column: str = "caption", key_column: str = "key", cache: int = 4):
-        import pyarrow.parquet as pq
         self.pattern, self.cache = pattern, cache
         self.image_column, self.text_column, self.key_column = (image_column, text_column,
                                                                 key_column)
@@ -493,8 +517,7 @@ class ParquetSource:
         self._starts = [0]
         for fi, p in enumerate(self.paths):
             try:
-                with open_binary(p) as f:
-                    pf = pq.ParquetFile(f)
+                with _parquet_file(p) as pf:
                     names = set(pf.schema_arrow.names)
                     md = pf.metadata
             except Exception as e:  # noqa: BLE001
@@ -525,7 +548,6 @@ class ParquetSource:
         return self._starts[-1]
 
     def _rows(self, g: int) -> dict:
-        import pyarrow.parquet as pq
         with self._lock:
             if g in self._cache:
                 self._cache.move_to_end(g)
@@ -534,8 +556,8 @@ class ParquetSource:
         cols = [self.image_column.split("/")[0], self.text_column.split("/")[0]]
         if self._has_key:
             cols.append(self.key_column)
-        with open_binary(self.paths[fi]) as f:
-            table = pq.ParquetFile(f).read_row_group(rg, columns=list(dict.fromkeys(cols)))
+        with _parquet_file(self.paths[fi]) as pf:   # (see there: no exit-time abort)
+            table = pf.read_row_group(rg, columns=list(dict.fromkeys(cols)), use_threads=False)
         rows = table.to_pydict()
         with self._lock:
             self._cache[g] = rows
