@@ -7,7 +7,7 @@ Configs:
 - `llava`: LLaVA-shaped tiny model: frozen CLIP ViT (6 layers x 384, 6 heads, MLP 1536,
   224 px, patch 16, penultimate-layer patch features), trainable 2-layer GELU MLP
   projector, frozen Llama LLM (6 layers x 512, 8 heads, SwiGLU 1376, vocab 32000);
-  batch 8, 32 caption tokens, fp32.
+  batch 8, 32 caption tokens, fp32 (`--dtype bfloat16`: both sides in bf16, below).
 - `demo`: `configs/demo.py:run` (tiny ViT / LM, batch 32).
 
 Our step is the trainer's compiled step (`vlm_jax.train.trainer.Run`: the same
@@ -30,6 +30,12 @@ RoPE cos/sin tables built once per step for all layers, and 2-D matmuls for
 XLA CPU (jaxlib 0.10.2) already runs every dot through YNNPACK by default (`ynn_fusion`
 in the HLO); Eigen (`xla_cpu_experimental_ynn_fusion_type=""`), oneDNN and XNNPACK
 options measured the same within this shared VM's noise, so the step uses the defaults.
+
+Precision (`--dtype`): `float32` (default) runs both sides in fp32. `bfloat16` runs both
+the way LLaVA trains: ours with `model.dtype` = `frozen_dtype` = bfloat16 (bf16 compute and
+frozen weights, the projector's fp32 master weights and AdamW state); the reference with
+its frozen towers cast to bf16, the projector in fp32 and the forward under
+`torch.autocast("cpu", torch.bfloat16)` (oneDNN's bf16 kernels on CPUs that have them).
 
 Modes: `pixels` = our step from pixels (vision tower in the step); `features` = our step
 reads precomputed frozen-encoder features (`batch["features"]`, what `train.feature_cache`
@@ -86,7 +92,7 @@ from vlm_jax import malloc  # noqa: E402
 
 
 # --------------------------------------------------------------------------- configs
-def llava_config():
+def llava_config(dtype: str = "float32"):
     from configs import common
     c = common.base_config()
     c.name = "bench_llava_tiny"
@@ -102,12 +108,14 @@ def llava_config():
     c.train.batch_size = 8
     c.train.progress = False
     c.optim.update(lr=1e-3, trainable=("projector",), clip_norm=0.0)
+    c.model.update(dtype=dtype, frozen_dtype=dtype)
     return c
 
 
-def demo_config():
+def demo_config(dtype: str = "float32"):
     from configs import demo
     c = demo.get_config("run,feature_cache=0")
+    c.model.update(dtype=dtype, frozen_dtype=dtype)
     c.model.image_token_id = 3
     c.optim.clip_norm = 0.0
     return c
@@ -226,8 +234,11 @@ def reference(c):
     """Builds the transformers + torch step; returns (timed step fn, info dict)."""
     import torch
     model = hf_llava(c)
+    bf16 = c.model.dtype in ("bfloat16", "bf16")
     for n, p in model.named_parameters():
         p.requires_grad = "multi_modal_projector" in n
+        if bf16 and not p.requires_grad:  # frozen towers stored in bf16, like ours
+            p.data = p.data.to(torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
     b = make_batch(c)
@@ -240,7 +251,8 @@ def reference(c):
     model.train()
 
     def step():
-        out = model(input_ids=ids, pixel_values=pixels, labels=labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(input_ids=ids, pixel_values=pixels, labels=labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -276,6 +288,8 @@ def main():
                     help="ours from pixels and/or from cached features (`features`)")
     ap.add_argument("--feature-cache", action="store_true", help="same as --modes features")
     ap.add_argument("--quick", action="store_true", help="tiny: --configs demo --steps 2")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="both sides' precision (bfloat16: bf16 compute and frozen weights)")
     ap.add_argument("--system-malloc", action="store_true",
                     help="keep glibc's default malloc settings (no vlm_jax.malloc re-exec)")
     args = ap.parse_args()
@@ -289,9 +303,10 @@ def main():
     makers = {"llava": llava_config, "demo": demo_config}
     out = {"benchmark": "train_step", "device": jax.devices()[0].device_kind,
            "cores": len(os.sched_getaffinity(0)), "modes": modes, "steps": args.steps,
+           "dtype": args.dtype,
            "loadavg_start": os.getloadavg(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     for name in args.configs.split(","):
-        c = makers[name]()
+        c = makers[name](args.dtype)
         steps, infos = {}, {}
         for mode in modes:
             key = "ours" if mode == "pixels" else "ours_feature_cache"

@@ -13,8 +13,9 @@ add up to the time the step kept the threads busy.
 Each kernel is put in a part by its HLO `op_name` (vision tower, projector, LLM attention
 projections, attention core, MLP, norms, loss, ...) and is a matmul kernel (a YNNPACK
 fusion or a dot) or not. Its FLOPs come from the dot shapes of the compiled HLO. The
-matmul floor of a part is its FLOPs at the rate of one big fp32 matmul measured in the
-same run (`matmul_gflops_per_s`): what the part would take if all its FLOPs ran at the
+matmul floor of a part is its FLOPs at the rate of one big matmul in the step's precision
+(`--dtype`: fp32, or bf16 operands with an fp32 result) measured in the same run
+(`matmul_gflops_per_s`): what the part would take if all its FLOPs ran at the
 machine's best matmul speed and nothing else cost time. `ratio` = step seconds / floor
 seconds of the whole step (>= 1; the headroom left for exact optimisations).
 
@@ -134,10 +135,11 @@ def trace_events(fn, n_steps: int):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def matmul_rate(n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of one big jitted fp32 matmul (the machine's best matmul speed), best of reps."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
+def matmul_rate(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    """GFLOP/s of one big jitted matmul (the machine's best matmul speed), best of reps:
+    fp32, or bf16 operands with an fp32 result (what the bf16 step's dots are on CPU)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
     best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(reps))
     return 2.0 * n ** 3 / best / 1e9
@@ -181,6 +183,8 @@ def main():
     ap.add_argument("--modes", default="pixels,features")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (and timed ones)")
     ap.add_argument("--quick", action="store_true", help="demo config, features, 2 steps")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute and frozen-weight dtype (see benchmarks/step.py)")
     ap.add_argument("--system-malloc", action="store_true",
                     help="keep glibc's default malloc settings (see benchmarks/step.py)")
     args = ap.parse_args()
@@ -188,10 +192,12 @@ def main():
         bench_step.malloc.reexec(sys.argv)
     if args.quick:
         args.config, args.modes, args.steps = "demo", "features", 2
-    c = bench_step.llava_config() if args.config == "llava" else bench_step.demo_config()
+    make = bench_step.llava_config if args.config == "llava" else bench_step.demo_config
+    c = make(args.dtype)
     out = {"benchmark": "step_profile", "config": args.config, "steps": args.steps,
+           "dtype": args.dtype,
            "loadavg_start": os.getloadavg(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
-    rate = matmul_rate()
+    rate = matmul_rate(dtype=args.dtype)
     out["matmul_gflops_per_s"] = rate
     for mode in args.modes.split(","):
         out[mode] = breakdown(c, mode, args.steps, rate)

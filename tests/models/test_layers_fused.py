@@ -57,6 +57,38 @@ def test_linear_contract_equals_dot_general(kshape, n_in):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kshape,n_in", [((6, 4, 3), 2), ((5, 6), 1)])
+def test_bf16_contract_accumulates_in_fp32(kshape, n_in):
+    """On CPU a bf16 x bf16 contraction (value and both gradients) runs as dots with bf16
+    operands and fp32 results, rounded once: as close to the fp32 result as one bf16
+    rounding, and no dot of the program has a bf16 result or fp32 operands."""
+    assert L.cpu_bf16_accumulate(jnp.bfloat16, jnp.bfloat16)   # the suite runs on CPU
+    assert not L.cpu_bf16_accumulate(jnp.float32, jnp.bfloat16)
+    x = _normal((2, 64) + kshape[len(kshape) - n_in:], 0)
+    k = _normal(kshape, 1)
+    loss = lambda fn, dt: jax.value_and_grad(   # noqa: E731
+        lambda x, k: jnp.sum(jnp.sin(fn(x.astype(dt), k.astype(dt), n_in).astype(jnp.float32))),
+        argnums=(0, 1))
+    v_ref, g_ref = jax.jit(loss(_dot_general, jnp.float32))(x, k)
+    # the inputs rounded to bf16 first: what is left is the dots' own rounding
+    xb, kb = x.astype(jnp.bfloat16).astype(jnp.float32), k.astype(jnp.bfloat16).astype(jnp.float32)
+    v_rb, g_rb = jax.jit(loss(_dot_general, jnp.float32))(xb, kb)
+    f = jax.jit(loss(L._contract, jnp.bfloat16))
+    v, g = f(x, k)
+    np.testing.assert_allclose(v, v_rb, rtol=2e-2)
+    for a, b in zip(g, g_rb):
+        scale = float(jnp.max(jnp.abs(b)))
+        assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) < 2e-2 * scale
+    assert abs(float(v_rb) - float(v_ref)) < 5e-2 * abs(float(v_ref)) + 1e-3
+    hlo = f.lower(x, k).compile().as_text()
+    types = dict(re.findall(r"%?([\w.\-]+) = (\w+)\[", hlo))
+    types.update(re.findall(r"([\w.\-]+): (\w+)\[", hlo))
+    dots = re.findall(r"= (\w+)\[[^=]*? dot\(%?([\w.\-]+), %?([\w.\-]+)\)", hlo)
+    assert len(dots) >= 3, hlo                          # forward, dx, dw
+    for out, a, b in dots:
+        assert (out, types[a], types[b]) == ("f32", "bf16", "bf16"), (out, a, b)
+
+
 def test_multi_axis_kernel_is_not_copied_in_backward():
     """The input gradient of an attention output projection (kernel [embed, heads, kv])
     must read the kernel in place: no copy/transpose of it in the compiled program."""
@@ -180,3 +212,29 @@ def test_swiglu_and_attention_elementwise_passes_on_cpu():
     ops = _entry_ops(fwd.lower(q, k, v).compile().as_text())
     scores = [(nm, o) for nm, d, o in ops if int(np.prod(d)) == b * n * t * t]
     assert scores and all("dot" in o for _, o in scores), scores
+
+
+def test_dots_remat_saves_the_cpu_bf16_matmuls():
+    """The "dots" remat policies save the bf16 matmuls' outputs on CPU as they save dot
+    outputs elsewhere (the custom VJP hides the dot itself from them), and a plan traced for
+    an accelerator sees the plain dots."""
+    from vlm_jax.models.vit import remat_policy
+    x = _normal((4, 16, 32), 0, jnp.bfloat16)
+    w1, w2 = _normal((64, 32), 1, jnp.bfloat16), _normal((32, 64), 2, jnp.bfloat16)
+
+    def block(x, w1, w2):
+        return jnp.sum(L._contract(jax.nn.silu(L._contract(x, w1, 1)), w2, 1)
+                       .astype(jnp.float32))
+
+    def saved(remat):   # the residuals the vjp keeps, less its inputs (as grid.plan)
+        f = jax.checkpoint(block, policy=remat_policy(remat))
+        jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(f, *a))(x, w1, w2).jaxpr
+        return [v.aval.shape for v in jaxpr.outvars[1:]
+                if not isinstance(v, jax.extend.core.Literal) and v not in jaxpr.invars]
+    for platform in ("cpu", "gpu"):
+        with L.matmul_platform(platform):
+            assert L.cpu_bf16_accumulate(jnp.bfloat16) == (platform == "cpu")
+            assert saved("full") == []
+            # the first matmul's output (the silu's input; the second's feeds a sum)
+            assert saved("dots") == [(4, 16, 64)], platform
+            assert saved("dots_all") == [(4, 16, 64)], platform

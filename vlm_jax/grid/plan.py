@@ -519,9 +519,11 @@ def plan_config(config, mesh_shape, chip: str, mfu: float, compile_mode: str = "
             plan.notes.append(f"compile failed ({type(e).__name__}: {str(e)[:120]})")
     if plan.activations_source == "analytic":
         try:
-            kept, weights = traced_activation_bytes(local_config, local_model, boxed,
-                                                    spec_fn(per_dev_b), mesh, leaves,
-                                                    config.optim.trainable)
+            from vlm_jax.models import layers   # traced as the chip's program
+            with layers.matmul_platform(attn_lib.chip_backend(chip)[0]):
+                kept, weights = traced_activation_bytes(local_config, local_model, boxed,
+                                                        spec_fn(per_dev_b), mesh, leaves,
+                                                        config.optim.trainable)
             if mesh.shape["tensor"] > 1:   # traced without tensor parallelism
                 one = _MeshShape((mesh.shape["data"], mesh.shape["fsdp"], 1))
                 kept *= act / activation_bytes(config, per_dev_b, one, trainable_components,

@@ -7,6 +7,7 @@ maps them to mesh axes with one table of rules. Activations are annotated with
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -14,6 +15,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 from flax import struct
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from vlm_jax.models import attention
@@ -188,9 +190,74 @@ def _contract(x, kernel, n_in: int):
     out_shape = kernel.shape[:kernel.ndim - n_in]
     k_in, k_out = math.prod(in_shape), math.prod(out_shape)
     lead = x.shape[:x.ndim - n_in]
-    y = jax.lax.dot_general(x.reshape(lead + (k_in,)), kernel.reshape(k_out, k_in),
-                            (((len(lead),), (1,)), ((), ())))
+    x2, k2 = x.reshape(lead + (k_in,)), kernel.reshape(k_out, k_in)
+    if cpu_bf16_accumulate(x2.dtype, k2.dtype):
+        y = _bf16_matmul(x2, k2)
+    else:
+        y = jax.lax.dot_general(x2, k2, (((len(lead),), (1,)), ((), ())))
     return y.reshape(lead + out_shape)
+
+
+# The checkpoint name of `_bf16_matmul`'s outputs: the "dots" remat policies save them like
+# the dot outputs they are (`vit.remat_policy`); a custom VJP hides its dot from them.
+BF16_MATMUL = "bf16_matmul"
+_PLATFORM: list[str] = []   # `matmul_platform`'s override of the local backend
+
+
+@contextlib.contextmanager
+def matmul_platform(platform: str):
+    """Traces matmuls as they are on `platform` ("cpu", "gpu", "tpu") instead of the local
+    backend: `grid plan` traces an accelerator's step on a CPU host."""
+    _PLATFORM.append(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.pop()
+
+
+def cpu_bf16_accumulate(*dtypes) -> bool:
+    """Whether a bf16 x bf16 matmul should go through `_bf16_matmul` (fp32 results).
+
+    XLA CPU runs a bf16 dot with a bf16 result as an fp32 dot (it converts the operands):
+    fp32's speed. With an fp32 result it runs YNNPACK's bf16 kernels: on an AVX512-BF16 host
+    a chain of [1824, 512] x [512, 1376] dots ran at ~180 GFLOP/s the first way and ~330 the
+    second, the llava-shaped bf16 step 0.63 s vs 0.94 s (docs/step.md). Accelerators
+    accumulate bf16 dots in fp32 in any case and round in the dot, so they keep the plain
+    dot (and the programs measured on them)."""
+    platform = _PLATFORM[-1] if _PLATFORM else jax.default_backend()
+    return all(jnp.dtype(d) == jnp.bfloat16 for d in dtypes) and platform == "cpu"
+
+
+def _bf16_matmul(x, w):
+    """x [..., in] @ w[out, in].T with fp32 accumulation, rounded to bf16, named
+    `BF16_MATMUL` for the remat policies."""
+    return checkpoint_name(_bf16_matmul_vjp(x, w), BF16_MATMUL)
+
+
+@jax.custom_vjp
+def _bf16_matmul_vjp(x, w):
+    """The product; its backward's two dots take bf16 operands with fp32 results as well
+    (autodiff of the forward would feed the fp32 cotangent into them: fp32 dots)."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _bf16_matmul_fwd(x, w):
+    return _bf16_matmul_vjp(x, w), (x, w)
+
+
+def _bf16_matmul_bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    lead = tuple(range(x.ndim - 1))
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jax.lax.dot_general(g, x, ((lead, lead), ((), ())),
+                             preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_bf16_matmul_vjp.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 class Linear(nn.Module):

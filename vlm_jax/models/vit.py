@@ -49,10 +49,15 @@ def remat_policy(name: str):
         return None
     if name == "full":
         return jax.checkpoint_policies.nothing_saveable
+    # the dots policies also save the named outputs of the CPU's bf16 matmuls, whose dots
+    # a custom VJP hides from them (`layers.BF16_MATMUL`)
+    named = jax.checkpoint_policies.save_only_these_names(L.BF16_MATMUL)
     if name == "dots":
-        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+        return jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, named)
     if name == "dots_all":
-        return jax.checkpoint_policies.checkpoint_dots
+        return jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.checkpoint_dots, named)
     raise ValueError(f"unknown remat policy {name!r}; use none, full or dots")
 
 
