@@ -234,7 +234,8 @@ def reference(c):
     """Builds the transformers + torch step; returns (timed step fn, info dict)."""
     import torch
     model = hf_llava(c)
-    bf16 = c.model.dtype in ("bfloat16", "bf16")
+    from vlm_jax.models.layers import dtype_of
+    bf16 = jnp.dtype(dtype_of(c.model.dtype)) == jnp.bfloat16
     for n, p in model.named_parameters():
         p.requires_grad = "multi_modal_projector" in n
         if bf16 and not p.requires_grad:  # frozen towers stored in bf16, like ours

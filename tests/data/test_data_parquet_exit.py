@@ -22,6 +22,7 @@ import sys
 import pytest
 
 import vlm_jax
+from tests.compiled import subprocess_env
 from tests.data.conftest import image_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(vlm_jax.__file__)))
@@ -81,11 +82,9 @@ def parquet_dir(tmp_path_factory):
 
 
 def _run(args, **env) -> subprocess.CompletedProcess:
-    e = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    e.update(env)
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, *args], cwd=ROOT,
+                          env={**subprocess_env(ROOT), **env}, capture_output=True, text=True,
+                          timeout=120)
 
 
 def _stats(path, **env) -> subprocess.CompletedProcess:
